@@ -1,0 +1,162 @@
+"""Configuration: a TOML file named by ``DVP_CONFIG``, or the embedded default.
+
+The embedded default keeps two SQLite ledgers (``cash`` and ``securities``) under
+``.dvp/`` in the working directory. Temporal is reached through the usual
+``TEMPORAL_ADDRESS`` and ``TEMPORAL_NAMESPACE`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._errors import ConfigError
+
+# ISO 4217 minor units for the currencies whose minor unit is not 2; every other
+# three-letter currency code in ISO_4217_TWO_DECIMALS has 2.
+ISO_4217_MINOR_UNITS: dict[str, int] = {
+    "BHD": 3, "BIF": 0, "CLF": 4, "CLP": 0, "DJF": 0, "GNF": 0, "IQD": 3, "ISK": 0,
+    "JOD": 3, "JPY": 0, "KMF": 0, "KRW": 0, "KWD": 3, "LYD": 3, "OMR": 3, "PYG": 0,
+    "RWF": 0, "TND": 3, "UGX": 0, "UYI": 0, "UYW": 4, "VND": 0, "VUV": 0, "XAF": 0,
+    "XOF": 0, "XPF": 0,
+}
+ISO_4217_TWO_DECIMALS = frozenset(
+    "AED AUD BRL CAD CHF CNY CZK DKK EUR GBP HKD HUF IDR ILS INR MXN MYR NOK NZD PHP "
+    "PLN RON RUB SAR SEK SGD THB TRY TWD USD ZAR".split()
+)
+
+DEFAULT_DIR = Path(".dvp")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LedgerConfig(BaseModel):
+    """One ledger. ``kind`` picks the adapter; the other keys are the adapter's own."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["sql", "http", "evm"]
+    url: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ComplianceConfig(_Section):
+    sanctioned: list[str] = Field(default_factory=list)
+
+
+class RolesConfig(_Section):
+    operators: list[str] = Field(default_factory=lambda: ["ops"])
+
+
+class AssetConfig(_Section):
+    precision: int = Field(ge=0, le=18)
+
+
+class TemporalConfig(_Section):
+    address: str = "localhost:7233"
+    namespace: str = "default"
+    task_queue_prefix: str = "dvp"
+
+
+class SettlementConfig(_Section):
+    default_settle_within: timedelta = timedelta(hours=1)
+    recycle_interval: timedelta = timedelta(seconds=1)
+    max_recycle_interval: timedelta = timedelta(seconds=10)
+    # A hold's ledger-side expiry is the trade deadline plus this margin: a backstop
+    # for an orchestrator that vanished, never the normal way a hold ends.
+    hold_backstop: timedelta = timedelta(hours=1)
+    sweep_interval: timedelta = timedelta(seconds=30)
+
+    @field_validator("recycle_interval", "max_recycle_interval", "default_settle_within")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration")
+        return value
+
+
+class Config(_Section):
+    ledgers: dict[str, LedgerConfig]
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    roles: RolesConfig = Field(default_factory=RolesConfig)
+    assets: dict[str, AssetConfig] = Field(default_factory=dict)
+    temporal: TemporalConfig = Field(default_factory=TemporalConfig)
+    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+
+    def precision(self, asset: str) -> int:
+        """Decimal places allowed for ``asset``: configured, else ISO 4217, else 0."""
+        if asset in self.assets:
+            return self.assets[asset].precision
+        if asset in ISO_4217_MINOR_UNITS:
+            return ISO_4217_MINOR_UNITS[asset]
+        if asset in ISO_4217_TWO_DECIMALS:
+            return 2
+        return 0
+
+    def settlement_queue(self) -> str:
+        return f"{self.temporal.task_queue_prefix}-settlement"
+
+    def ledger_queue(self, ledger: str) -> str:
+        return f"{self.temporal.task_queue_prefix}-ledger-{ledger}"
+
+
+def default_config(base: Path = DEFAULT_DIR) -> Config:
+    """Two SQLite ledgers under ``base``, ``mallory`` sanctioned, ``ops`` an operator."""
+    return Config.model_validate(
+        {
+            "ledgers": {
+                "cash": {"kind": "sql", "url": f"sqlite:///{base / 'cash.db'}"},
+                "securities": {"kind": "sql", "url": f"sqlite:///{base / 'securities.db'}"},
+            },
+            "compliance": {"sanctioned": ["mallory"]},
+            "roles": {"operators": ["ops"]},
+        }
+    )
+
+
+def parse_config(data: dict[str, Any], source: str = "configuration") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{source}: {field}: {first['msg']}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path``, else ``$DVP_CONFIG``, else the embedded default.
+
+    ``TEMPORAL_ADDRESS`` and ``TEMPORAL_NAMESPACE`` override the file.
+    """
+    path = path or os.environ.get("DVP_CONFIG")
+    if path:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        config = parse_config(data, str(file))
+    else:
+        config = default_config()
+    temporal = config.temporal.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "address": os.environ.get("TEMPORAL_ADDRESS"),
+                "namespace": os.environ.get("TEMPORAL_NAMESPACE"),
+            }.items()
+            if v
+        }
+    )
+    return config.model_copy(update={"temporal": temporal})

@@ -1,0 +1,253 @@
+"""The settlement domain: instructions, legs, statuses, holds and balances.
+
+Everything that crosses a boundary (client -> workflow -> activity -> ledger) is one
+of these pydantic models. Amounts are ``Decimal`` in Python and strings on the wire,
+never floats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+
+def _parse_amount(value: Any) -> Decimal:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError("must be a decimal string such as \"100.50\", not a float")
+    if isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, (int, str)):
+        try:
+            amount = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a decimal number") from None
+    else:
+        raise ValueError(f"must be a decimal string, got {type(value).__name__}")
+    if not amount.is_finite():
+        raise ValueError(f"{value!r} is not a finite number")
+    return amount
+
+
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_parse_amount),
+    PlainSerializer(lambda d: format(d, "f"), return_type=str),
+]
+"""A decimal quantity: parsed from a string or int, serialised as a plain string."""
+
+
+def _positive(amount: Decimal) -> Decimal:
+    if amount <= 0:
+        raise ValueError(f"must be positive, got {format(amount, 'f')}")
+    return amount
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        serialize_by_alias=True,
+    )
+
+
+class Leg(_Model):
+    """Move ``amount`` of ``asset`` on ``ledger`` from account ``from`` to account ``to``."""
+
+    ledger: str = Field(min_length=1)
+    asset: str = Field(min_length=1)
+    from_: str = Field(alias="from", min_length=1)
+    to: str = Field(min_length=1)
+    amount: Amount
+
+    @field_validator("amount")
+    @classmethod
+    def _amount_positive(cls, amount: Decimal) -> Decimal:
+        return _positive(amount)
+
+    @model_validator(mode="after")
+    def _distinct_accounts(self) -> Leg:
+        if self.from_ == self.to:
+            raise ValueError(f"'from' and 'to' are the same account {self.to!r}")
+        return self
+
+
+class Instruction(_Model):
+    """A settlement instruction: every leg settles or none does.
+
+    ``settle_within`` (ISO 8601 duration, counted from submission) or ``deadline``
+    (ISO 8601 instant) bounds the time the trade may take; with neither, the
+    configured default applies. ``approvers`` must all approve before anything is
+    reserved.
+    """
+
+    trade_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    legs: list[Leg] = Field(min_length=2, max_length=64)
+    settle_within: timedelta | None = None
+    deadline: AwareDatetime | None = None
+    approvers: list[str] = Field(default_factory=list)
+
+    @field_validator("settle_within")
+    @classmethod
+    def _positive_duration(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be a positive ISO 8601 duration such as PT30S")
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _approvers_distinct(cls, value: list[str]) -> list[str]:
+        if any(not a.strip() for a in value):
+            raise ValueError("an approver name is empty")
+        if len(set(value)) != len(value):
+            raise ValueError("an approver is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_time_limit(self) -> Instruction:
+        if self.settle_within is not None and self.deadline is not None:
+            raise ValueError("give 'settle_within' or 'deadline', not both")
+        return self
+
+    def fingerprint(self) -> str:
+        """A digest of the content, to tell a resubmission from a different trade."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def parties(self) -> list[str]:
+        """Every account the trade touches, in first-seen order."""
+        seen: dict[str, None] = {}
+        for leg in self.legs:
+            seen.setdefault(leg.from_, None)
+            seen.setdefault(leg.to, None)
+        return list(seen)
+
+
+class TradeStatus(StrEnum):
+    PENDING = "PENDING"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    RESERVING = "RESERVING"
+    COMMITTING = "COMMITTING"
+    SETTLED = "SETTLED"
+    CANCELLED = "CANCELLED"
+    REJECTED = "REJECTED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = {TradeStatus.SETTLED, TradeStatus.CANCELLED, TradeStatus.REJECTED, TradeStatus.EXPIRED}
+
+
+class LegState(StrEnum):
+    PENDING = "PENDING"
+    SHORT = "SHORT"  # could not be reserved for lack of funds; recycling
+    HELD = "HELD"
+    COMMITTED = "COMMITTED"
+    RELEASED = "RELEASED"
+
+
+class LegView(_Model):
+    index: int
+    ledger: str
+    asset: str
+    from_: str = Field(alias="from")
+    to: str
+    amount: Amount
+    hold_id: str
+    state: LegState
+    detail: str = ""
+
+
+class TimelineEvent(_Model):
+    at: datetime
+    event: str
+    detail: str = ""
+
+
+class TradeView(_Model):
+    """What a query or ``dvp status`` returns for one trade."""
+
+    trade_id: str
+    workflow_id: str
+    status: TradeStatus
+    reason: str = ""
+    deadline: datetime | None = None
+    approvers: list[str] = Field(default_factory=list)
+    approved_by: list[str] = Field(default_factory=list)
+    legs: list[LegView]
+    timeline: list[TimelineEvent] = Field(default_factory=list)
+    fingerprint: str = ""
+
+
+class HoldStatus(StrEnum):
+    OPEN = "open"
+    COMMITTED = "committed"
+    RELEASED = "released"
+
+
+class Hold(_Model):
+    """A reservation of ``amount`` on ``account``, payable to ``to_account`` on commit.
+
+    ``expires_at`` is the ledger-side backstop; ``None`` means the hold is pinned
+    (prepared for commit) and no expiry can release it.
+    """
+
+    ledger: str
+    hold_id: str
+    account: str
+    to_account: str
+    asset: str
+    amount: Amount
+    status: HoldStatus
+    expires_at: datetime | None = None
+    trade_id: str = ""
+    hashlock: str | None = None
+
+
+class AccountBalance(_Model):
+    ledger: str
+    account: str
+    asset: str
+    owner: str
+    balance: Amount
+    held: Amount
+    available: Amount
+
+
+class AccountSpec(_Model):
+    """An account to open, with its opening balance (issued from the asset's issuer)."""
+
+    ledger: str = Field(min_length=1)
+    id: str = Field(min_length=1)
+    asset: str = Field(min_length=1)
+    owner: str = Field(min_length=1)
+    balance: Amount = Decimal(0)
+
+    @field_validator("balance")
+    @classmethod
+    def _not_negative(cls, balance: Decimal) -> Decimal:
+        if balance < 0:
+            raise ValueError("an opening balance cannot be negative")
+        return balance
+
+
+class SeedFile(_Model):
+    accounts: list[AccountSpec]

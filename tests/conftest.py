@@ -1,0 +1,6 @@
+"""Shared fixtures. Each area keeps its fixtures in a module of its own."""
+
+pytest_plugins = [
+    "tests._fixtures_ledger",
+    "tests._fixtures_temporal",
+]
