@@ -182,6 +182,13 @@ class TimelineEvent(_Model):
     detail: str = ""
 
 
+class FieldError(_Model):
+    """A problem with one field of an instruction, e.g. ``legs[0].from``."""
+
+    field: str
+    message: str
+
+
 class TradeView(_Model):
     """What a query or ``dvp status`` returns for one trade."""
 
@@ -194,6 +201,7 @@ class TradeView(_Model):
     approved_by: list[str] = Field(default_factory=list)
     legs: list[LegView]
     timeline: list[TimelineEvent] = Field(default_factory=list)
+    errors: list[FieldError] = Field(default_factory=list)
     fingerprint: str = ""
 
 

@@ -1,0 +1,121 @@
+"""Ledger activities: the side effects of a settlement, one ledger at a time.
+
+Each ledger gets its own ``LedgerActivities`` instance, registered on that ledger's
+task queue, so a ledger's activities run only where its credentials are. Every call
+takes a batch of holds (the legs of one trade on this ledger) to save round trips,
+and every hold carries its idempotency key: a retried activity has the effect of
+one.
+
+A ``LedgerError`` that retrying cannot cure becomes a non-retryable
+``ApplicationError`` whose ``type`` is the error's stable code. A short reservation
+(``InsufficientFunds``) is not an error at all: it is an outcome, and the workflow
+decides whether to recycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from adapters import Ledger
+from domain import (
+    CheckAccountsRequest,
+    CheckAccountsResult,
+    FieldError,
+    Hold,
+    HoldNotOpen,
+    HoldOutcome,
+    HoldOutcomes,
+    HoldRefs,
+    InsufficientFunds,
+    LedgerError,
+    ReserveRequest,
+    UnknownAccount,
+)
+
+
+def _application_error(exc: LedgerError) -> ApplicationError:
+    return ApplicationError(exc.message, type=exc.code, non_retryable=not exc.retryable)
+
+
+def _each(
+    hold_ids: list[str], call: Callable[[str], Hold], outcome_errors: tuple[type[LedgerError], ...]
+) -> HoldOutcomes:
+    outcomes = []
+    for hold_id in hold_ids:
+        try:
+            outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=call(hold_id)))
+        except outcome_errors as exc:
+            outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
+        except LedgerError as exc:
+            raise _application_error(exc) from exc
+    return HoldOutcomes(outcomes=outcomes)
+
+
+class LedgerActivities:
+    """Activities over one ledger adapter, built once by the worker."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    @activity.defn(name="ledger.check_accounts")
+    def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
+        """Check every account exists and holds the leg's asset; return their owners."""
+        owners: dict[str, str] = {}
+        problems: list[FieldError] = []
+        for check in request.checks:
+            try:
+                account = self._ledger.account(check.account)
+            except UnknownAccount:
+                problems.append(
+                    FieldError(
+                        field=check.field,
+                        message=f"unknown account {check.account!r} on ledger {self._ledger.name!r}",
+                    )
+                )
+                continue
+            except LedgerError as exc:
+                raise _application_error(exc) from exc
+            if account.asset != check.asset:
+                problems.append(
+                    FieldError(
+                        field=check.field,
+                        message=f"account {check.account!r} holds {account.asset}, not {check.asset}",
+                    )
+                )
+            owners[check.account] = account.owner
+        return CheckAccountsResult(owners=owners, problems=problems)
+
+    @activity.defn(name="ledger.reserve")
+    def reserve(self, request: ReserveRequest) -> HoldOutcomes:
+        """Place each hold; a hold that lacks funds is reported short, not raised."""
+        by_id = {h.hold_id: h for h in request.holds}
+
+        def place(hold_id: str) -> Hold:
+            h = by_id[hold_id]
+            return self._ledger.place_hold(
+                h.hold_id, h.account, h.to_account, h.asset, h.amount, h.expires_at, h.trade_id, h.hashlock
+            )
+
+        return _each(list(by_id), place, (InsufficientFunds,))
+
+    @activity.defn(name="ledger.pin")
+    def pin(self, request: HoldRefs) -> HoldOutcomes:
+        """Prepare each hold for commit: clear its expiry. A hold no longer open is reported."""
+        return _each(request.hold_ids, self._ledger.pin_hold, (HoldNotOpen,))
+
+    @activity.defn(name="ledger.commit")
+    def commit(self, request: HoldRefs) -> HoldOutcomes:
+        """Commit each hold (transfer to its beneficiary)."""
+        return _each(request.hold_ids, self._ledger.commit_hold, ())
+
+    @activity.defn(name="ledger.release")
+    def release(self, request: HoldRefs) -> HoldOutcomes:
+        """Release each hold; an unknown key is recorded released so a late hold is refused."""
+        return _each(request.hold_ids, self._ledger.release_hold, (HoldNotOpen,))
+
+    def all(self) -> list[Callable[..., object]]:
+        """Every activity of this instance, for registering on a worker."""
+        return [self.check_accounts, self.reserve, self.pin, self.commit, self.release]

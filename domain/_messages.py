@@ -1,0 +1,99 @@
+"""Messages between the client, the settlement workflow and its activities.
+
+One argument model in and one result model out for every workflow, activity,
+signal, update and query.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from ._config import SettlementConfig
+from ._models import Amount, FieldError, Hold, Instruction, _Model
+
+
+class SettlementRequest(_Model):
+    """The workflow's input: the instruction and what the workflow must know to run it."""
+
+    instruction: Instruction
+    fingerprint: str
+    settlement_queue: str
+    ledger_queues: dict[str, str]
+    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+
+
+class AccountCheck(_Model):
+    field: str  # e.g. "legs[0].from"
+    account: str
+    asset: str
+
+
+class CheckAccountsRequest(_Model):
+    checks: list[AccountCheck]
+
+
+class CheckAccountsResult(_Model):
+    owners: dict[str, str]  # account -> owner
+    problems: list[FieldError] = Field(default_factory=list)
+
+
+class HoldRequest(_Model):
+    hold_id: str
+    account: str
+    to_account: str
+    asset: str
+    amount: Amount
+    expires_at: datetime | None
+    trade_id: str = ""
+    hashlock: str | None = None
+
+
+class ReserveRequest(_Model):
+    holds: list[HoldRequest]
+
+
+class HoldOutcome(_Model):
+    """What happened to one hold: ``ok`` false with ``code`` says why not."""
+
+    hold_id: str
+    ok: bool
+    code: str = ""  # a LedgerError code when not ok
+    detail: str = ""
+    hold: Hold | None = None
+
+
+class HoldOutcomes(_Model):
+    outcomes: list[HoldOutcome]
+
+
+class HoldRefs(_Model):
+    hold_ids: list[str]
+
+
+class ScreenRequest(_Model):
+    parties: list[str]
+
+
+class ScreenResult(_Model):
+    hits: list[str]
+    operators: list[str]
+
+
+class ApprovalMessage(_Model):
+    party: str = Field(min_length=1)
+
+
+class CancelMessage(_Model):
+    party: str = Field(min_length=1)
+    reason: str = ""
+
+
+class Decision(_Model):
+    accepted: bool
+    reason: str = ""
+
+
+class SubmitCheck(_Model):
+    fingerprint: str

@@ -1,0 +1,258 @@
+"""``SettlementClient``: submit, watch, approve and cancel settlements from Python.
+
+    async with await SettlementClient.connect() as dvp:
+        view = await dvp.submit({"trade_id": "T-1", "legs": [...], "settle_within": "PT30S"})
+        final = await dvp.wait("T-1")
+
+Instructions are checked here first (shape, ledgers, precision, deadline) so a
+malformed one is refused before anything starts; the workflow then checks the
+accounts on each ledger, and ``submit`` waits for that by default, so an unknown
+account is refused at once too. Both raise ``InvalidInstruction`` naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from domain import (
+    ApprovalMessage,
+    CancelMessage,
+    Config,
+    Decision,
+    DuplicateTrade,
+    Instruction,
+    InvalidInstruction,
+    RequestRejected,
+    SettlementRequest,
+    SubmitCheck,
+    TradeNotFound,
+    TradeStatus,
+    TradeView,
+    load_config,
+)
+from workflows import SettlementWorkflow, workflow_id_for
+
+from .devserver import connect_client
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + ("from" if part == "from_" else str(part))
+    return path or "(instruction)"
+
+
+def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:
+    """Parse and check an instruction against the configuration.
+
+    Raises ``InvalidInstruction`` naming the first bad field. Checks everything that
+    needs no ledger: shape, amounts, ledgers, the assets' precision, the deadline.
+    """
+    if isinstance(data, Instruction):
+        instruction = data
+    else:
+        if not isinstance(data, Mapping):
+            raise InvalidInstruction("(instruction)", f"expected a JSON object, got {type(data).__name__}")
+        try:
+            instruction = Instruction.model_validate(dict(data))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "missing":
+                message = "is required"
+            raise InvalidInstruction(_field_path(error["loc"]), message) from None
+    for i, leg in enumerate(instruction.legs):
+        if leg.ledger not in config.ledgers:
+            raise InvalidInstruction(
+                f"legs[{i}].ledger",
+                f"unknown ledger {leg.ledger!r} (configured: {', '.join(sorted(config.ledgers))})",
+            )
+        precision = config.precision(leg.asset)
+        decimals = max(0, -int(leg.amount.normalize().as_tuple().exponent))
+        if decimals > precision:
+            raise InvalidInstruction(
+                f"legs[{i}].amount",
+                f"{format(leg.amount, 'f')} has {decimals} decimals; {leg.asset} allows {precision}",
+            )
+    if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
+        raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
+    return instruction
+
+
+class SettlementClient:
+    """Submit and manage settlements. Build it with ``connect``."""
+
+    def __init__(self, client: Client, config: Config) -> None:
+        self.client = client
+        self.config = config
+
+    @classmethod
+    async def connect(cls, config: Config | None = None) -> SettlementClient:
+        config = config or load_config()
+        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        return cls(client, config)
+
+    async def __aenter__(self) -> SettlementClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def _handle(self, trade_id: str) -> WorkflowHandle[Any, TradeView]:
+        return self.client.get_workflow_handle_for(SettlementWorkflow.run, workflow_id_for(trade_id))
+
+    def _request(self, instruction: Instruction) -> SettlementRequest:
+        ledgers = {leg.ledger for leg in instruction.legs}
+        return SettlementRequest(
+            instruction=instruction,
+            fingerprint=instruction.fingerprint(),
+            settlement_queue=self.config.settlement_queue(),
+            ledger_queues={name: self.config.ledger_queue(name) for name in sorted(ledgers)},
+            settlement=self.config.settlement,
+        )
+
+    async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:
+        """Start settling one instruction; idempotent on the trade id.
+
+        With ``wait_accepted`` (the default) this returns once the accounts are
+        validated and the trade screened, and raises ``InvalidInstruction`` if an
+        account is unknown. Submitting the same content again returns the existing
+        trade; different content under the same id raises ``DuplicateTrade``.
+        """
+        instruction = parse_instruction(data, self.config)
+        request = self._request(instruction)
+        workflow_id = workflow_id_for(instruction.trade_id)
+        start = WithStartWorkflowOperation(
+            SettlementWorkflow.run,
+            request,
+            id=workflow_id,
+            task_queue=self.config.settlement_queue(),
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        )
+        check = SubmitCheck(fingerprint=request.fingerprint)
+        try:
+            if wait_accepted:
+                view = await self.client.execute_update_with_start_workflow(
+                    SettlementWorkflow.submit, check, start_workflow_operation=start
+                )
+            else:
+                await self.client.start_workflow(
+                    SettlementWorkflow.run,
+                    request,
+                    id=workflow_id,
+                    task_queue=self.config.settlement_queue(),
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                )
+                return await self._same_or_duplicate(instruction.trade_id, request.fingerprint)
+        except WorkflowAlreadyStartedError:
+            view = await self._same_or_duplicate(instruction.trade_id, request.fingerprint)
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == "DuplicateTrade":
+                raise DuplicateTrade(cause.message) from None
+            raise
+        if view.errors:
+            raise InvalidInstruction(view.errors[0].field, view.errors[0].message)
+        return view
+
+    async def _same_or_duplicate(self, trade_id: str, fingerprint: str) -> TradeView:
+        view = await self.status(trade_id)
+        if view.fingerprint != fingerprint:
+            raise DuplicateTrade(f"trade {trade_id} already exists with different content")
+        return view
+
+    async def submit_many(
+        self, items: Iterable[Mapping[str, Any] | Instruction], *, wait_accepted: bool = True, concurrency: int = 32
+    ) -> list[TradeView | Exception]:
+        """Submit several instructions; each result is a view or the error it raised."""
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one(item: Mapping[str, Any] | Instruction) -> TradeView | Exception:
+            async with semaphore:
+                try:
+                    return await self.submit(item, wait_accepted=wait_accepted)
+                except (InvalidInstruction, DuplicateTrade) as exc:
+                    return exc
+
+        return list(await asyncio.gather(*(one(item) for item in items)))
+
+    async def status(self, trade_id: str) -> TradeView:
+        """The trade as it stands: status, legs and timeline."""
+        try:
+            return await self._handle(trade_id).query(SettlementWorkflow.status)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise TradeNotFound(f"no trade {trade_id!r}") from None
+            raise
+
+    async def wait(self, trade_id: str, timeout: float | None = None) -> TradeView:
+        """Wait until the trade ends (SETTLED, CANCELLED, REJECTED or EXPIRED)."""
+        handle = self._handle(trade_id)
+        try:
+            return await asyncio.wait_for(handle.result(), timeout)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise TradeNotFound(f"no trade {trade_id!r}") from None
+            raise
+
+    async def approve(self, trade_id: str, party: str) -> Decision:
+        """Approve as ``party``; raises ``RequestRejected`` with the reason if refused."""
+        return await self._decide(trade_id, SettlementWorkflow.approve_update, ApprovalMessage(party=party))
+
+    async def cancel(self, trade_id: str, party: str, reason: str = "") -> Decision:
+        """Cancel as ``party``; raises ``RequestRejected`` with the reason if refused."""
+        message = CancelMessage(party=party, reason=reason)
+        return await self._decide(trade_id, SettlementWorkflow.cancel_update, message)
+
+    async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
+        handle = self._handle(trade_id)
+        try:
+            decision: Decision = await handle.execute_update(update, message)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise TradeNotFound(f"no trade {trade_id!r}") from None
+            raise
+        except WorkflowUpdateFailedError as exc:
+            raise RequestRejected(str(exc.cause or exc)) from None
+        if not decision.accepted:
+            raise RequestRejected(decision.reason)
+        return decision
+
+    async def list(self, status: TradeStatus | str | None = None, limit: int = 1000) -> list[TradeView]:
+        """Trades, newest first, optionally only those in ``status`` (without timelines)."""
+        query = 'WorkflowType = "Settlement"'
+        if status is not None:
+            query += f' AND DvpStatus = "{TradeStatus(status).value}"'
+        trade_ids: list[str] = []
+        async for execution in self.client.list_workflows(query, limit=limit):
+            if execution.status in (WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT):
+                continue
+            trade_ids.append(execution.id.removeprefix("trade-"))
+        semaphore = asyncio.Semaphore(16)
+
+        async def one(trade_id: str) -> TradeView:
+            async with semaphore:
+                view = await self.status(trade_id)
+                return view.model_copy(update={"timeline": []})
+
+        return list(await asyncio.gather(*(one(t) for t in trade_ids)))

@@ -1,0 +1,152 @@
+"""The dvp worker: settlement workflows and ledger activities.
+
+    python worker.py [--config FILE] [--ledger NAME ...] [--no-workflows]
+
+Runs the settlement workflows on ``<prefix>-settlement`` and, for each configured
+ledger (or each ``--ledger`` named), that ledger's activities on
+``<prefix>-ledger-<name>``, so a ledger's activities can run only where its
+credentials are. Any number of workers may run side by side against the same
+server and ledgers. Each ledger worker also sweeps expired holds, the backstop for
+an orchestrator that vanished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities import LedgerActivities, SettlementActivities
+from adapters import Ledger, open_ledger
+from domain import Config, DvpError, load_config
+from starter.devserver import connect_client
+from workflows import SettlementWorkflow
+
+log = logging.getLogger("dvp.worker")
+
+ACTIVITY_THREADS = 16
+
+
+async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
+    interval = config.settlement.sweep_interval.total_seconds()
+    while not stop.is_set():
+        try:
+            expired = await asyncio.to_thread(ledger.expire_holds, datetime.now(UTC))
+            for hold in expired:
+                log.warning("ledger %s: hold %s expired and was released", ledger.name, hold.hold_id)
+        except DvpError as exc:
+            log.warning("ledger %s: sweep failed: %s", ledger.name, exc)
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+
+
+async def run_worker(
+    config: Config,
+    client: Client,
+    *,
+    ledgers: list[str] | None = None,
+    workflows: bool = True,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until ``stop`` is set (or forever)."""
+    stop = stop or asyncio.Event()
+    names = list(config.ledgers) if ledgers is None else ledgers
+    unknown = [n for n in names if n not in config.ledgers]
+    if unknown:
+        raise DvpError(f"--ledger: unknown ledger {unknown[0]!r} (configured: {', '.join(config.ledgers)})")
+    opened = {name: open_ledger(name, config.ledgers[name]) for name in names}
+    executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="dvp-activity")
+    workers: list[Worker] = []
+    if workflows:
+        workers.append(
+            Worker(
+                client,
+                task_queue=config.settlement_queue(),
+                workflows=[SettlementWorkflow],
+                activities=[SettlementActivities(config).screen],
+            )
+        )
+    for name, ledger in opened.items():
+        workers.append(
+            Worker(
+                client,
+                task_queue=config.ledger_queue(name),
+                activities=LedgerActivities(ledger).all(),
+                activity_executor=executor,
+                max_concurrent_activities=ACTIVITY_THREADS,
+            )
+        )
+    sweepers = [asyncio.create_task(_sweep(ledger, config, stop)) for ledger in opened.values()]
+    try:
+        async with _all_running(workers):
+            log.info(
+                "worker running: workflows=%s ledgers=%s on %s", workflows, ",".join(names), config.temporal.address
+            )
+            await stop.wait()
+    finally:
+        stop.set()
+        await asyncio.gather(*sweepers, return_exceptions=True)
+        executor.shutdown(wait=True)
+        for ledger in opened.values():
+            ledger.close()
+
+
+class _all_running:  # noqa: N801 - used as a context manager name
+    """Run several workers together; shut them all down on exit."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self._workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> None:
+        self._tasks = [asyncio.create_task(w.run()) for w in self._workers]
+        await asyncio.sleep(0)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(w.shutdown() for w in self._workers), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dvp worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML configuration (default: $DVP_CONFIG or the embedded default)")
+    parser.add_argument("--ledger", action="append", help="run only this ledger's activities (repeatable)")
+    parser.add_argument("--no-workflows", action="store_true", help="run ledger activities only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except DvpError as exc:
+        print(f"dvp worker: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
+
+    try:
+        asyncio.run(serve())
+    except DvpError as exc:
+        print(f"dvp worker: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # connection failures from the SDK
+        print(f"dvp worker: cannot reach Temporal at {config.temporal.address}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

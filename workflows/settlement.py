@@ -1,0 +1,555 @@
+"""The settlement saga: one durable workflow per trade.
+
+    PENDING ── validate accounts ── compliance screen ──┐   (REJECTED: nothing reserved)
+                                                        ▼
+    AWAITING_APPROVAL ── every required approver approves    (EXPIRED / CANCELLED)
+                                                        ▼
+    RESERVING ── hold every leg, in parallel per ledger; a short leg recycles
+                 until the deadline                          (EXPIRED / CANCELLED: release all)
+                                                        ▼
+              ── pin every hold (clear its ledger-side expiry)
+              ── record the commit decision  ────────────────  point of no return
+                                                        ▼
+    COMMITTING ── commit every hold, retried until it succeeds
+                                                        ▼
+    SETTLED
+
+Why a hold's expiry cannot fire between the commit decision and the commits: a hold
+is placed with ``expires_at = deadline + hold_backstop`` so that a ledger can free it
+if the orchestrator vanished. Before the decision is recorded, every hold is pinned:
+the ledger clears its expiry in the same transaction that checks it is still open.
+The decision is recorded only if every pin succeeded, so from then on no hold of the
+trade has an expiry and only the commit can end it. A hold that expired before its
+pin makes the trade end EXPIRED with every hold released.
+
+Cancellation, through the ``cancel`` signal/update or a Temporal cancel request, is
+honoured only before the decision. Compensations (releases) are registered before
+the reservation they undo, run last-in first-out, are shielded from cancellation and
+are retried until they succeed; each release is idempotent on the hold's key, and
+releasing a key that was never placed records it so a late reservation is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.ledger import LedgerActivities
+    from activities.settlement import SettlementActivities
+    from domain import (
+        AccountCheck,
+        ApprovalMessage,
+        CancelMessage,
+        CheckAccountsRequest,
+        CheckAccountsResult,
+        Decision,
+        FieldError,
+        HoldOutcome,
+        HoldOutcomes,
+        HoldRefs,
+        HoldRequest,
+        HoldStatus,
+        LegState,
+        LegView,
+        ReserveRequest,
+        ScreenRequest,
+        ScreenResult,
+        SettlementRequest,
+        SubmitCheck,
+        TimelineEvent,
+        TradeStatus,
+        TradeView,
+    )
+
+T = TypeVar("T")
+
+STATUS = SearchAttributeKey.for_keyword("DvpStatus")
+TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
+PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
+ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
+DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
+
+SEARCH_ATTRIBUTES = {
+    "DvpStatus": "Keyword",
+    "DvpTradeId": "Keyword",
+    "DvpParties": "KeywordList",
+    "DvpAssets": "KeywordList",
+    "DvpDeadline": "Datetime",
+}
+"""The search attributes the server must have registered, name -> type."""
+
+# Before the decision every ledger call is bounded by the deadline (schedule-to-close);
+# after it, commits and releases are retried without limit.
+_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+_RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+_CALL_TIMEOUT = timedelta(seconds=30)
+_STUCK_RETRY = timedelta(seconds=60)
+
+
+def workflow_id_for(trade_id: str) -> str:
+    """The workflow id of a trade: one trade id, one workflow, ever."""
+    return f"trade-{trade_id}"
+
+
+class _Abort(Exception):
+    """Ends the saga before the commit decision; compensations run."""
+
+    def __init__(self, status: TradeStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@workflow.defn(name="Settlement")
+class SettlementWorkflow:
+    @workflow.init
+    def __init__(self, request: SettlementRequest) -> None:
+        instruction = request.instruction
+        self._request = request
+        self._instruction = instruction
+        self._deadline: datetime = instruction.deadline or workflow.now() + (
+            instruction.settle_within or request.settlement.default_settle_within
+        )
+        self._status = TradeStatus.PENDING
+        self._reason = ""
+        self._errors: list[FieldError] = []
+        self._hold_ids = [f"{instruction.trade_id}#{i}" for i in range(len(instruction.legs))]
+        self._leg_states = [LegState.PENDING] * len(instruction.legs)
+        self._leg_details = [""] * len(instruction.legs)
+        self._timeline: list[TimelineEvent] = []
+        self._approved: list[str] = []
+        self._cancel: CancelMessage | None = None
+        self._owners: dict[str, str] = {}
+        self._operators: list[str] = []
+        self._policy_known = False
+        self._decided = False
+        self._compensations: list[int] = []  # leg indexes to release, LIFO
+
+    # ----------------------------------------------------------------- run
+
+    @workflow.run
+    async def run(self, request: SettlementRequest) -> TradeView:
+        self._event("submitted", f"deadline {self._deadline.isoformat()}")
+        self._upsert_all()
+        try:
+            await self._settle()
+        except _Abort as abort:
+            await self._shielded(self._compensate())
+            self._set_status(abort.status, abort.reason)
+        except asyncio.CancelledError:
+            self._event("cancel requested through Temporal")
+            await self._shielded(self._compensate())
+            self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._view()
+
+    async def _settle(self) -> None:
+        await self._validate()
+        await self._screen()
+        await self._await_approvals()
+        await self._reserve_all()
+        await self._prepare()
+        self._decide()
+        await self._shielded(self._commit_all())
+        self._set_status(TradeStatus.SETTLED)
+
+    # --------------------------------------------------------------- steps
+
+    async def _validate(self) -> None:
+        checks: dict[str, list[AccountCheck]] = {}
+        for i, leg in enumerate(self._instruction.legs):
+            checks.setdefault(leg.ledger, []).extend(
+                [
+                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
+                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
+                ]
+            )
+        results = await self._per_ledger(
+            checks,
+            lambda ledger, items: self._ledger_call(
+                ledger, LedgerActivities.check_accounts, CheckAccountsRequest(checks=items)
+            ),
+        )
+        problems: list[FieldError] = []
+        for result in results.values():
+            self._owners.update(result.owners)
+            problems.extend(result.problems)
+        if problems:
+            self._errors = sorted(problems, key=lambda p: p.field)
+            raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
+        self._event("accounts validated")
+        workflow.upsert_search_attributes([PARTIES.value_set(self._parties())])
+
+    async def _screen(self) -> None:
+        result: ScreenResult = await workflow.execute_local_activity_method(
+            SettlementActivities.screen,
+            ScreenRequest(parties=self._parties()),
+            start_to_close_timeout=_CALL_TIMEOUT,
+        )
+        self._operators = result.operators
+        self._policy_known = True
+        if result.hits:
+            raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
+        self._event("compliance screen passed")
+
+    async def _await_approvals(self) -> None:
+        if not self._instruction.approvers:
+            return
+        self._set_status(TradeStatus.AWAITING_APPROVAL)
+        await self._wait_until(lambda: not self._missing_approvals() or self._cancel is not None, self._deadline)
+        self._raise_if_cancelled()
+        if missing := self._missing_approvals():
+            raise _Abort(TradeStatus.EXPIRED, f"no approval from {', '.join(missing)} before the deadline")
+
+    async def _reserve_all(self) -> None:
+        self._set_status(TradeStatus.RESERVING)
+        interval = self._request.settlement.recycle_interval
+        expires_at = self._deadline + self._request.settlement.hold_backstop
+        while True:
+            self._raise_if_cancelled()
+            pending = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
+            for i in pending:
+                if i not in self._compensations:
+                    self._compensations.append(i)  # registered before the step it undoes
+            outcomes = await self._holds_call(
+                pending,
+                LedgerActivities.reserve,
+                lambda items: ReserveRequest(holds=[self._hold_request(i, expires_at) for i in items]),
+            )
+            for i, outcome in outcomes.items():
+                self._record_reservation(i, outcome)
+            if all(state is LegState.HELD for state in self._leg_states):
+                return
+            if workflow.now() >= self._deadline:
+                raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: {self._shortfall()}")
+            await self._wait_until(
+                lambda: self._cancel is not None, min(workflow.now() + interval, self._deadline)
+            )
+            interval = min(interval * 2, self._request.settlement.max_recycle_interval)
+
+    async def _prepare(self) -> None:
+        outcomes = await self._holds_call(
+            list(range(len(self._hold_ids))), LedgerActivities.pin, lambda items: self._refs(items)
+        )
+        lost = [i for i, outcome in outcomes.items() if not outcome.ok]
+        if lost:
+            for i in lost:
+                self._leg_states[i] = LegState.RELEASED
+                self._leg_details[i] = outcomes[i].detail
+            raise _Abort(TradeStatus.EXPIRED, f"hold of leg {lost[0]} ended at the ledger before the commit")
+        self._raise_if_cancelled()
+        if workflow.now() >= self._deadline:
+            raise _Abort(TradeStatus.EXPIRED, "every leg was held, but only after the deadline")
+
+    def _decide(self) -> None:
+        # The point of no return: from here on, only commits.
+        self._decided = True
+        self._event("commit decision recorded", "every leg held and pinned")
+        self._set_status(TradeStatus.COMMITTING)
+
+    async def _commit_all(self) -> None:
+        remaining = list(range(len(self._hold_ids)))
+        while remaining:
+            try:
+                outcomes = await self._holds_call(
+                    remaining, LedgerActivities.commit, lambda items: self._refs(items), forever=True
+                )
+            except ActivityError as err:
+                self._event("commit failed, retrying", _cause(err))
+                await workflow.sleep(_STUCK_RETRY)
+                continue
+            for i, outcome in outcomes.items():
+                if outcome.ok:
+                    self._leg_states[i] = LegState.COMMITTED
+                    self._event(f"leg {i} committed", self._describe_leg(i))
+            remaining = [i for i in remaining if self._leg_states[i] is not LegState.COMMITTED]
+
+    async def _compensate(self) -> None:
+        to_release = list(reversed(self._compensations))
+        while to_release:
+            try:
+                outcomes = await self._holds_call(
+                    to_release, LedgerActivities.release, lambda items: self._refs(items), forever=True
+                )
+            except ActivityError as err:
+                self._event("release failed, retrying", _cause(err))
+                await workflow.sleep(_STUCK_RETRY)
+                continue
+            for i, outcome in outcomes.items():
+                if outcome.ok:
+                    self._leg_states[i] = LegState.RELEASED
+                    placed = outcome.hold is not None and outcome.hold.amount > 0
+                    self._event(f"leg {i} released", "hold returned" if placed else "nothing was held")
+                else:
+                    self._event(f"leg {i} could not be released", outcome.detail)
+            to_release = []
+        self._compensations.clear()
+
+    # ------------------------------------------------------------ handlers
+
+    @workflow.query(name="status")
+    def status(self) -> TradeView:
+        return self._view()
+
+    @workflow.update(name="submit")
+    async def submit(self, check: SubmitCheck) -> TradeView:
+        """Wait until the trade is validated and screened (or ended); return its view."""
+        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
+        return self._view()
+
+    @submit.validator
+    def _validate_submit(self, check: SubmitCheck) -> None:
+        if check.fingerprint != self._request.fingerprint:
+            raise ApplicationError(
+                f"trade {self._instruction.trade_id} already exists with different content",
+                type="DuplicateTrade",
+                non_retryable=True,
+            )
+
+    @workflow.signal(name="approve")
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        self._approve(message)
+
+    @workflow.update(name="approve_update")
+    def approve_update(self, message: ApprovalMessage) -> Decision:
+        return self._approve(message)
+
+    @workflow.signal(name="cancel")
+    async def cancel_signal(self, message: CancelMessage) -> None:
+        await self._cancel_request(message)
+
+    @workflow.update(name="cancel_update")
+    async def cancel_update(self, message: CancelMessage) -> Decision:
+        return await self._cancel_request(message)
+
+    def _approve(self, message: ApprovalMessage) -> Decision:
+        party = message.party
+        if self._status.terminal:
+            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}")
+        if not self._instruction.approvers:
+            return self._rejected(f"approval by {party}", "trade needs no approval")
+        if party not in self._instruction.approvers:
+            return self._rejected(
+                f"approval by {party}",
+                f"{party} is not an approver of this trade (approvers: {', '.join(self._instruction.approvers)})",
+            )
+        if party in self._approved:
+            return self._rejected(f"approval by {party}", f"{party} has already approved")
+        self._approved.append(party)
+        self._event(f"approved by {party}")
+        return Decision(accepted=True)
+
+    async def _cancel_request(self, message: CancelMessage) -> Decision:
+        # Who may cancel depends on the accounts' owners and the operators, known
+        # once the trade is validated and screened.
+        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
+        party, what = message.party, f"cancel by {message.party}"
+        if self._status.terminal:
+            return self._rejected(what, f"trade is already {self._status.value}")
+        if self._decided:
+            return self._rejected(what, "the commit decision is recorded; the trade can no longer be cancelled")
+        if self._cancel is not None:
+            return self._rejected(what, f"cancel already accepted from {self._cancel.party}")
+        owners = set(self._owners.values())
+        if party not in owners and party not in self._operators:
+            return self._rejected(what, f"{party} is neither a party to this trade nor an operator")
+        self._cancel = message
+        self._event(f"cancel accepted from {party}", message.reason)
+        return Decision(accepted=True)
+
+    # ------------------------------------------------------------- helpers
+
+    def _rejected(self, what: str, reason: str) -> Decision:
+        self._event(f"{what} rejected", reason)
+        return Decision(accepted=False, reason=reason)
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel is not None:
+            reason = f"cancelled by {self._cancel.party}"
+            if self._cancel.reason:
+                reason += f": {self._cancel.reason}"
+            raise _Abort(TradeStatus.CANCELLED, reason)
+
+    def _missing_approvals(self) -> list[str]:
+        return [a for a in self._instruction.approvers if a not in self._approved]
+
+    async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
+        remaining = until - workflow.now()
+        if remaining <= timedelta(0) or condition():
+            return
+        try:
+            await workflow.wait_condition(condition, timeout=remaining)
+        except TimeoutError:
+            pass
+
+    async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run to completion even if the workflow is cancelled meanwhile."""
+        task = asyncio.ensure_future(coroutine)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    return task.result()
+                self._event("cancel request ignored", "compensation or commit in progress")
+
+    def _remaining(self) -> timedelta:
+        return max(self._deadline - workflow.now(), timedelta(seconds=1))
+
+    def _ledger_call(
+        self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
+    ) -> Awaitable[Any]:
+        options: dict[str, Any] = {"task_queue": self._request.ledger_queues[ledger]}
+        if forever:
+            options |= {"start_to_close_timeout": _CALL_TIMEOUT, "retry_policy": _RETRY_FOREVER}
+        else:
+            options |= {
+                "start_to_close_timeout": _CALL_TIMEOUT,
+                "schedule_to_close_timeout": self._remaining(),
+                "retry_policy": _RETRY,
+            }
+        return workflow.execute_activity_method(activity, argument, **options)
+
+    async def _per_ledger(
+        self, items: dict[str, list[Any]], call: Callable[[str, list[Any]], Awaitable[T]]
+    ) -> dict[str, T]:
+        ledgers = sorted(items)
+        try:
+            results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
+        except ActivityError as err:
+            raise self._abort_for(err) from err
+        return dict(zip(ledgers, results, strict=True))
+
+    async def _holds_call(
+        self,
+        legs: list[int],
+        activity: Callable[[Any, Any], Any],
+        argument: Callable[[list[int]], Any],
+        forever: bool = False,
+    ) -> dict[int, HoldOutcome]:
+        by_ledger: dict[str, list[int]] = {}
+        for i in legs:
+            by_ledger.setdefault(self._instruction.legs[i].ledger, []).append(i)
+
+        async def one(ledger: str, items: list[int]) -> HoldOutcomes:
+            return await self._ledger_call(ledger, activity, argument(items), forever=forever)
+
+        if forever:
+            ledgers = sorted(by_ledger)
+            results = dict(
+                zip(ledgers, await asyncio.gather(*(one(ledger, by_ledger[ledger]) for ledger in ledgers)), strict=True)
+            )
+        else:
+            results = await self._per_ledger(by_ledger, one)
+        index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
+        return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
+
+    def _abort_for(self, err: ActivityError) -> _Abort:
+        cause = err.cause
+        if isinstance(cause, ApplicationError) and cause.non_retryable:
+            return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
+        return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({_cause(err)})")
+
+    def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
+        leg = self._instruction.legs[i]
+        return HoldRequest(
+            hold_id=self._hold_ids[i],
+            account=leg.from_,
+            to_account=leg.to,
+            asset=leg.asset,
+            amount=leg.amount,
+            expires_at=expires_at,
+            trade_id=self._instruction.trade_id,
+        )
+
+    def _refs(self, legs: list[int]) -> HoldRefs:
+        return HoldRefs(hold_ids=[self._hold_ids[i] for i in legs])
+
+    def _record_reservation(self, i: int, outcome: HoldOutcome) -> None:
+        if outcome.ok and outcome.hold is not None and outcome.hold.status is HoldStatus.OPEN:
+            self._leg_states[i] = LegState.HELD
+            self._leg_details[i] = ""
+            self._event(f"leg {i} held", self._describe_leg(i))
+            return
+        if outcome.ok:  # the key was released at the ledger: it can never be held again
+            raise _Abort(TradeStatus.EXPIRED, f"hold of leg {i} was released at the ledger")
+        if self._leg_details[i] != outcome.detail:
+            self._event(f"leg {i} short, recycling", outcome.detail)
+        self._leg_states[i] = LegState.SHORT
+        self._leg_details[i] = outcome.detail
+
+    def _shortfall(self) -> str:
+        return "; ".join(
+            f"leg {i} ({self._leg_details[i]})" for i, s in enumerate(self._leg_states) if s is not LegState.HELD
+        )
+
+    def _describe_leg(self, i: int) -> str:
+        leg = self._instruction.legs[i]
+        return f"{format(leg.amount, 'f')} {leg.asset} {leg.from_} -> {leg.to} on {leg.ledger}"
+
+    def _parties(self) -> list[str]:
+        parties = dict.fromkeys(self._instruction.parties())
+        parties.update(dict.fromkeys(self._owners.values()))
+        return sorted(parties)
+
+    def _event(self, event: str, detail: str = "") -> None:
+        self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
+
+    def _set_status(self, status: TradeStatus, reason: str = "") -> None:
+        self._status = status
+        self._reason = reason
+        self._event(f"status {status.value}", reason)
+        workflow.upsert_search_attributes([STATUS.value_set(status.value)])
+
+    def _upsert_all(self) -> None:
+        workflow.upsert_search_attributes(
+            [
+                STATUS.value_set(self._status.value),
+                TRADE_ID.value_set(self._instruction.trade_id),
+                PARTIES.value_set(self._parties()),
+                ASSETS.value_set(sorted({leg.asset for leg in self._instruction.legs})),
+                DEADLINE.value_set(self._deadline),
+            ]
+        )
+
+    def _view(self) -> TradeView:
+        legs = [
+            LegView(
+                index=i,
+                ledger=leg.ledger,
+                asset=leg.asset,
+                from_=leg.from_,
+                to=leg.to,
+                amount=leg.amount,
+                hold_id=self._hold_ids[i],
+                state=self._leg_states[i],
+                detail=self._leg_details[i],
+            )
+            for i, leg in enumerate(self._instruction.legs)
+        ]
+        return TradeView(
+            trade_id=self._instruction.trade_id,
+            workflow_id=workflow.info().workflow_id,
+            status=self._status,
+            reason=self._reason,
+            deadline=self._deadline,
+            approvers=self._instruction.approvers,
+            approved_by=self._approved,
+            legs=legs,
+            timeline=self._timeline,
+            errors=self._errors,
+            fingerprint=self._request.fingerprint,
+        )
+
+
+def _cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) or type(err).__name__
