@@ -1,0 +1,56 @@
+# dvp: run it with `make demo`, test it with `make test`. Both set everything up first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PYTEST_ARGS ?=
+
+# node_modules is built only once a package.json exists (the Solidity compiler and
+# the local EVM node come from npm); until then setup is the Python venv alone.
+NODE_MODULES := $(if $(wildcard package.json),node_modules)
+
+.PHONY: help setup demo test lint clean distclean bench
+
+help: ## Show this list
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_.-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(VENV) $(NODE_MODULES) ## Install the Python venv and, if package.json exists, node_modules
+
+# A directory target: its mtime is set on success and reset on failure, so a broken
+# install is retried and a good one reruns only when pyproject.toml changes.
+$(VENV): pyproject.toml
+	@echo "==> $(VENV): $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'"
+	@if $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'; \
+	then touch $(VENV); else touch -d @0 $(VENV) 2>/dev/null; exit 1; fi
+
+node_modules: package.json $(wildcard package-lock.json)
+	@echo "==> node_modules: npm $(if $(wildcard package-lock.json),ci,install)"
+	@if { if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; \
+	      else npm install --no-audit --no-fund; fi; }; \
+	then touch node_modules; else touch -d @0 node_modules 2>/dev/null; exit 1; fi
+
+demo: setup ## Run the end-to-end settlement demo
+	$(VENV)/bin/dvp demo
+
+# pytest exits 5 when it collected nothing; say so, since make reports every failure as 2.
+test: setup ## Run the test suite (pass options with PYTEST_ARGS="-k name -x")
+	@echo "$(VENV)/bin/pytest -q $(PYTEST_ARGS)"
+	@$(VENV)/bin/pytest -q $(PYTEST_ARGS) || { status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \
+	  exit $$status; }
+
+bench: setup ## Run the settlement benchmark
+	$(VENV)/bin/dvp bench
+
+lint: $(VENV) ## Check the code with ruff (installs ruff into the venv if missing)
+	@$(VENV)/bin/python -m ruff --version >/dev/null 2>&1 || $(VENV)/bin/pip install ruff
+	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m ruff format --check .
+
+clean: ## Remove caches, build leftovers and the demo's state (.dvp/)
+	rm -rf .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info .dvp bench-results
+	find . -path ./$(VENV) -prune -o -path ./node_modules -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean ## Also remove the venv and node_modules
+	rm -rf $(VENV) node_modules

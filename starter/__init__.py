@@ -1,0 +1,3 @@
+"""The Python client and CLI of dvp."""
+
+__all__: list[str] = []
