@@ -56,14 +56,20 @@ async def run_worker(
     ledgers: list[str] | None = None,
     workflows: bool = True,
     stop: asyncio.Event | None = None,
+    instances: dict[str, Ledger] | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or forever)."""
+    """Run until ``stop`` is set (or forever).
+
+    ``instances`` supplies already opened ledgers (they are not closed here);
+    otherwise each ledger is opened from its configuration.
+    """
     stop = stop or asyncio.Event()
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
     if unknown:
         raise DvpError(f"--ledger: unknown ledger {unknown[0]!r} (configured: {', '.join(config.ledgers)})")
-    opened = {name: open_ledger(name, config.ledgers[name]) for name in names}
+    given = instances or {}
+    opened = {name: given.get(name) or open_ledger(name, config.ledgers[name]) for name in names}
     executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="dvp-activity")
     workers: list[Worker] = []
     if workflows:
@@ -96,8 +102,9 @@ async def run_worker(
         stop.set()
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
-        for ledger in opened.values():
-            ledger.close()
+        for name, ledger in opened.items():
+            if name not in given:
+                ledger.close()
 
 
 class _all_running:  # noqa: N801 - used as a context manager name

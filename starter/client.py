@@ -230,7 +230,9 @@ class SettlementClient:
             decision: Decision = await handle.execute_update(update, message)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
-                raise TradeNotFound(f"no trade {trade_id!r}") from None
+                # a closed workflow takes no updates: say what became of the trade
+                view = await self.status(trade_id)
+                raise RequestRejected(f"trade is already {view.status.value}") from None
             raise
         except WorkflowUpdateFailedError as exc:
             raise RequestRejected(str(exc.cause or exc)) from None

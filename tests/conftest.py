@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests._fixtures_ledger",
     "tests._fixtures_temporal",
+    "tests._fixtures_settlement",
 ]

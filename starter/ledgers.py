@@ -1,0 +1,70 @@
+"""Direct ledger administration: open the configured ledgers, seed accounts, read them.
+
+These run where the ledgers' credentials are (like a ledger worker), not through
+Temporal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters import Ledger, open_ledger
+from domain import AccountBalance, Config, Hold, InvalidInstruction, SeedFile
+
+
+@contextmanager
+def opened(config: Config, names: list[str] | None = None) -> Iterator[dict[str, Ledger]]:
+    """Every configured ledger (or those named), closed on exit."""
+    ledgers: dict[str, Ledger] = {}
+    try:
+        for name in names or list(config.ledgers):
+            ledgers[name] = open_ledger(name, config.ledgers[name])
+        yield ledgers
+    finally:
+        for ledger in ledgers.values():
+            ledger.close()
+
+
+def parse_seed(data: Mapping[str, Any], config: Config) -> SeedFile:
+    """Parse a seed document; ``InvalidInstruction`` names the bad field."""
+    try:
+        seed = SeedFile.model_validate(dict(data))
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+        raise InvalidInstruction(field or "(seed)", error["msg"].removeprefix("Value error, ")) from None
+    for i, spec in enumerate(seed.accounts):
+        if spec.ledger not in config.ledgers:
+            raise InvalidInstruction(
+                f"accounts[{i}].ledger",
+                f"unknown ledger {spec.ledger!r} (configured: {', '.join(sorted(config.ledgers))})",
+            )
+        precision = config.precision(spec.asset)
+        decimals = max(0, -int(spec.balance.normalize().as_tuple().exponent))
+        if decimals > precision:
+            raise InvalidInstruction(
+                f"accounts[{i}].balance", f"{spec.balance} has {decimals} decimals; {spec.asset} allows {precision}"
+            )
+    return seed
+
+
+def seed(config: Config, seed_file: SeedFile, ledgers: Mapping[str, Ledger]) -> list[AccountBalance]:
+    """Open every account of ``seed_file`` with its opening balance; safe to re-run."""
+    return [
+        ledgers[spec.ledger].open_account(
+            spec.id, spec.asset, spec.owner, spec.balance, precision=config.precision(spec.asset)
+        )
+        for spec in seed_file.accounts
+    ]
+
+
+def all_balances(ledgers: Mapping[str, Ledger]) -> list[AccountBalance]:
+    return [b for name in sorted(ledgers) for b in ledgers[name].balances()]
+
+
+def all_open_holds(ledgers: Mapping[str, Ledger]) -> list[Hold]:
+    return [h for name in sorted(ledgers) for h in ledgers[name].open_holds()]
