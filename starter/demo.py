@@ -1,0 +1,286 @@
+"""``dvp demo``: the seed document's scenarios, end to end, on a real Temporal server.
+
+Starts the embedded Temporal dev server (file-backed, under ``.dvp/demo/``) and a
+worker process, seeds two SQLite ledgers, settles five trades side by side, and
+prints each outcome against the one the seed documents call for, with the balances
+before and after. Exits 0 only if every outcome matches and the ledgers balance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from domain import AccountBalance, Config, RequestRejected, TradeStatus, TradeView, parse_config
+from starter.cli import balances_table, table
+from starter.client import SettlementClient
+from starter.devserver import DevServer, _port_is_free
+from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DIR = Path(".dvp") / "demo"
+
+ACCOUNTS = [
+    {"ledger": "securities", "id": "bob-sec", "asset": "BOND-2030", "owner": "bob", "balance": "1000"},
+    {"ledger": "securities", "id": "alice-sec", "asset": "BOND-2030", "owner": "alice", "balance": "0"},
+    {"ledger": "securities", "id": "dave-sec", "asset": "BOND-2030", "owner": "dave", "balance": "50"},
+    {"ledger": "securities", "id": "erin-sec", "asset": "BOND-2030", "owner": "erin", "balance": "0"},
+    {"ledger": "securities", "id": "mallory-sec", "asset": "BOND-2030", "owner": "mallory", "balance": "500"},
+    {"ledger": "cash", "id": "alice-cash", "asset": "EUR", "owner": "alice", "balance": "100000.00"},
+    {"ledger": "cash", "id": "bob-cash", "asset": "EUR", "owner": "bob", "balance": "0.00"},
+    {"ledger": "cash", "id": "dave-cash", "asset": "EUR", "owner": "dave", "balance": "0.00"},
+    {"ledger": "cash", "id": "erin-cash", "asset": "EUR", "owner": "erin", "balance": "30000.00"},
+    {"ledger": "cash", "id": "mallory-cash", "asset": "EUR", "owner": "mallory", "balance": "0.00"},
+]
+
+
+def _dvp(trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "trade_id": trade_id,
+        "legs": [
+            {"ledger": "securities", "asset": "BOND-2030", "from": f"{seller}-sec", "to": f"{buyer}-sec",
+             "amount": bonds},
+            {"ledger": "cash", "asset": "EUR", "from": f"{buyer}-cash", "to": f"{seller}-cash", "amount": cash},
+        ],
+        "settle_within": "PT30S",
+        **extra,
+    }
+
+
+@dataclass
+class Scenario:
+    name: str
+    instruction: dict[str, Any]
+    expected: TradeStatus
+    act: Callable[[SettlementClient, str], Awaitable[list[str]]] | None = None
+
+
+async def _buyer_cancels(client: SettlementClient, trade_id: str) -> list[str]:
+    # alice's cash is held; dave cannot deliver, so the trade recycles until alice walks away
+    await _until(client, trade_id, lambda v: v.legs[1].state.value == "HELD")
+    await client.cancel(trade_id, "alice", reason="seller cannot deliver")
+    return ["alice cancelled while her cash was held: the hold was released"]
+
+
+async def _notary_approves(client: SettlementClient, trade_id: str) -> list[str]:
+    await _until(client, trade_id, lambda v: v.status is TradeStatus.AWAITING_APPROVAL)
+    notes = []
+    try:
+        await client.approve(trade_id, "bob")
+    except RequestRejected as exc:
+        notes.append(f"bob tried to approve: rejected ({exc.reason})")
+    await client.approve(trade_id, "notary")
+    notes.append("notary approved")
+    return notes
+
+
+async def _until(client: SettlementClient, trade_id: str, condition: Callable[[TradeView], bool]) -> None:
+    for _ in range(300):
+        view = await client.status(trade_id)
+        if condition(view) or view.status.terminal:
+            return
+        await asyncio.sleep(0.1)
+
+
+def scenarios(run: str) -> list[Scenario]:
+    return [
+        Scenario("simple DvP", _dvp(f"{run}-simple", "bob", "alice", "100", "9950.00"), TradeStatus.SETTLED),
+        Scenario(
+            "seller short: recycles, then expires",
+            _dvp(f"{run}-short", "dave", "erin", "200", "19900.00", settle_within="PT4S"),
+            TradeStatus.EXPIRED,
+        ),
+        Scenario(
+            "buyer cancels before the commit",
+            _dvp(f"{run}-cancel", "dave", "alice", "300", "29850.00"),
+            TradeStatus.CANCELLED,
+            _buyer_cancels,
+        ),
+        Scenario(
+            "waits for the notary's approval",
+            _dvp(f"{run}-notary", "bob", "erin", "50", "4975.00", approvers=["notary"]),
+            TradeStatus.SETTLED,
+            _notary_approves,
+        ),
+        Scenario(
+            "sanctioned party refused",
+            _dvp(f"{run}-sanctioned", "mallory", "alice", "10", "995.00"),
+            TradeStatus.REJECTED,
+        ),
+    ]
+
+
+def demo_config(base: Path, address: str) -> tuple[Config, str]:
+    text = f"""# written by `dvp demo`
+[ledgers.cash]
+kind = "sql"
+url = "sqlite:///{base / 'cash.db'}"
+
+[ledgers.securities]
+kind = "sql"
+url = "sqlite:///{base / 'securities.db'}"
+
+[compliance]
+sanctioned = ["mallory"]
+
+[roles]
+operators = ["ops"]
+
+[temporal]
+address = "{address}"
+task_queue_prefix = "dvp-demo"
+
+[settlement]
+recycle_interval = "PT0.5S"
+max_recycle_interval = "PT2S"
+"""
+    import tomllib
+
+    return parse_config(tomllib.loads(text), "demo configuration"), text
+
+
+def _sums(balances: list[AccountBalance]) -> dict[str, Decimal]:
+    sums: dict[str, Decimal] = {}
+    for b in balances:
+        sums[b.asset] = sums.get(b.asset, Decimal(0)) + b.balance
+    return sums
+
+
+def _expected_balances(before: list[AccountBalance], settled: list[TradeView]) -> dict[tuple[str, str], Decimal]:
+    expected = {(b.ledger, b.account): b.balance for b in before}
+    for view in settled:
+        for leg in view.legs:
+            expected[(leg.ledger, leg.from_)] -= leg.amount
+            expected[(leg.ledger, leg.to)] += leg.amount
+    return expected
+
+
+class _Worker:
+    """A worker in its own process, as it would be deployed."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "worker.py"), "--config", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+async def _play(client: SettlementClient, scenario: Scenario) -> tuple[TradeView, list[str]]:
+    trade_id = scenario.instruction["trade_id"]
+    await client.submit(scenario.instruction)
+    notes = await scenario.act(client, trade_id) if scenario.act else []
+    final = await client.wait(trade_id, timeout=120)
+    print(f"  {final.trade_id:<28} {final.status.value:<10} {scenario.name}", flush=True)
+    return final, notes
+
+
+async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
+    client = await SettlementClient.connect(config)
+    plays = scenarios(run)
+    print(f"\nSettling {len(plays)} trades side by side...", flush=True)
+    outcomes = await asyncio.gather(*(_play(client, s) for s in plays), return_exceptions=True)
+    for scenario, outcome in zip(plays, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            print(f"\n{scenario.name}: failed: {outcome}", file=sys.stderr)
+            return False, []
+    results = [o for o in outcomes if not isinstance(o, BaseException)]
+
+    rows, ok = [], True
+    for scenario, (view, notes) in zip(plays, results, strict=True):
+        match = view.status is scenario.expected
+        ok &= match
+        rows.append((scenario.name, view.trade_id, scenario.expected.value, view.status.value,
+                     "ok" if match else "MISMATCH", view.reason or "; ".join(notes)))
+    print("\nOutcomes")
+    print(table(rows, ["scenario", "trade", "expected", "got", "", "reason"]))
+    for scenario, (_view, notes) in zip(plays, results, strict=True):
+        for note in notes:
+            print(f"  - {scenario.name}: {note}")
+    return ok, [view for view, _ in results]
+
+
+def run_demo(keep: bool = False) -> int:
+    base = DEMO_DIR.resolve()
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    port = 7233 if _port_is_free(7233) and _port_is_free(8233) else None
+    server = DevServer(port=port, db_file=base / "temporal.db", log_file=base / "temporal.log")
+    config, text = demo_config(base, f"127.0.0.1:{server.port}")
+    config_path = base / "dvp.toml"
+    config_path.write_text(text)
+
+    print(f"Starting the Temporal dev server (state in {base / 'temporal.db'})...", flush=True)
+    started = time.monotonic()
+    server.start()
+    worker = _Worker(config_path, base / "worker.log")
+    try:
+        with opened(config) as ledgers:
+            seed(config, parse_seed({"accounts": ACCOUNTS}, config), ledgers)
+            before = all_balances(ledgers)
+        print(f"Worker pid {worker.process.pid}; ledgers seeded: {', '.join(sorted(config.ledgers))}\n")
+        print("Balances before")
+        print(balances_table(before))
+
+        run = time.strftime("D%H%M%S")
+        matched, views = asyncio.run(_run(config, run))
+
+        with opened(config) as ledgers:
+            after = all_balances(ledgers)
+            holds = all_open_holds(ledgers)
+            problems = [p for ledger in ledgers.values() for p in getattr(ledger, "verify", list)()]
+        print("\nBalances after")
+        print(balances_table(after))
+
+        expected = _expected_balances(before, [v for v in views if v.status is TradeStatus.SETTLED])
+        actual = {(b.ledger, b.account): b.balance for b in after}
+        checks = {
+            "every asset's balances sum to zero": all(s == 0 for s in _sums(after).values()),
+            "balances = before + the settled trades' legs, exactly": actual == expected,
+            "no hold left open": not holds,
+            "ledger invariants verified": not problems,
+        }
+        print()
+        for name, passed in checks.items():
+            print(f"  [{'ok' if passed else 'FAILED'}] {name}")
+        for problem in problems:
+            print(f"      {problem}")
+        print(f"\nDone in {time.monotonic() - started:.1f} s.")
+        if server.ui_url:
+            print(f"\nWeb UI: {server.ui_url}/namespaces/default/workflows")
+            print('  search, e.g.:  DvpStatus = "SETTLED"     DvpParties = "alice"     DvpStatus = "EXPIRED"')
+        print(f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)")
+        success = matched and all(checks.values())
+        if keep:
+            print("\n--keep: server and worker stay up; press Ctrl-C to stop them.", flush=True)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0 if success else 1
+    finally:
+        worker.stop()
+        server.stop(keep_log=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(keep="--keep" in sys.argv))
