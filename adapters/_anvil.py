@@ -127,11 +127,7 @@ class Anvil:
         fixed_port = self.port
         for attempt in range(attempts):
             self.port = fixed_port if fixed_port is not None else _free_port(self.host)
-            self._log = (
-                open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-                if self.log_file
-                else tempfile.TemporaryFile(prefix="anvil-")
-            )
+            self._log = self._open_log()
             args = [
                 str(binary),
                 "--host", self.host,
@@ -153,6 +149,12 @@ class Anvil:
                 if attempt == attempts - 1:
                     raise AnvilError(f"anvil did not start on {self.host}:{self.port}: {log}") from None
         raise AssertionError("unreachable")
+
+    def _open_log(self) -> IO[bytes]:
+        # Kept open while anvil runs, closed in stop().
+        if self.log_file:
+            return open(self.log_file, "ab")  # noqa: SIM115
+        return tempfile.TemporaryFile(prefix="anvil-")  # noqa: SIM115
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

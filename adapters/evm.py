@@ -140,7 +140,11 @@ class _State(IntEnum):
     RELEASED = 3
 
 
-_STATUS = {_State.OPEN: HoldStatus.OPEN, _State.COMMITTED: HoldStatus.COMMITTED, _State.RELEASED: HoldStatus.RELEASED}
+_STATUS = {
+    _State.OPEN: HoldStatus.OPEN,
+    _State.COMMITTED: HoldStatus.COMMITTED,
+    _State.RELEASED: HoldStatus.RELEASED,
+}
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,9 @@ class _Chain:
         if not self._checked:
             actual = self.w3.eth.chain_id
             if self._chain_id is not None and actual != self._chain_id:
-                raise ConfigError(f"{self.rpc} is chain {actual}, the configuration says chain_id {self._chain_id}")
+                raise ConfigError(
+                    f"{self.rpc} is chain {actual}, the configuration says chain_id {self._chain_id}"
+                )
             self._chain_id, self._checked = actual, True
         assert self._chain_id is not None
         return self._chain_id
@@ -277,7 +283,9 @@ class _Chain:
                         raise
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout, poll_latency=0.05)
         if receipt["status"] != 1:
-            raise _Revert("", (), f"transaction {tx_hash.to_0x_hex()} reverted in block {receipt['blockNumber']}")
+            raise _Revert(
+                "", (), f"transaction {tx_hash.to_0x_hex()} reverted in block {receipt['blockNumber']}"
+            )
         return receipt
 
     def send_value(self, to: str, value: int, signer: LocalAccount) -> None:
@@ -322,7 +330,9 @@ def deploy_contracts(rpc: str, operator_key: str, assets: dict[str, int]) -> dic
         registry = chain.contract("AccountRegistry", registry_address)
         tokens: dict[str, str] = {}
         for symbol, decimals in assets.items():
-            tokens[symbol], _ = chain.deploy("SecurityToken", operator, symbol, symbol, decimals, operator.address)
+            tokens[symbol], _ = chain.deploy(
+                "SecurityToken", operator, symbol, symbol, decimals, operator.address
+            )
             chain.send(registry.functions.registerAsset(symbol, tokens[symbol]), operator)
     except _Revert as exc:
         raise LedgerError(f"deploying the dvp contracts on {rpc} failed: {exc}") from None
@@ -395,10 +405,12 @@ class EvmLedger(Ledger):
                  "accounts", "issuer_account", "timeout", "escrow", "tokens"}  # fmt: skip
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: not a key of an evm ledger (known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{where}.{unknown[0]}: not a key of an evm ledger (known: {', '.join(sorted(known))})"
+            )
         accounts = options.get("accounts") or {}
         if not isinstance(accounts, dict) or not all(isinstance(v, str) for v in accounts.values()):
-            raise ConfigError(f"{where}.accounts: expected a table of account id = \"0x...\" address")
+            raise ConfigError(f'{where}.accounts: expected a table of account id = "0x..." address')
         try:
             return cls(
                 name,
@@ -420,7 +432,9 @@ class EvmLedger(Ledger):
     @property
     def _escrow(self) -> Any:
         if self._escrow_contract is None:
-            self._escrow_contract = self._chain.contract("DvpEscrow", self._registry.functions.escrow().call())
+            self._escrow_contract = self._chain.contract(
+                "DvpEscrow", self._registry.functions.escrow().call()
+            )
         return self._escrow_contract
 
     def _token(self, address: str) -> Any:
@@ -506,9 +520,8 @@ class EvmLedger(Ledger):
     # -- holds --------------------------------------------------------------
 
     def _read_lock(self, lock_id: bytes) -> _Lock:
-        token, expiry, state, owner, beneficiary, amount, hashlock = (
-            self._escrow.functions.locks(lock_id).call()
-        )
+        fields = self._escrow.functions.locks(lock_id).call()
+        token, expiry, state, owner, beneficiary, amount, hashlock = fields
         return _Lock(token, int(expiry), _State(state), owner, beneficiary, int(amount), bytes(hashlock))
 
     def _memo(self, lock_id: bytes) -> tuple[str, str] | None:
@@ -517,12 +530,15 @@ class EvmLedger(Ledger):
             with self._scan_lock:
                 latest = self._chain.w3.eth.block_number
                 if latest > self._scanned_to:
-                    events = self._escrow.events.Locked.get_logs(from_block=self._scanned_to + 1, to_block=latest)
+                    events = self._escrow.events.Locked.get_logs(
+                        from_block=self._scanned_to + 1, to_block=latest
+                    )
                     for event in events:
                         try:
                             memo = json.loads(event["args"]["memo"])
                             self._memos[bytes(event["args"]["lockId"])] = (
-                                str(memo["hold_id"]), str(memo.get("trade_id", ""))
+                                str(memo["hold_id"]),
+                                str(memo.get("trade_id", "")),
                             )
                         except (ValueError, KeyError, TypeError):
                             continue  # a lock someone else made: no hold id of ours
@@ -557,12 +573,12 @@ class EvmLedger(Ledger):
     def _fail(self, revert: _Revert, what: str) -> LedgerError:
         """The domain error for a revert the caller could not resolve by re-reading."""
         name, args = revert.name, revert.args_
-        if name in ("ERC20InsufficientBalance", "ERC20InsufficientAllowance"):
-            return InsufficientFunds(f"{what}: {name} {args}")
         if name == "LockNotOpen":
-            return HoldNotOpen(f"{what}: the lock is {_State(args[1]).name.lower()}")
+            return HoldNotOpen(f"{what}: the hold is already {_State(args[1]).name.lower()}")
         if name == "LockExpired":
-            return HoldNotOpen(f"{what}: the lock expired at {datetime.fromtimestamp(args[1], UTC).isoformat()}")
+            return HoldNotOpen(
+                f"{what}: the lock expired at {datetime.fromtimestamp(args[1], UTC).isoformat()}"
+            )
         if name == "UnknownLock":
             return UnknownHold(f"{what}: no such lock")
         if name in ("NotOperator", "NotOwner"):
@@ -572,6 +588,8 @@ class EvmLedger(Ledger):
             )
         if name == "WrongPreimage":
             return LedgerError(f"{what}: the preimage does not match the hashlock")
+        if name in ("ERC20InsufficientBalance", "ERC20InsufficientAllowance"):
+            return InsufficientFunds(f"{what}: {name} {args}")
         return LedgerError(f"{what}: reverted: {revert}")
 
     @_available
@@ -588,61 +606,85 @@ class EvmLedger(Ledger):
     ) -> Hold:
         lock_id = self._lock_id(hold_id)
         existing = self._read_lock(lock_id)
-        if existing.tombstone:
-            return self._late(hold_id, account, to_account, asset, amount, expires_at, trade_id, hashlock)
-        if amount <= 0:
-            raise InvalidAmount(f"amount: must be positive, got {format(amount, 'f')}")
+        if existing.state is not _State.NONE:
+            # A known key answers first: a replay must not fail on a check it passed before.
+            return self._same_terms(
+                hold_id, lock_id, existing, account, to_account, asset, amount, trade_id, hashlock
+            )
         token = self._asset(asset)
         source, target = self._account(account), self._account(to_account)
         for acct in (source, target):
             if acct.token != token.address:
-                raise AssetMismatch(f"account {acct.id!r} does not hold {asset}")
+                held = self._asset_at(acct.token).symbol
+                raise AssetMismatch(f"account {acct.id!r} holds asset {held}, not {asset}")
+        if account == to_account:
+            raise LedgerError(f"hold {hold_id!r} pays account {account!r} to itself")
+        if amount <= 0:
+            raise InvalidAmount(f"amount must be positive, got {format(amount, 'f')} {asset}")
         units = self._units(amount, token)
         lock_hash = _hex32(hashlock, "hashlock") if hashlock else _ZERO32
-        terms = (token.address, source.wallet, target.wallet, units, lock_hash)
-        if existing.state is _State.NONE:
-            expiry = math.ceil(expires_at.timestamp()) if expires_at else 0
-            memo = json.dumps({"hold_id": hold_id, "trade_id": trade_id}, separators=(",", ":"))
-            call = self._escrow.functions.lock(lock_id, *terms[:4], expiry, lock_hash, memo)
-            try:
-                self._chain.send(call, self._operator)
-                self._memos[lock_id] = (hold_id, trade_id)
-                return self._hold(hold_id, lock_id, self._read_lock(lock_id))
-            except _Revert as revert:
-                existing = self._read_lock(lock_id)  # placed or tombstoned meanwhile?
-                if existing.state is _State.NONE:
-                    raise self._fail(revert, f"hold {hold_id}") from None
-                if existing.tombstone:
-                    return self._late(hold_id, account, to_account, asset, amount, expires_at, trade_id, hashlock)
-        placed = (existing.token, existing.owner, existing.beneficiary, existing.amount, existing.hashlock)
-        if placed != terms:
-            raise IdempotencyConflict(f"hold {hold_id} exists with different terms")
-        return self._hold(hold_id, lock_id, existing)
+        expiry = math.ceil(expires_at.timestamp()) if expires_at else 0
+        memo = json.dumps({"hold_id": hold_id, "trade_id": trade_id}, separators=(",", ":"))
+        call = self._escrow.functions.lock(
+            lock_id, token.address, source.wallet, target.wallet, units, expiry, lock_hash, memo
+        )
+        try:
+            self._chain.send(call, self._operator)
+        except _Revert as revert:
+            existing = self._read_lock(lock_id)  # placed or tombstoned meanwhile?
+            if existing.state is not _State.NONE:
+                return self._same_terms(
+                    hold_id, lock_id, existing, account, to_account, asset, amount, trade_id, hashlock
+                )
+            if revert.name == "ERC20InsufficientBalance":
+                raise InsufficientFunds(
+                    f"account {account!r} has {format(self._decimal(revert.args_[1], token), 'f')} {asset} "
+                    f"available; hold {hold_id!r} requested {format(amount, 'f')} {asset}"
+                ) from None
+            if revert.name == "ERC20InsufficientAllowance":
+                raise InsufficientFunds(
+                    f"account {account!r}: wallet {source.wallet} allows the escrow "
+                    f"{format(self._decimal(revert.args_[1], token), 'f')} {asset}; hold {hold_id!r} "
+                    f"requested {format(amount, 'f')} {asset} (the owner must approve the escrow)"
+                ) from None
+            raise self._fail(revert, f"hold {hold_id!r}") from None
+        self._memos[lock_id] = (hold_id, trade_id)
+        return self._hold(hold_id, lock_id, self._read_lock(lock_id))
 
-    def _late(
-        self, hold_id: str, account: str, to_account: str, asset: str, amount: Decimal,
-        expires_at: datetime | None, trade_id: str, hashlock: str | None,
+    def _same_terms(
+        self, hold_id: str, lock_id: bytes, lock: _Lock, account: str, to_account: str, asset: str,
+        amount: Decimal, trade_id: str, hashlock: str | None,
     ) -> Hold:  # fmt: skip
-        """A place_hold that came after its release: nothing placed, the hold released."""
-        return Hold(
-            ledger=self.name, hold_id=hold_id, account=account, to_account=to_account, asset=asset,
-            amount=amount, status=HoldStatus.RELEASED, expires_at=expires_at, trade_id=trade_id,
-            hashlock=hashlock,
-        )  # fmt: skip
+        """The hold already under this key, if the new request matches its terms."""
+        held = self._hold(hold_id, lock_id, lock)
+        if lock.tombstone:
+            return held  # released before it was placed: place nothing
+        asked = {
+            "account": account, "to_account": to_account, "asset": asset, "trade_id": trade_id,
+            "hashlock": hashlock.lower().removeprefix("0x") if hashlock else None,
+        }  # fmt: skip
+        differs = [
+            f"{k} {getattr(held, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(held, k) != v
+        ]
+        if held.amount != amount:
+            differs.append(f"amount {format(held.amount, 'f')} (asked {format(amount, 'f')})")
+        if differs:
+            raise IdempotencyConflict(f"hold {hold_id!r} exists with different terms: " + ", ".join(differs))
+        return held
 
     @_available
     def pin_hold(self, hold_id: str) -> Hold:
         lock_id = self._lock_id(hold_id)
         lock = self._read_lock(lock_id)
         if lock.state is _State.NONE:
-            raise UnknownHold(f"hold {hold_id} does not exist on ledger {self.name}")
-        if lock.state is not _State.OPEN:
-            raise HoldNotOpen(f"hold {hold_id} is {_STATUS[lock.state].value}, it cannot be pinned")
-        if lock.expiry != 0:
+            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
+        if lock.state is _State.RELEASED:
+            raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be pinned")
+        if lock.state is _State.OPEN and lock.expiry != 0:
             try:
                 self._chain.send(self._escrow.functions.pin(lock_id), self._operator)
             except _Revert as revert:
-                raise self._fail(revert, f"pin hold {hold_id}") from None
+                raise self._fail(revert, f"pin hold {hold_id!r}") from None
             lock = self._read_lock(lock_id)
         return self._hold(hold_id, lock_id, lock)
 
@@ -651,20 +693,22 @@ class EvmLedger(Ledger):
         lock_id = self._lock_id(hold_id)
         lock = self._read_lock(lock_id)
         if lock.state is _State.NONE:
-            raise UnknownHold(f"hold {hold_id} does not exist on ledger {self.name}")
+            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
         if lock.state is _State.OPEN:
-            if preimage is not None and lock.hashlock != _ZERO32:
-                call = self._escrow.functions.claim(lock_id, _hex32(preimage, "preimage"))
-            else:
+            if lock.hashlock == _ZERO32:
                 call = self._escrow.functions.commit(lock_id)
+            elif preimage is None:
+                raise LedgerError(f"hold {hold_id!r}: the preimage does not match the hashlock")
+            else:
+                call = self._escrow.functions.claim(lock_id, _hex32(preimage, "preimage"))
             try:
                 self._chain.send(call, self._operator)
             except _Revert as revert:
                 if self._read_lock(lock_id).state is not _State.COMMITTED:
-                    raise self._fail(revert, f"commit hold {hold_id}") from None
+                    raise self._fail(revert, f"commit hold {hold_id!r}") from None
             lock = self._read_lock(lock_id)
         if lock.state is not _State.COMMITTED:
-            raise HoldNotOpen(f"hold {hold_id} was released, it cannot be committed")
+            raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be committed")
         return self._hold(hold_id, lock_id, lock)
 
     @_available
@@ -676,10 +720,10 @@ class EvmLedger(Ledger):
                 self._chain.send(self._escrow.functions.release(lock_id), self._operator)
             except _Revert as revert:
                 if self._read_lock(lock_id).state is not _State.RELEASED:
-                    raise self._fail(revert, f"release hold {hold_id}") from None
+                    raise self._fail(revert, f"release hold {hold_id!r}") from None
             lock = self._read_lock(lock_id)
         if lock.state is not _State.RELEASED:
-            raise HoldNotOpen(f"hold {hold_id} was committed, it cannot be released")
+            raise HoldNotOpen(f"hold {hold_id!r} is already committed; it cannot be released")
         return self._hold(hold_id, lock_id, lock)
 
     @_available
@@ -687,7 +731,7 @@ class EvmLedger(Ledger):
         lock_id = self._lock_id(hold_id)
         lock = self._read_lock(lock_id)
         if lock.state is _State.NONE:
-            raise UnknownHold(f"hold {hold_id} does not exist on ledger {self.name}")
+            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
         return self._hold(hold_id, lock_id, lock)
 
     def _open_locks(self) -> list[tuple[str, bytes, _Lock]]:
@@ -733,7 +777,9 @@ class EvmLedger(Ledger):
     def _issuer_balance(self, token: _Token) -> AccountBalance:
         contract = self._token(token.address)
         issuer = contract.functions.owner().call()
-        units = int(contract.functions.balanceOf(issuer).call()) - int(contract.functions.totalSupply().call())
+        units = int(contract.functions.balanceOf(issuer).call()) - int(
+            contract.functions.totalSupply().call()
+        )
         amount = self._decimal(units, token)
         return AccountBalance(
             ledger=self.name, account=self._issuer_template.format(asset=token.symbol), asset=token.symbol,
@@ -806,7 +852,8 @@ class EvmLedger(Ledger):
             except _Revert as revert:
                 if revert.name == "WalletInUse":
                     raise IdempotencyConflict(
-                        f"account {account!r}: wallet {wallet} already holds account {revert.args_[2]!r} in {asset}"
+                        f"account {account!r}: wallet {wallet} already holds account "
+                        f"{revert.args_[2]!r} in {asset}"
                     ) from None
                 if revert.name != "AccountConflict":
                     raise self._fail(revert, f"open account {account}") from None
