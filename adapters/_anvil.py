@@ -70,7 +70,8 @@ def dev_key(index: int, mnemonic: str = DEFAULT_MNEMONIC) -> str:
     from eth_account import Account
 
     Account.enable_unaudited_hdwallet_features()
-    return Account.from_mnemonic(mnemonic, account_path=f"m/44'/60'/0'/0/{index}").key.to_0x_hex()
+    key = Account.from_mnemonic(mnemonic, account_path=f"m/44'/60'/0'/0/{index}").key
+    return "0x" + bytes(key).hex()
 
 
 def _free_port(host: str) -> int:

@@ -32,8 +32,10 @@ per account, recorded in the token).
 Configuration (a ``[ledgers.<name>]`` section with ``kind = "evm"``)::
 
     rpc = "http://127.0.0.1:8545"     # JSON-RPC endpoint
-    registry = "0x..."                # AccountRegistry address (it names the escrow)
+    registry = "0x..."                # AccountRegistry address (it names escrow and tokens)
     operator_key = "0x..."            # or operator_key_env = "DVP_OPERATOR_KEY"
+    escrow = "0x..."                  # optional: checked against the registry's
+    tokens = { BOND = "0x..." }       # optional: checked against the registry's
     chain_id = 31337                  # optional: refuse another chain
     from_block = 0                    # optional: where to start reading events
     mnemonic = "test test ... junk"   # optional: dev wallets
@@ -290,7 +292,7 @@ class _Chain:
 
     def send_value(self, to: str, value: int, signer: LocalAccount) -> None:
         with self._lock_for(signer.address):
-            tx = {
+            tx: dict[str, Any] = {
                 "to": to_checksum_address(to),
                 "value": value,
                 "gas": 21000,
@@ -364,6 +366,8 @@ class EvmLedger(Ledger):
         accounts: dict[str, str] | None = None,
         issuer_account: str = "issuer:{asset}",
         timeout: float = 30.0,
+        escrow: str | None = None,
+        tokens: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self._chain = _Chain(rpc, timeout, chain_id)
@@ -374,6 +378,9 @@ class EvmLedger(Ledger):
         self._mnemonic = mnemonic
         self._fixed_wallets = {k: to_checksum_address(v) for k, v in (accounts or {}).items()}
         self._issuer_template = issuer_account
+        # What deploy_contracts wrote next to the registry: checked against it, not trusted.
+        self._expected_escrow = to_checksum_address(escrow) if escrow else None
+        self._expected_tokens = {k: to_checksum_address(v) for k, v in (tokens or {}).items()}
         # Caches of what never changes once on chain: names, decimals, lock memos.
         self._tokens: dict[str, _Token] = {}
         self._accounts: dict[str, _Account] = {}
@@ -408,9 +415,10 @@ class EvmLedger(Ledger):
             raise ConfigError(
                 f"{where}.{unknown[0]}: not a key of an evm ledger (known: {', '.join(sorted(known))})"
             )
-        accounts = options.get("accounts") or {}
-        if not isinstance(accounts, dict) or not all(isinstance(v, str) for v in accounts.values()):
-            raise ConfigError(f'{where}.accounts: expected a table of account id = "0x..." address')
+        for table in ("accounts", "tokens"):
+            value = options.get(table) or {}
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(f'{where}.{table}: expected a table of name = "0x..." address')
         try:
             return cls(
                 name,
@@ -420,9 +428,11 @@ class EvmLedger(Ledger):
                 chain_id=int(options["chain_id"]) if "chain_id" in options else None,
                 from_block=int(options.get("from_block", 0)),
                 mnemonic=str(options.get("mnemonic", DEFAULT_MNEMONIC)),
-                accounts=accounts,
+                accounts=options.get("accounts") or {},
                 issuer_account=str(options.get("issuer_account", "issuer:{asset}")),
                 timeout=float(options.get("timeout", 30)),
+                escrow=options.get("escrow"),
+                tokens=options.get("tokens") or {},
             )
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -432,9 +442,13 @@ class EvmLedger(Ledger):
     @property
     def _escrow(self) -> Any:
         if self._escrow_contract is None:
-            self._escrow_contract = self._chain.contract(
-                "DvpEscrow", self._registry.functions.escrow().call()
-            )
+            address = self._registry.functions.escrow().call()
+            if self._expected_escrow and address != self._expected_escrow:
+                raise ConfigError(
+                    f"ledgers.{self.name}.escrow: {self._expected_escrow}, but registry "
+                    f"{self._registry.address} names escrow {address}"
+                )
+            self._escrow_contract = self._chain.contract("DvpEscrow", address)
         return self._escrow_contract
 
     def _token(self, address: str) -> Any:
@@ -446,6 +460,11 @@ class EvmLedger(Ledger):
             address = self._registry.functions.tokenOf(symbol).call()
             if address == _ZERO_ADDRESS:
                 return None
+            expected = self._expected_tokens.get(symbol)
+            if expected and address != expected:
+                raise ConfigError(
+                    f"ledgers.{self.name}.tokens.{symbol}: {expected}, but the registry names {address}"
+                )
             token = _Token(symbol, address, int(self._token(address).functions.decimals().call()))
             self._tokens[symbol] = token
         return token
@@ -812,7 +831,7 @@ class EvmLedger(Ledger):
         """The private key of ``account``'s wallet if it is a dev wallet, else ``None``."""
         known = self._account(account)
         wallet = self._dev_wallet(account)
-        return wallet.key.to_0x_hex() if wallet.address == known.wallet else None
+        return "0x" + bytes(wallet.key).hex() if wallet.address == known.wallet else None
 
     def wallet(self, account: str) -> str:
         """The address of ``account``'s wallet."""

@@ -441,3 +441,33 @@ def test_a_section_without_rpc_is_a_config_error(deployment: dict[str, Any]) -> 
         EvmLedger.from_config("securities", LedgerConfig.model_validate(section))
     with pytest.raises(ConfigError, match="colour"):
         EvmLedger.from_config("securities", LedgerConfig.model_validate({**deployment, "colour": "blue"}))
+
+
+def test_a_configured_wallet_must_approve_the_escrow_itself(
+    deployment: dict[str, Any], w3: Web3, node: Anvil, tag: str
+) -> None:
+    key = node.key(5)
+    wallet = Account.from_key(key).address
+    own = EvmLedger.from_config(
+        "securities", LedgerConfig.model_validate({**deployment, "accounts": {f"carol-{tag}": wallet}})
+    )
+    own.open_account(f"carol-{tag}", "BOND", "carol", Decimal(50))
+    own.open_account(f"dave-{tag}", "BOND", "dave")
+
+    with pytest.raises(InsufficientFunds, match="approve the escrow"):
+        own.place_hold(f"{tag}:a", f"carol-{tag}", f"dave-{tag}", "BOND", Decimal(5), LATER)
+    token = w3.eth.contract(address=deployment["tokens"]["BOND"], abi=load_artefact("SecurityToken")["abi"])
+    send_as(w3, key, token.functions.approve(deployment["escrow"], 5))
+    own.place_hold(f"{tag}:a", f"carol-{tag}", f"dave-{tag}", "BOND", Decimal(5), LATER)
+
+    assert own.wallet(f"carol-{tag}") == wallet
+    assert own.wallet_key(f"carol-{tag}") is None
+    assert amounts(own, f"carol-{tag}") == [(50, 5)]
+
+
+def test_an_escrow_address_the_registry_does_not_name_is_a_config_error(deployment: dict[str, Any]) -> None:
+    wrong = EvmLedger.from_config(
+        "securities", LedgerConfig.model_validate({**deployment, "escrow": deployment["registry"]})
+    )
+    with pytest.raises(ConfigError, match="escrow"):
+        wrong.open_holds()
