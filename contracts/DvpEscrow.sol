@@ -109,7 +109,9 @@ contract DvpEscrow {
         _pull(token, owner, amount);
     }
 
-    /// @notice Pay an open lock to its beneficiary. Operator only.
+    /// @notice Pay an open lock to its beneficiary. Operator only, and allowed after
+    /// expiry too: expiry lets the owner take the units back, it does not stop a
+    /// settlement that gets there first (whichever transaction is mined first wins).
     function commit(bytes32 lockId) external onlyOperator {
         _commit(lockId, bytes32(0));
     }
