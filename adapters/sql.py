@@ -89,9 +89,10 @@ from domain import (
 
 from ._base import Ledger
 
-__all__ = ["SqlLedger"]
+__all__ = ["SqlLedger", "issuer_id"]
 
 T = TypeVar("T")
+AnyRow = Row[*tuple[Any, ...]]
 
 MAX_MINOR = 2**63 - 1  # BIGINT
 ISSUER_OWNER = "issuer"
@@ -175,9 +176,7 @@ class HoldRow(_Table, table=True):
             " AND asset IS NULL AND amount = 0)",
             name="ck_holds_placed_or_tombstone",
         ),
-        CheckConstraint(
-            "(status = 'open') = (resolved_at IS NULL)", name="ck_holds_resolved_when_not_open"
-        ),
+        CheckConstraint("(status = 'open') = (resolved_at IS NULL)", name="ck_holds_resolved_when_not_open"),
         CheckConstraint("hashlock IS NULL OR length(hashlock) = 64", name="ck_holds_hashlock_sha256"),
         _sqlite_integers("holds", "amount"),
         Index(
@@ -247,7 +246,7 @@ class _Account(NamedTuple):
 
 
 def _as_decimal(value: Any, what: str) -> Decimal:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__} {value!r}")
     try:
         amount = value if isinstance(value, Decimal) else Decimal(str(value))
@@ -350,7 +349,9 @@ class SqlLedger(Ledger):
             _configure_sqlite(engine)
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         elif self._dialect == "postgresql":
-            connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            connect_args = (
+                {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            )
             engine = create_engine(parsed, connect_args=connect_args, **pool)
             from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
         else:
@@ -398,8 +399,15 @@ class SqlLedger(Ledger):
         self._sel_all_balances = self._sel_balances.order_by(AC.c.asset, AC.c.id)
         self._sel_available = select(AC.c.balance - AC.c.held).where(AC.c.id == p("id"))
         hold_cols = (
-            H.c.hold_id, H.c.account, H.c.to_account, H.c.asset, H.c.amount, H.c.status,
-            H.c.expires_at, H.c.trade_id, H.c.hashlock,
+            H.c.hold_id,
+            H.c.account,
+            H.c.to_account,
+            H.c.asset,
+            H.c.amount,
+            H.c.status,
+            H.c.expires_at,
+            H.c.trade_id,
+            H.c.hashlock,
         )
         self._sel_hold = select(*hold_cols).where(H.c.hold_id == p("k"))
         self._sel_open = select(*hold_cols).where(H.c.status == "open").order_by(H.c.created_at, H.c.hold_id)
@@ -484,7 +492,7 @@ class SqlLedger(Ledger):
                 self._accounts[row.id] = _Account(row.asset, bool(row.is_issuer), row.precision)
         return {i: self._accounts[i] for i in wanted if i in self._accounts}
 
-    def _hold(self, conn: Connection, row: Row[Any]) -> Hold:
+    def _hold(self, conn: Connection, row: AnyRow) -> Hold:
         if row.asset is None:  # tombstone
             amount = Decimal(0)
         else:
@@ -510,7 +518,7 @@ class SqlLedger(Ledger):
             self._precisions[asset] = value
         return self._precisions[asset]
 
-    def _balance(self, row: Row[Any]) -> AccountBalance:
+    def _balance(self, row: AnyRow) -> AccountBalance:
         p = row.precision
         return AccountBalance(
             ledger=self.name,
@@ -545,13 +553,25 @@ class SqlLedger(Ledger):
             minor = _to_minor(opening, asset, scale, "opening balance")
             conn.execute(
                 self._ins_account,
-                {"id": issuer, "asset": asset, "owner": ISSUER_OWNER, "balance": 0, "held": 0,
-                 "is_issuer": True},
+                {
+                    "id": issuer,
+                    "asset": asset,
+                    "owner": ISSUER_OWNER,
+                    "balance": 0,
+                    "held": 0,
+                    "is_issuer": True,
+                },
             ).first()
             inserted = conn.execute(
                 self._ins_account,
-                {"id": account, "asset": asset, "owner": owner, "balance": minor, "held": 0,
-                 "is_issuer": False},
+                {
+                    "id": account,
+                    "asset": asset,
+                    "owner": owner,
+                    "balance": minor,
+                    "held": 0,
+                    "is_issuer": False,
+                },
             ).first()
             if inserted is None:
                 row = conn.execute(self._sel_account, {"id": account}).one()
@@ -565,12 +585,24 @@ class SqlLedger(Ledger):
                 conn.execute(self._debit, {"acct": issuer, "amt": minor})
                 conn.execute(
                     self._ins_journal,
-                    {"ref": f"open:{account}", "hold_id": None, "kind": "issue", "from_account": issuer,
-                     "to_account": account, "asset": asset, "amount": minor, "created_at": datetime.now(UTC)},
+                    {
+                        "ref": f"open:{account}",
+                        "hold_id": None,
+                        "kind": "issue",
+                        "from_account": issuer,
+                        "to_account": account,
+                        "asset": asset,
+                        "amount": minor,
+                        "created_at": datetime.now(UTC),
+                    },
                 )
             return AccountBalance(
-                ledger=self.name, account=account, asset=asset, owner=owner,
-                balance=_to_decimal(minor, scale), held=_to_decimal(0, scale),
+                ledger=self.name,
+                account=account,
+                asset=asset,
+                owner=owner,
+                balance=_to_decimal(minor, scale),
+                held=_to_decimal(0, scale),
                 available=_to_decimal(minor, scale),
             )
 
@@ -609,9 +641,7 @@ class SqlLedger(Ledger):
                     raise self._unknown_account(acct)
             for acct in (account, to_account):
                 if known[acct].asset != asset:
-                    raise AssetMismatch(
-                        f"account {acct!r} holds asset {known[acct].asset}, not {asset}"
-                    )
+                    raise AssetMismatch(f"account {acct!r} holds asset {known[acct].asset}, not {asset}")
             if account == to_account:
                 raise LedgerError(f"hold {hold_id!r} pays account {account!r} to itself")
             return _positive(amount, asset, known[account].precision), _normalise_hashlock(hashlock)
@@ -623,16 +653,28 @@ class SqlLedger(Ledger):
                 # A known key answers first: a replay must not fail on a check it passed before.
                 existing = conn.execute(self._sel_hold, {"k": hold_id}).first()
                 if existing is not None:
-                    return self._same_terms(conn, existing, account, to_account, asset, amount, trade_id, hashlock)
+                    return self._same_terms(
+                        conn, existing, account, to_account, asset, amount, trade_id, hashlock
+                    )
                 raise
             row = {
-                "hold_id": hold_id, "account": account, "to_account": to_account, "asset": asset,
-                "amount": minor, "status": "open", "expires_at": expires_at, "trade_id": trade_id,
-                "hashlock": lock, "created_at": datetime.now(UTC), "resolved_at": None,
+                "hold_id": hold_id,
+                "account": account,
+                "to_account": to_account,
+                "asset": asset,
+                "amount": minor,
+                "status": "open",
+                "expires_at": expires_at,
+                "trade_id": trade_id,
+                "hashlock": lock,
+                "created_at": datetime.now(UTC),
+                "resolved_at": None,
             }
             if conn.execute(self._ins_hold, row).first() is None:
                 existing = conn.execute(self._sel_hold, {"k": hold_id}).one()
-                return self._same_terms(conn, existing, account, to_account, asset, amount, trade_id, hashlock)
+                return self._same_terms(
+                    conn, existing, account, to_account, asset, amount, trade_id, hashlock
+                )
             if not conn.execute(self._reserve, {"acct": account, "amt": minor}).rowcount:
                 available = conn.execute(self._sel_available, {"id": account}).scalar_one()
                 scale = self._accounts[account].precision
@@ -641,10 +683,16 @@ class SqlLedger(Ledger):
                     f"available; hold {hold_id!r} requested {format(_to_decimal(minor, scale), 'f')} {asset}"
                 )
             return Hold(
-                ledger=self.name, hold_id=hold_id, account=account, to_account=to_account, asset=asset,
-                amount=_to_decimal(minor, self._accounts[account].precision), status=HoldStatus.OPEN,
+                ledger=self.name,
+                hold_id=hold_id,
+                account=account,
+                to_account=to_account,
+                asset=asset,
+                amount=_to_decimal(minor, self._accounts[account].precision),
+                status=HoldStatus.OPEN,
                 expires_at=_utc(expires_at),
-                trade_id=trade_id, hashlock=lock,
+                trade_id=trade_id,
+                hashlock=lock,
             )
 
         return self._tx(work)
@@ -652,7 +700,7 @@ class SqlLedger(Ledger):
     def _same_terms(
         self,
         conn: Connection,
-        row: Row[Any],
+        row: AnyRow,
         account: str,
         to_account: str,
         asset: str,
@@ -672,13 +720,22 @@ class SqlLedger(Ledger):
             same_amount = Decimal(str(amount)) == held.amount
         except (InvalidOperation, TypeError):
             same_amount = False
-        asked = {"account": account, "to_account": to_account, "asset": asset, "trade_id": trade_id,
-                 "hashlock": lock}
-        differs = [f"{k} {getattr(held, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(held, k) != v]
+        asked = {
+            "account": account,
+            "to_account": to_account,
+            "asset": asset,
+            "trade_id": trade_id,
+            "hashlock": lock,
+        }
+        differs = [
+            f"{k} {getattr(held, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(held, k) != v
+        ]
         if not same_amount:
             differs.append(f"amount {format(held.amount, 'f')} (asked {amount})")
         if differs:
-            raise IdempotencyConflict(f"hold {row.hold_id!r} exists with different terms: " + ", ".join(differs))
+            raise IdempotencyConflict(
+                f"hold {row.hold_id!r} exists with different terms: " + ", ".join(differs)
+            )
         return held
 
     def _resolved(self, conn: Connection, hold_id: str, wanted: str) -> Hold | None:
@@ -726,9 +783,16 @@ class SqlLedger(Ledger):
                 conn.execute(stmt, {"acct": acct, "amt": row.amount})
             conn.execute(
                 self._ins_journal,
-                {"ref": f"hold:{hold_id}", "hold_id": hold_id, "kind": "settle", "from_account": row.account,
-                 "to_account": row.to_account, "asset": row.asset, "amount": row.amount,
-                 "created_at": datetime.now(UTC)},
+                {
+                    "ref": f"hold:{hold_id}",
+                    "hold_id": hold_id,
+                    "kind": "settle",
+                    "from_account": row.account,
+                    "to_account": row.to_account,
+                    "asset": row.asset,
+                    "amount": row.amount,
+                    "created_at": datetime.now(UTC),
+                },
             )
             return self._hold(conn, row)
 
@@ -746,9 +810,17 @@ class SqlLedger(Ledger):
                     resolved = self._resolved(conn, hold_id, "released")
                 except UnknownHold:
                     tombstone = {
-                        "hold_id": hold_id, "account": None, "to_account": None, "asset": None,
-                        "amount": 0, "status": "released", "expires_at": None, "trade_id": "",
-                        "hashlock": None, "created_at": now, "resolved_at": now,
+                        "hold_id": hold_id,
+                        "account": None,
+                        "to_account": None,
+                        "asset": None,
+                        "amount": 0,
+                        "status": "released",
+                        "expires_at": None,
+                        "trade_id": "",
+                        "hashlock": None,
+                        "created_at": now,
+                        "resolved_at": now,
                     }
                     if conn.execute(self._ins_hold, tombstone).first() is not None:
                         return self._hold(conn, conn.execute(self._sel_hold, {"k": hold_id}).one())
@@ -769,9 +841,7 @@ class SqlLedger(Ledger):
         return self._tx(work, read_only=True)
 
     def open_holds(self) -> list[Hold]:
-        return self._tx(
-            lambda c: [self._hold(c, r) for r in c.execute(self._sel_open).all()], read_only=True
-        )
+        return self._tx(lambda c: [self._hold(c, r) for r in c.execute(self._sel_open).all()], read_only=True)
 
     def expire_holds(self, now: datetime) -> list[Hold]:
         due = self._tx(lambda c: c.execute(self._sel_expired, {"now": now}).scalars().all(), read_only=True)
@@ -804,15 +874,17 @@ class SqlLedger(Ledger):
                 .join(A, A.c.code == AC.c.asset)
                 .order_by(AC.c.asset, AC.c.id)
             ).all()
-            credits = dict(
+            credits: dict[str, int] = dict(
                 conn.execute(select(J.c.to_account, func.sum(J.c.amount)).group_by(J.c.to_account)).all()
             )
-            debits = dict(
+            debits: dict[str, int] = dict(
                 conn.execute(select(J.c.from_account, func.sum(J.c.amount)).group_by(J.c.from_account)).all()
             )
-            open_held = dict(
+            open_held: dict[str, int] = dict(
                 conn.execute(
-                    select(H.c.account, func.sum(H.c.amount)).where(H.c.status == "open").group_by(H.c.account)
+                    select(H.c.account, func.sum(H.c.amount))
+                    .where(H.c.status == "open")
+                    .group_by(H.c.account)
                 ).all()
             )
             totals: dict[str, int] = {}

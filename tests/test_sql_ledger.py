@@ -86,8 +86,11 @@ def test_each_asset_keeps_its_own_precision(sql_ledger: SqlLedger) -> None:
     assert str(hold.amount) == "250"
     assert sql_ledger.commit_hold("h").status is HoldStatus.COMMITTED
     assert balance(sql_ledger) == {
-        "alice": D("10.25"), "issuer:USD": D("-10.25"),
-        "alice-jpy": D(750), "bob-jpy": D(250), "issuer:JPY": D(-1000),
+        "alice": D("10.25"),
+        "issuer:USD": D("-10.25"),
+        "alice-jpy": D(750),
+        "bob-jpy": D(250),
+        "issuer:JPY": D(-1000),
     }
     assert sql_ledger.verify() == []
 
@@ -100,7 +103,12 @@ def test_hold_then_commit_moves_the_exact_amount(sql_ledger: SqlLedger) -> None:
 
     hold = sql_ledger.place_hold("t1:0", "alice", "bob", "USD", D("120.25"), LATER, trade_id="t1")
 
-    assert (hold.status, hold.amount, hold.ledger, hold.trade_id) == (HoldStatus.OPEN, D("120.25"), "cash", "t1")
+    assert (hold.status, hold.amount, hold.ledger, hold.trade_id) == (
+        HoldStatus.OPEN,
+        D("120.25"),
+        "cash",
+        "t1",
+    )
     alice = sql_ledger.account("alice")
     assert (alice.balance, alice.held, alice.available) == (D("500.00"), D("120.25"), D("379.75"))
 
@@ -165,7 +173,9 @@ def test_same_key_with_different_terms_is_a_conflict(
     sql_ledger: SqlLedger, field: str, terms: dict[str, Any]
 ) -> None:
     seed(sql_ledger, alice="500.00", bob="0", carol="0")
-    original = dict(account="alice", to_account="bob", asset="USD", amount=D(100), trade_id="t")
+    original: dict[str, Any] = dict(
+        account="alice", to_account="bob", asset="USD", amount=D(100), trade_id="t"
+    )
     sql_ledger.place_hold("k1", expires_at=LATER, **original)
 
     with pytest.raises(IdempotencyConflict, match=rf"'k1' exists with different terms: {field}"):
@@ -303,7 +313,9 @@ def test_two_sweepers_at_once_release_each_expired_hold_once(sql_ledger: SqlLedg
     other = SqlLedger("cash", ledger_url)  # a second worker process would hold its own engine
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            sweeps = list(pool.map(lambda ledger: ledger.expire_holds(datetime.now(UTC)), [sql_ledger, other]))
+            sweeps = list(
+                pool.map(lambda ledger: ledger.expire_holds(datetime.now(UTC)), [sql_ledger, other])
+            )
     finally:
         other.close()
 
@@ -414,7 +426,9 @@ def _race(url: str, index: int, barrier: Any, results: Any) -> None:
         errors.append(repr(exc))
     finally:
         ledger.close()
-        results.put({"placed": placed, "short": short, "lowest": lowest, "outcomes": outcomes, "errors": errors})
+        results.put(
+            {"placed": placed, "short": short, "lowest": lowest, "outcomes": outcomes, "errors": errors}
+        )
 
 
 def test_processes_racing_for_one_balance_never_overdraw(ledger_url: str) -> None:
