@@ -31,7 +31,7 @@ per account, recorded in the token).
 
 Configuration (a ``[ledgers.<name>]`` section with ``kind = "evm"``)::
 
-    rpc = "http://127.0.0.1:8545"     # JSON-RPC endpoint
+    rpc = "http://127.0.0.1:8545"     # JSON-RPC endpoint (``url`` is taken as well)
     registry = "0x..."                # AccountRegistry address (it names escrow and tokens)
     operator_key = "0x..."            # or operator_key_env = "DVP_OPERATOR_KEY"
     escrow = "0x..."                  # optional: checked against the registry's
@@ -211,6 +211,8 @@ def _available(fn: Callable[P, R]) -> Callable[P, R]:
             raise LedgerUnavailable(f"EVM node unreachable: {exc}") from exc
         except Web3RPCError as exc:
             raise LedgerError(f"EVM node refused the request: {exc}") from exc
+        except _Revert as exc:  # a revert no caller mapped to a domain error
+            raise LedgerError(f"EVM transaction reverted: {exc}") from None
 
     return wrapper
 
@@ -395,8 +397,8 @@ class EvmLedger(Ledger):
         options = config.options()
         where = f"ledgers.{name}"
 
-        def required(key: str) -> str:
-            value = options.get(key)
+        def required(key: str, fallback: str | None = None) -> str:
+            value = options.get(key) or fallback
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{where}.{key}: an evm ledger needs {key} (a string)")
             return value
@@ -422,7 +424,7 @@ class EvmLedger(Ledger):
         try:
             return cls(
                 name,
-                required("rpc"),
+                required("rpc", config.url),
                 required("registry"),
                 key,
                 chain_id=int(options["chain_id"]) if "chain_id" in options else None,
@@ -827,12 +829,14 @@ class EvmLedger(Ledger):
         wallet: LocalAccount = Account.from_mnemonic(self._mnemonic, account_path=f"m/44'/60'/0'/0/{index}")
         return wallet
 
+    @_available
     def wallet_key(self, account: str) -> str | None:
         """The private key of ``account``'s wallet if it is a dev wallet, else ``None``."""
         known = self._account(account)
         wallet = self._dev_wallet(account)
         return "0x" + bytes(wallet.key).hex() if wallet.address == known.wallet else None
 
+    @_available
     def wallet(self, account: str) -> str:
         """The address of ``account``'s wallet."""
         return self._account(account).wallet
