@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -43,10 +44,8 @@ async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
                 log.warning("ledger %s: hold %s expired and was released", ledger.name, hold.hold_id)
         except DvpError as exc:
             log.warning("ledger %s: sweep failed: %s", ledger.name, exc)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
 
 
 async def run_worker(
@@ -95,7 +94,10 @@ async def run_worker(
     try:
         async with _all_running(workers):
             log.info(
-                "worker running: workflows=%s ledgers=%s on %s", workflows, ",".join(names), config.temporal.address
+                "worker running: workflows=%s ledgers=%s on %s",
+                workflows,
+                ",".join(names),
+                config.temporal.address,
             )
             await stop.wait()
     finally:

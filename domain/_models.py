@@ -27,8 +27,8 @@ from pydantic import (
 
 
 def _parse_amount(value: Any) -> Decimal:
-    if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError("must be a decimal string such as \"100.50\", not a float")
+    if isinstance(value, (bool, float)):
+        raise ValueError('must be a decimal string such as "100.50", not a float')
     if isinstance(value, Decimal):
         amount = value
     elif isinstance(value, (int, str)):

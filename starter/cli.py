@@ -48,14 +48,18 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], right: Sequence
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *(line(r) for r in cells[1:])])
 
 
 def balances_table(balances: Sequence[AccountBalance]) -> str:
     rows = [(b.ledger, b.account, b.asset, b.owner, b.balance, b.held, b.available) for b in balances]
-    return table(rows, ["ledger", "account", "asset", "owner", "balance", "held", "available"], right=(4, 5, 6))
+    return table(
+        rows, ["ledger", "account", "asset", "owner", "balance", "held", "available"], right=(4, 5, 6)
+    )
 
 
 def balance_json(b: AccountBalance) -> dict[str, Any]:
@@ -64,13 +68,28 @@ def balance_json(b: AccountBalance) -> dict[str, Any]:
 
 def hold_json(h: Hold) -> dict[str, Any]:
     data = h.model_dump(mode="json")
-    return {k: data[k] for k in ("ledger", "hold_id", "account", "amount", "status", "expires_at", "trade_id")}
+    return {
+        k: data[k] for k in ("ledger", "hold_id", "account", "amount", "status", "expires_at", "trade_id")
+    }
 
 
 def holds_table(holds: Sequence[Hold]) -> str:
-    rows = [(h.ledger, h.hold_id, h.account, h.amount, h.asset, h.status.value, h.expires_at or "pinned", h.trade_id)
-            for h in holds]
-    return table(rows, ["ledger", "hold", "account", "amount", "asset", "status", "expires", "trade"], right=(3,))
+    rows = [
+        (
+            h.ledger,
+            h.hold_id,
+            h.account,
+            h.amount,
+            h.asset,
+            h.status.value,
+            h.expires_at or "pinned",
+            h.trade_id,
+        )
+        for h in holds
+    ]
+    return table(
+        rows, ["ledger", "hold", "account", "amount", "asset", "status", "expires", "trade"], right=(3,)
+    )
 
 
 def trade_json(view: TradeView, timeline: bool = True) -> dict[str, Any]:
@@ -81,8 +100,10 @@ def trade_json(view: TradeView, timeline: bool = True) -> dict[str, Any]:
 
 
 def trades_table(views: Sequence[TradeView]) -> str:
-    rows = [(v.trade_id, v.status.value, ", ".join(f"{leg.index}:{leg.state.value}" for leg in v.legs), v.reason)
-            for v in views]
+    rows = [
+        (v.trade_id, v.status.value, ", ".join(f"{leg.index}:{leg.state.value}" for leg in v.legs), v.reason)
+        for v in views
+    ]
     return table(rows, ["trade", "status", "legs", "reason"])
 
 
@@ -93,15 +114,19 @@ def trade_text(view: TradeView) -> str:
         f"deadline  {view.deadline.isoformat() if view.deadline else '-'}",
     ]
     if view.approvers:
-        head.append(f"approvers {', '.join(view.approvers)}   approved by: {', '.join(view.approved_by) or 'nobody yet'}")
+        approved = ", ".join(view.approved_by) or "nobody yet"
+        head.append(f"approvers {', '.join(view.approvers)}   approved by: {approved}")
     legs = table(
-        [(leg.index, leg.ledger, leg.from_, leg.to, leg.amount, leg.asset, leg.state.value, leg.detail)
-         for leg in view.legs],
+        [
+            (leg.index, leg.ledger, leg.from_, leg.to, leg.amount, leg.asset, leg.state.value, leg.detail)
+            for leg in view.legs
+        ],
         ["leg", "ledger", "from", "to", "amount", "asset", "state", "detail"],
         right=(4,),
     )
     timeline = table(
-        [(e.at.strftime("%H:%M:%S.%f")[:-3], e.event, e.detail) for e in view.timeline], ["time", "event", "detail"]
+        [(e.at.strftime("%H:%M:%S.%f")[:-3], e.event, e.detail) for e in view.timeline],
+        ["time", "event", "detail"],
     )
     return "\n".join(head) + "\n\n" + legs + "\n\n" + timeline
 
@@ -148,7 +173,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import worker
 
-    argv = (["--config", args.config] if args.config else []) + sum((["--ledger", n] for n in args.ledger or []), [])
+    argv = (["--config", args.config] if args.config else []) + sum(
+        (["--ledger", n] for n in args.ledger or []), []
+    )
     return worker.main(argv + (["--no-workflows"] if args.no_workflows else []))
 
 
@@ -267,11 +294,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dvp", description="Atomic Delivery-versus-Payment settlement on Temporal.")
-    parser.add_argument("--config", help="TOML configuration (default: $DVP_CONFIG, else the embedded default)")
+    parser = argparse.ArgumentParser(
+        prog="dvp", description="Atomic Delivery-versus-Payment settlement on Temporal."
+    )
+    parser.add_argument(
+        "--config", help="TOML configuration (default: $DVP_CONFIG, else the embedded default)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], Any], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(handler=handler)
         return p
@@ -288,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="administer the configured ledgers directly")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
     p = lsub.add_parser("seed", help="open accounts with opening balances from a JSON file (safe to re-run)")
-    p.add_argument("file", help='{"accounts": [{"ledger", "id", "asset", "owner", "balance"}]}, or - for stdin')
+    p.add_argument(
+        "file", help='{"accounts": [{"ledger", "id", "asset", "owner", "balance"}]}, or - for stdin'
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ledger_seed)
     p = lsub.add_parser("balances", help="every account's balance, held and available amounts")
@@ -300,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("submit", cmd_submit, "submit one instruction or a JSON list of them")
     p.add_argument("file", help="instruction JSON file, or - for stdin")
-    p.add_argument("--wait", action="store_true", help="wait until every trade ends; exit 1 unless all settled")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until every trade ends; exit 1 unless all settled"
+    )
     p.add_argument("--json", action="store_true")
 
     p = command("status", cmd_status, "one trade: status, legs and timeline")
@@ -321,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="recorded in the trade's timeline")
 
     p = command("demo", cmd_demo, "start a server and a worker and settle the seed scenarios")
-    p.add_argument("--keep", action="store_true", help="leave server and worker running to explore the Web UI")
+    p.add_argument(
+        "--keep", action="store_true", help="leave server and worker running to explore the Web UI"
+    )
     return parser
 
 

@@ -182,7 +182,11 @@ class SettlementClient:
         return view
 
     async def submit_many(
-        self, items: Iterable[Mapping[str, Any] | Instruction], *, wait_accepted: bool = True, concurrency: int = 32
+        self,
+        items: Iterable[Mapping[str, Any] | Instruction],
+        *,
+        wait_accepted: bool = True,
+        concurrency: int = 32,
     ) -> list[TradeView | Exception]:
         """Submit several instructions; each result is a view or the error it raised."""
         semaphore = asyncio.Semaphore(concurrency)

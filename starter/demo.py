@@ -47,9 +47,20 @@ def _dvp(trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra:
     return {
         "trade_id": trade_id,
         "legs": [
-            {"ledger": "securities", "asset": "BOND-2030", "from": f"{seller}-sec", "to": f"{buyer}-sec",
-             "amount": bonds},
-            {"ledger": "cash", "asset": "EUR", "from": f"{buyer}-cash", "to": f"{seller}-cash", "amount": cash},
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": f"{seller}-sec",
+                "to": f"{buyer}-sec",
+                "amount": bonds,
+            },
+            {
+                "ledger": "cash",
+                "asset": "EUR",
+                "from": f"{buyer}-cash",
+                "to": f"{seller}-cash",
+                "amount": cash,
+            },
         ],
         "settle_within": "PT30S",
         **extra,
@@ -123,11 +134,11 @@ def demo_config(base: Path, address: str) -> tuple[Config, str]:
     text = f"""# written by `dvp demo`
 [ledgers.cash]
 kind = "sql"
-url = "sqlite:///{base / 'cash.db'}"
+url = "sqlite:///{base / "cash.db"}"
 
 [ledgers.securities]
 kind = "sql"
-url = "sqlite:///{base / 'securities.db'}"
+url = "sqlite:///{base / "securities.db"}"
 
 [compliance]
 sanctioned = ["mallory"]
@@ -155,7 +166,9 @@ def _sums(balances: list[AccountBalance]) -> dict[str, Decimal]:
     return sums
 
 
-def _expected_balances(before: list[AccountBalance], settled: list[TradeView]) -> dict[tuple[str, str], Decimal]:
+def _expected_balances(
+    before: list[AccountBalance], settled: list[TradeView]
+) -> dict[tuple[str, str], Decimal]:
     expected = {(b.ledger, b.account): b.balance for b in before}
     for view in settled:
         for leg in view.legs:
@@ -211,8 +224,16 @@ async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
     for scenario, (view, notes) in zip(plays, results, strict=True):
         match = view.status is scenario.expected
         ok &= match
-        rows.append((scenario.name, view.trade_id, scenario.expected.value, view.status.value,
-                     "ok" if match else "MISMATCH", view.reason or "; ".join(notes)))
+        rows.append(
+            (
+                scenario.name,
+                view.trade_id,
+                scenario.expected.value,
+                view.status.value,
+                "ok" if match else "MISMATCH",
+                view.reason or "; ".join(notes),
+            )
+        )
     print("\nOutcomes")
     print(table(rows, ["scenario", "trade", "expected", "got", "", "reason"]))
     for scenario, (_view, notes) in zip(plays, results, strict=True):
@@ -270,7 +291,9 @@ def run_demo(keep: bool = False) -> int:
         if server.ui_url:
             print(f"\nWeb UI: {server.ui_url}/namespaces/default/workflows")
             print('  search, e.g.:  DvpStatus = "SETTLED"     DvpParties = "alice"     DvpStatus = "EXPIRED"')
-        print(f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)")
+        print(
+            f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)"
+        )
         success = matched and all(checks.values())
         if keep:
             print("\n--keep: server and worker stay up; press Ctrl-C to stop them.", flush=True)

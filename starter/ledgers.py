@@ -47,7 +47,8 @@ def parse_seed(data: Mapping[str, Any], config: Config) -> SeedFile:
         decimals = max(0, -int(spec.balance.normalize().as_tuple().exponent))
         if decimals > precision:
             raise InvalidInstruction(
-                f"accounts[{i}].balance", f"{spec.balance} has {decimals} decimals; {spec.asset} allows {precision}"
+                f"accounts[{i}].balance",
+                f"{spec.balance} has {decimals} decimals; {spec.asset} allows {precision}",
             )
     return seed
 

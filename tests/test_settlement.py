@@ -25,7 +25,13 @@ def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) 
     return {
         "trade_id": trade_id,
         "legs": [
-            {"ledger": "securities", "asset": "BOND-2030", "from": "bob-sec", "to": "alice-sec", "amount": bonds},
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": "bob-sec",
+                "to": "alice-sec",
+                "amount": bonds,
+            },
             {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
         ],
         "settle_within": "PT30S",
@@ -33,7 +39,9 @@ def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) 
     }
 
 
-async def wait_for_status(engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 20) -> TradeView:
+async def wait_for_status(
+    engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 20
+) -> TradeView:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while True:
@@ -89,8 +97,20 @@ async def test_short_leg_settles_once_the_seller_is_funded(settlement: Engine) -
         {
             "trade_id": "T-fund",
             "legs": [
-                {"ledger": "securities", "asset": "BOND-2030", "from": "carol-sec", "to": "bob-sec", "amount": "500"},
-                {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "carol-cash", "amount": "1.00"},
+                {
+                    "ledger": "securities",
+                    "asset": "BOND-2030",
+                    "from": "carol-sec",
+                    "to": "bob-sec",
+                    "amount": "500",
+                },
+                {
+                    "ledger": "cash",
+                    "asset": "EUR",
+                    "from": "alice-cash",
+                    "to": "carol-cash",
+                    "amount": "1.00",
+                },
             ],
         }
     )
@@ -194,7 +214,9 @@ async def test_wrong_approver_is_rejected_and_the_notary_lets_it_settle(settleme
 
     assert final.status is TradeStatus.SETTLED
     assert final.approved_by == ["notary"]
-    assert {"approval by bob rejected", "approval by eve rejected", "approved by notary"} <= set(events(final))
+    assert {"approval by bob rejected", "approval by eve rejected", "approved by notary"} <= set(
+        events(final)
+    )
     with pytest.raises(RequestRejected, match="already SETTLED"):
         await settlement.client.approve("T-approve", "notary")
 
@@ -263,7 +285,13 @@ def three_party(trade_id: str, usd: str = "10000.00") -> dict[str, Any]:
         "trade_id": trade_id,
         "legs": [
             {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": "9950.00"},
-            {"ledger": "securities", "asset": "BOND-2030", "from": "bob-sec", "to": "carol-sec", "amount": "100"},
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": "bob-sec",
+                "to": "carol-sec",
+                "amount": "100",
+            },
             {"ledger": "fx", "asset": "USD", "from": "carol-usd", "to": "alice-usd", "amount": usd},
         ],
         "settle_within": "PT3S",
@@ -283,7 +311,9 @@ async def test_three_party_three_ledger_trade_settles_atomically(settlement: Eng
 async def test_three_party_trade_with_one_short_leg_moves_nothing(settlement: Engine) -> None:
     before = settlement.balances()
 
-    final = await settlement.client.wait((await settlement.client.submit(three_party("T-3s", "99999.00"))).trade_id)
+    final = await settlement.client.wait(
+        (await settlement.client.submit(three_party("T-3s", "99999.00"))).trade_id
+    )
 
     assert final.status is TradeStatus.EXPIRED
     assert [leg.state.value for leg in final.legs] == ["RELEASED", "RELEASED", "RELEASED"]

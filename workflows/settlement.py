@@ -32,6 +32,7 @@ releasing a key that was never placed records it so a late reservation is refuse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -48,7 +49,6 @@ with workflow.unsafe.imports_passed_through():
         ApprovalMessage,
         CancelMessage,
         CheckAccountsRequest,
-        CheckAccountsResult,
         Decision,
         FieldError,
         HoldOutcome,
@@ -203,7 +203,9 @@ class SettlementWorkflow:
         if not self._instruction.approvers:
             return
         self._set_status(TradeStatus.AWAITING_APPROVAL)
-        await self._wait_until(lambda: not self._missing_approvals() or self._cancel is not None, self._deadline)
+        await self._wait_until(
+            lambda: not self._missing_approvals() or self._cancel is not None, self._deadline
+        )
         self._raise_if_cancelled()
         if missing := self._missing_approvals():
             raise _Abort(TradeStatus.EXPIRED, f"no approval from {', '.join(missing)} before the deadline")
@@ -336,9 +338,9 @@ class SettlementWorkflow:
         if not self._instruction.approvers:
             return self._rejected(f"approval by {party}", "trade needs no approval")
         if party not in self._instruction.approvers:
+            approvers = ", ".join(self._instruction.approvers)
             return self._rejected(
-                f"approval by {party}",
-                f"{party} is not an approver of this trade (approvers: {', '.join(self._instruction.approvers)})",
+                f"approval by {party}", f"{party} is not an approver of this trade (approvers: {approvers})"
             )
         if party in self._approved:
             return self._rejected(f"approval by {party}", f"{party} has already approved")
@@ -354,7 +356,9 @@ class SettlementWorkflow:
         if self._status.terminal:
             return self._rejected(what, f"trade is already {self._status.value}")
         if self._decided:
-            return self._rejected(what, "the commit decision is recorded; the trade can no longer be cancelled")
+            return self._rejected(
+                what, "the commit decision is recorded; the trade can no longer be cancelled"
+            )
         if self._cancel is not None:
             return self._rejected(what, f"cancel already accepted from {self._cancel.party}")
         owners = set(self._owners.values())
@@ -384,10 +388,8 @@ class SettlementWorkflow:
         remaining = until - workflow.now()
         if remaining <= timedelta(0) or condition():
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await workflow.wait_condition(condition, timeout=remaining)
-        except TimeoutError:
-            pass
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run to completion even if the workflow is cancelled meanwhile."""
@@ -418,12 +420,18 @@ class SettlementWorkflow:
         return workflow.execute_activity_method(activity, argument, **options)
 
     async def _per_ledger(
-        self, items: dict[str, list[Any]], call: Callable[[str, list[Any]], Awaitable[T]]
+        self,
+        items: dict[str, list[Any]],
+        call: Callable[[str, list[Any]], Awaitable[T]],
+        abort_on_error: bool = True,
     ) -> dict[str, T]:
+        """One call per ledger, in parallel. Before the decision a failure aborts the trade."""
         ledgers = sorted(items)
         try:
             results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
         except ActivityError as err:
+            if not abort_on_error:
+                raise
             raise self._abort_for(err) from err
         return dict(zip(ledgers, results, strict=True))
 
@@ -441,13 +449,7 @@ class SettlementWorkflow:
         async def one(ledger: str, items: list[int]) -> HoldOutcomes:
             return await self._ledger_call(ledger, activity, argument(items), forever=forever)
 
-        if forever:
-            ledgers = sorted(by_ledger)
-            results = dict(
-                zip(ledgers, await asyncio.gather(*(one(ledger, by_ledger[ledger]) for ledger in ledgers)), strict=True)
-            )
-        else:
-            results = await self._per_ledger(by_ledger, one)
+        results = await self._per_ledger(by_ledger, one, abort_on_error=not forever)
         index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
         return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
 
@@ -486,9 +488,8 @@ class SettlementWorkflow:
         self._leg_details[i] = outcome.detail
 
     def _shortfall(self) -> str:
-        return "; ".join(
-            f"leg {i} ({self._leg_details[i]})" for i, s in enumerate(self._leg_states) if s is not LegState.HELD
-        )
+        short = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
+        return "; ".join(f"leg {i} ({self._leg_details[i]})" for i in short)
 
     def _describe_leg(self, i: int) -> str:
         leg = self._instruction.legs[i]
