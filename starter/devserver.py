@@ -35,6 +35,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from domain import DvpError
+from workflows.settlement import SEARCH_ATTRIBUTES
 
 __all__ = [
     "SEARCH_ATTRIBUTES",
@@ -43,15 +44,6 @@ __all__ = [
     "connect_client",
     "find_temporal_binary",
 ]
-
-SEARCH_ATTRIBUTES: dict[str, str] = {
-    "DvpStatus": "Keyword",
-    "DvpTradeId": "Keyword",
-    "DvpParties": "KeywordList",
-    "DvpAssets": "KeywordList",
-    "DvpDeadline": "Datetime",
-}
-"""Custom search attributes every settlement workflow may set, by name and server type."""
 
 HOST = "127.0.0.1"
 # SQLite defaults (rollback journal, synchronous=full) measured ~2.4x slower here.
