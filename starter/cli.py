@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -357,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
     p.add_argument("--reason", help="recorded in the trade's timeline")
 
+    from starter import bank
+
+    bank.add_parser(sub)
+
     p = command("demo", cmd_demo, "start a server and a worker and settle the seed scenarios")
     p.add_argument(
         "--keep", action="store_true", help="leave server and worker running to explore the Web UI"
@@ -393,5 +398,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console entry point: run the command, then leave without interpreter teardown.
+
+    The Temporal client's native threads can outlive a short-lived process's
+    interpreter and abort it during finalization (temporalio/sdk-python#300), which
+    would turn a successful command into exit code -6. Every command has finished its
+    own cleanup when ``main`` returns, so skipping the teardown loses nothing.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
