@@ -1,0 +1,134 @@
+"""The worker process ``dvp bench`` starts: the real worker plus the bench's reference workflows.
+
+    python -m starter._bench_worker --config FILE
+
+Runs ``worker.run_worker`` (settlement workflows and every configured ledger's
+activities, exactly as ``dvp worker``) and, beside it in the same process, the
+workflows of ``workflows/_bench.py`` with activities that do nothing, laid out like
+the real ones: the workflows (and the local ``screen``) on ``<prefix>-bench``, each
+ledger's no-op activities on ``<prefix>-bench-ledger-<name>``, sync activities on a
+thread pool of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from domain import (
+    CheckAccountsRequest,
+    CheckAccountsResult,
+    Config,
+    HoldOutcome,
+    HoldOutcomes,
+    HoldRefs,
+    ReserveRequest,
+    ScreenRequest,
+    ScreenResult,
+    load_config,
+)
+from starter.devserver import connect_client
+from worker import ACTIVITY_THREADS, run_worker
+from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
+
+
+def bench_queue(config: Config) -> str:
+    """The task queue of the bench workflows."""
+    return f"{config.temporal.task_queue_prefix}-bench"
+
+
+def bench_ledger_queue(config: Config, ledger: str) -> str:
+    """The task queue of one ledger's no-op activities."""
+    return f"{config.temporal.task_queue_prefix}-bench-ledger-{ledger}"
+
+
+class NoopActivities:
+    """The ledger activities' signatures, doing nothing."""
+
+    @activity.defn(name="bench.check_accounts")
+    def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
+        return CheckAccountsResult(owners={}, problems=[])
+
+    @activity.defn(name="bench.reserve")
+    def reserve(self, request: ReserveRequest) -> HoldOutcomes:
+        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h.hold_id, ok=True) for h in request.holds])
+
+    @activity.defn(name="bench.pin")
+    def pin(self, request: HoldRefs) -> HoldOutcomes:
+        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h, ok=True) for h in request.hold_ids])
+
+    @activity.defn(name="bench.commit")
+    def commit(self, request: HoldRefs) -> HoldOutcomes:
+        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h, ok=True) for h in request.hold_ids])
+
+    def all(self) -> list[Callable[..., object]]:
+        return [self.check_accounts, self.reserve, self.pin, self.commit]
+
+
+@activity.defn(name="bench.screen")
+async def screen(request: ScreenRequest) -> ScreenResult:
+    return ScreenResult(hits=[], operators=[])
+
+
+async def run_bench_workers(config: Config, client: Client, stop: asyncio.Event) -> None:
+    """The bench workflows and no-op activities, until ``stop`` is set."""
+    executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="dvp-bench-activity")
+    noop = NoopActivities()
+    workers = [
+        Worker(
+            client,
+            task_queue=bench_queue(config),
+            workflows=[CeilingWorkflow, NaiveSagaWorkflow],
+            activities=[screen],
+        )
+    ]
+    workers += [
+        Worker(
+            client,
+            task_queue=bench_ledger_queue(config, name),
+            activities=noop.all(),
+            activity_executor=executor,
+            max_concurrent_activities=ACTIVITY_THREADS,
+        )
+        for name in config.ledgers
+    ]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        executor.shutdown(wait=True)
+
+
+async def serve(config: Config) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    client = await connect_client(config.temporal.address, config.temporal.namespace)
+    await asyncio.gather(run_worker(config, client, stop=stop), run_bench_workers(config, client, stop))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m starter._bench_worker", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--config", required=True, help="TOML configuration written by dvp bench")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(load_config(args.config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

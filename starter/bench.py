@@ -1,0 +1,967 @@
+"""``dvp bench``: how fast trades settle, against what the engine could do at best.
+
+    dvp bench [-n 100] [-c 20] [--workers 1,2] [--server-storage file|memory]
+              [--ledger sqlite|postgres] [--json] [--output FILE]
+
+Starts everything it measures: the embedded Temporal dev server (unless
+``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
+(``starter/_bench_worker.py``: the real worker plus the reference workflows of
+``workflows/_bench.py``). For each worker count it settles trades one at a time
+(idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
+under load), then the same numbers of two reference workflows on the same server
+and workers:
+
+* the **ceiling**: a trade's activities (2 check_accounts, a local screen, 2
+  reserve, 2 pin, 2 commit, with the same parallelism) doing nothing;
+* the **naive saga**: six ordinary no-op activities one after another.
+
+Latency is measured from the start of the submit call (client clock) to the
+workflow's ``close_time`` from ``describe()`` (server clock, same host); the
+client-observed latency (until the awaited result arrived) is reported beside it.
+Throughput is the number of workflows over the time from the first submit to the
+last close.
+
+Then it checks that every trade settled, no hold is open, each SQL ledger's
+``verify()`` is empty and the balances moved by exactly the settled legs; it exits
+1 if not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from temporalio.api.enums.v1 import EventType, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetSystemInfoRequest
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import WorkflowIDReusePolicy
+
+from domain import (
+    Config,
+    DvpError,
+    SettlementRequest,
+    TradeStatus,
+    TradeView,
+    parse_config,
+)
+from starter.client import SettlementClient, parse_instruction
+from starter.devserver import DevServer, connect_client, find_temporal_binary
+from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
+from workflows import SettlementWorkflow, workflow_id_for
+from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
+
+__all__ = ["BenchFailed", "BenchOptions", "add_parser", "run_bench"]
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
+LEDGERS = ("cash", "securities")
+PAIRS = 20  # seller/buyer pairs the trades rotate over
+LATENCY_MEASURE = (
+    "submit call start (client clock) -> workflow close_time from describe() (server clock, same host)"
+)
+CLIENT_LATENCY_MEASURE = "submit call start -> awaited workflow result received (client clock)"
+SUBMIT_MODES = {
+    "start": "client.start_workflow with the request SettlementClient builds (one RPC, like the references)",
+    "nowait": "SettlementClient.submit(wait_accepted=False): start_workflow, then a status query",
+    "accepted": "SettlementClient.submit(): update-with-start, returns once validated and screened",
+}
+_TICK = os.sysconf("SC_CLK_TCK")
+# The history service's transfer-queue reads per second (dev server default 20): at low
+# load, each task dispatch waits for the next read, ~40 ms here. See --server-config.
+TRANSFER_RPS = "history.transferProcessorMaxPollRPS"
+
+
+class BenchFailed(DvpError):
+    """The bench could not run (a server, worker or ledger did not come up)."""
+
+
+@dataclass
+class BenchOptions:
+    """What ``dvp bench`` runs; the CLI flags map one to one."""
+
+    trades: int = 100
+    concurrency: int = 20
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    idle: int = 10
+    warmup: int = 10
+    server_storage: str = "file"
+    ledger: str = "sqlite"
+    submit: str = "start"
+    postgres: str = POSTGRES_SERVER
+    server_config: list[str] = field(default_factory=list)  # KEY=VALUE dynamic config of the dev server
+    timeout: float = 300.0
+    output: str | None = None
+    json: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchOptions:
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+    def check(self) -> None:
+        for name in ("trades", "concurrency", "idle"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: {getattr(self, name)} must be at least 1")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup: {self.warmup} must be 0 or more")
+        if not self.workers or any(w < 1 for w in self.workers):
+            raise ValueError(f"--workers: {self.workers} must list worker counts of at least 1")
+        if self.server_storage not in ("file", "memory"):
+            raise ValueError(f"--server-storage: {self.server_storage!r}: expected file or memory")
+        if self.ledger not in ("sqlite", "postgres"):
+            raise ValueError(f"--ledger: {self.ledger!r}: expected sqlite or postgres")
+        for item in self.server_config:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ValueError(f"--server-config: {item!r}: expected KEY=VALUE, e.g. {TRANSFER_RPS}=1000")
+        if self.submit not in SUBMIT_MODES:
+            raise ValueError(f"--submit: {self.submit!r}: expected one of {', '.join(SUBMIT_MODES)}")
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # fields from "state" (field 3) on
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None:
+                children.setdefault(int(stat[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU of a process tree, reaped children included (from /proc)."""
+    total = 0
+    for pid in _tree(root):
+        stat = _proc_stat(pid)
+        if stat is not None:  # utime stime cutime cstime are fields 14-17
+            total += sum(int(v) for v in stat[11:15])
+    return total / _TICK
+
+
+def tree_peak_rss_mb(root: int) -> float:
+    """The sum of VmHWM (peak resident set) over a process tree, in MiB."""
+    total_kb = 0
+    for pid in _tree(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+class _BenchServer(DevServer):
+    """The embedded dev server, with extra ``--dynamic-config-value`` settings."""
+
+    def __init__(self, dynamic_config: list[str], **options: Any) -> None:
+        super().__init__(**options)
+        self.dynamic_config = dynamic_config
+
+    def command(self, binary: Path) -> list[str]:
+        extra = [arg for item in self.dynamic_config for arg in ("--dynamic-config-value", item)]
+        return [*super().command(binary), *extra]
+
+
+class _WorkerProcess:
+    """One ``starter._bench_worker`` process, as a worker would be deployed."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "starter._bench_worker", "--config", str(config_path)],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+            raise BenchFailed(f"bench worker {self.pid} exited with code {self.process.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@dataclass
+class _Meters:
+    """CPU of the server, the worker processes and this process."""
+
+    server_pid: int | None
+    worker_pids: list[int]
+
+    def read(self) -> dict[str, float | None]:
+        return {
+            "server": tree_cpu_seconds(self.server_pid) if self.server_pid else None,
+            "workers": sum(tree_cpu_seconds(p) for p in self.worker_pids),
+            "client": time.process_time(),
+        }
+
+    @staticmethod
+    def delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for key, value in after.items():
+            start = before.get(key)
+            out[key] = None if value is None or start is None else round(value - start, 3)
+        return out
+
+
+# ------------------------------------------------------------------ ledgers
+
+
+@contextmanager
+def _fresh_ledgers(kind: str, base: Path, postgres: str, tag: str) -> Iterator[dict[str, str]]:
+    """URLs of empty databases for each ledger; PostgreSQL ones are dropped on exit."""
+    if kind == "sqlite":
+        yield {name: f"sqlite:///{base / f'{tag}-{name}.db'}" for name in LEDGERS}
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres)
+    admin_dsn = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    names = {ledger: f"dvp_bench_{tag}_{ledger}_{uuid.uuid4().hex[:8]}" for ledger in LEDGERS}
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
+            for db in names.values():
+                admin.execute(f'CREATE DATABASE "{db}"')
+    except psycopg.OperationalError as exc:
+        raise BenchFailed(f"--ledger postgres: cannot reach PostgreSQL at {admin_dsn}: {exc}") from None
+    try:
+        yield {
+            ledger: url.set(database=db).render_as_string(hide_password=False) for ledger, db in names.items()
+        }
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
+            for db in names.values():
+                admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def _config_text(urls: dict[str, str], address: str, namespace: str, prefix: str) -> str:
+    ledgers = "".join(f'[ledgers.{name}]\nkind = "sql"\nurl = "{url}"\n\n' for name, url in urls.items())
+    return (
+        f"# written by dvp bench\n{ledgers}"
+        '[compliance]\nsanctioned = ["mallory"]\n\n'
+        '[roles]\noperators = ["ops"]\n\n'
+        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n'
+    )
+
+
+def _accounts() -> list[dict[str, str]]:
+    """Seller ``s<k>`` holds bonds, buyer ``b<k>`` cash; enough for any number of trades."""
+    accounts = []
+    for k in range(PAIRS):
+        for ledger, account, asset, owner, balance in (
+            ("securities", f"s{k}-sec", "BOND-2030", f"s{k}", "1000000"),
+            ("securities", f"b{k}-sec", "BOND-2030", f"b{k}", "0"),
+            ("cash", f"b{k}-cash", "EUR", f"b{k}", "1000000000.00"),
+            ("cash", f"s{k}-cash", "EUR", f"s{k}", "0.00"),
+        ):
+            accounts.append(
+                {"ledger": ledger, "id": account, "asset": asset, "owner": owner, "balance": balance}
+            )
+    return accounts
+
+
+def _instruction(trade_id: str, i: int) -> dict[str, Any]:
+    k, bonds = i % PAIRS, 1 + i % 5
+    return {
+        "trade_id": trade_id,
+        "legs": [
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": f"s{k}-sec",
+                "to": f"b{k}-sec",
+                "amount": str(bonds),
+            },
+            {
+                "ledger": "cash",
+                "asset": "EUR",
+                "from": f"b{k}-cash",
+                "to": f"s{k}-cash",
+                "amount": f"{bonds * Decimal('99.50'):.2f}",
+            },
+        ],  # fmt: skip
+        "settle_within": "PT10M",
+    }
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile, linearly interpolated between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = p / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _latency(values: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values]
+    return {f"p{p}": round(percentile(ms, p), 1) for p in (50, 95, 99)} | {"max": round(max(ms), 1)}
+
+
+@dataclass
+class _Done:
+    handle: WorkflowHandle[Any, Any]
+    submitted: float  # time.time() before the submit call
+    returned: float  # time.time() when the awaited result arrived
+    result: Any
+
+
+class _Phase:
+    """One worker count: its config, workers, ledgers and measurements."""
+
+    def __init__(self, client: Client, config: Config, options: BenchOptions, run: str) -> None:
+        self.client = client
+        self.config = config
+        self.options = options
+        self.run = run
+        self.dvp = SettlementClient(client, config)
+        self.prefix = config.temporal.task_queue_prefix
+        self.trade_views: list[TradeView] = []
+        self.references_failed = 0
+        self.counter = 0
+
+    # what one item of each kind is -----------------------------------------
+
+    def _trade_request(self, trade_id: str, i: int) -> SettlementRequest:
+        instruction = parse_instruction(_instruction(trade_id, i), self.config)
+        return SettlementRequest(
+            instruction=instruction,
+            fingerprint=instruction.fingerprint(),
+            settlement_queue=self.config.settlement_queue(),
+            ledger_queues={name: self.config.ledger_queue(name) for name in sorted(LEDGERS)},
+            settlement=self.config.settlement,
+        )
+
+    def _reference_request(self, ref_id: str, i: int) -> SettlementRequest:
+        request = self._trade_request(ref_id, i)
+        return request.model_copy(
+            update={
+                "settlement_queue": f"{self.prefix}-bench",
+                "ledger_queues": {name: f"{self.prefix}-bench-ledger-{name}" for name in sorted(LEDGERS)},
+            }
+        )
+
+    def starter(self, kind: str, segment: str) -> Callable[[int], Awaitable[WorkflowHandle[Any, Any]]]:
+        async def trade(i: int) -> WorkflowHandle[Any, Any]:
+            trade_id = f"{self.run}-{segment}-{i}"
+            mode = self.options.submit
+            if mode == "start":
+                request = self._trade_request(trade_id, i)
+                return await self.client.start_workflow(
+                    SettlementWorkflow.run,
+                    request,
+                    id=workflow_id_for(trade_id),
+                    task_queue=request.settlement_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                )
+            await self.dvp.submit(_instruction(trade_id, i), wait_accepted=mode == "accepted")
+            return self.client.get_workflow_handle_for(SettlementWorkflow.run, workflow_id_for(trade_id))
+
+        async def reference(i: int) -> WorkflowHandle[Any, Any]:
+            ref_id = f"{self.run}-{segment}-{i}"
+            run = CeilingWorkflow.run if kind == "ceiling" else NaiveSagaWorkflow.run
+            return await self.client.start_workflow(
+                run,
+                self._reference_request(ref_id, i),
+                id=f"bench-{kind}-{ref_id}",
+                task_queue=f"{self.prefix}-bench",
+            )
+
+        return trade if kind == "trades" else reference
+
+    # driving ----------------------------------------------------------------
+
+    async def drive(self, kind: str, segment: str, count: int, concurrency: int) -> list[_Done]:
+        """Closed loop: ``concurrency`` slots, each submits one and awaits its end."""
+        start = self.starter(kind, segment)
+        next_index = iter(range(count))
+        done: list[_Done] = []
+
+        async def slot() -> None:
+            for i in next_index:
+                submitted = time.time()
+                handle = await start(i)
+                result = await handle.result()
+                done.append(_Done(handle, submitted, time.time(), result))
+
+        await asyncio.wait_for(asyncio.gather(*(slot() for _ in range(concurrency))), self.options.timeout)
+        for item in done:
+            if kind == "trades":
+                self.trade_views.append(item.result)
+            elif item.result != "done":
+                self.references_failed += 1
+        return done
+
+    async def measure(
+        self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters
+    ) -> dict[str, Any]:
+        before = meters.read()
+        done = await self.drive(kind, segment, count, concurrency)
+        cpu = _Meters.delta(before, meters.read())
+        closes = await self._close_times([d.handle for d in done])
+        first = min(d.submitted for d in done)
+        wall = max(closes) - first
+        ok = sum(
+            1
+            for d in done
+            if (d.result.status is TradeStatus.SETTLED if kind == "trades" else d.result == "done")
+        )
+        engine_cpu = (cpu["workers"] or 0) + (cpu["server"] or 0)
+        return {
+            "count": len(done),
+            "completed": ok,
+            "concurrency": concurrency,
+            "wall_s": round(wall, 3),
+            "rate_per_s": round(len(done) / wall, 2),
+            "latency_ms": _latency([c - d.submitted for c, d in zip(closes, done, strict=True)]),
+            "client_latency_ms": _latency([d.returned - d.submitted for d in done]),
+            "cpu_s": cpu,
+            "cpu_ms_per_item": round(engine_cpu * 1000 / len(done), 2) if cpu["server"] is not None else None,
+        }
+
+    async def _close_times(self, handles: list[WorkflowHandle[Any, Any]]) -> list[float]:
+        semaphore = asyncio.Semaphore(20)
+
+        async def one(handle: WorkflowHandle[Any, Any]) -> float:
+            async with semaphore:
+                description = await handle.describe()
+            if description.status is not WorkflowExecutionStatus.COMPLETED or description.close_time is None:
+                raise BenchFailed(f"workflow {handle.id} is {description.status}, not completed")
+            return description.close_time.timestamp()
+
+        return list(await asyncio.gather(*(one(h) for h in handles)))
+
+    async def history_shape(self, handle: WorkflowHandle[Any, Any]) -> dict[str, int]:
+        """Round trips of one workflow, counted from its history."""
+        history = await handle.fetch_history()
+        counts: dict[int, int] = {}
+        for event in history.events:
+            counts[event.event_type] = counts.get(event.event_type, 0) + 1
+        return {
+            "events": len(history.events),
+            "workflow_tasks": counts.get(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 0),
+            "activity_tasks": counts.get(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, 0),
+            "local_activities": counts.get(EventType.EVENT_TYPE_MARKER_RECORDED, 0),
+            "search_attribute_upserts": counts.get(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES, 0),
+        }
+
+    async def wait_for_pollers(self, workers: list[_WorkerProcess], timeout: float = 90.0) -> None:
+        """Until every worker process polls every task queue of the layout."""
+        queues = [(self.config.settlement_queue(), TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)]
+        queues += [(self.config.ledger_queue(n), TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in LEDGERS]
+        queues += [(f"{self.prefix}-bench", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)]
+        queues += [
+            (f"{self.prefix}-bench-ledger-{n}", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in LEDGERS
+        ]
+        wanted = {str(w.pid) for w in workers}
+        deadline = time.monotonic() + timeout
+        while True:
+            for w in workers:
+                w.check_alive()
+            missing = []
+            for name, kind in queues:
+                response = await self.client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=self.client.namespace, task_queue=TaskQueue(name=name), task_queue_type=kind
+                    )
+                )
+                polling = {p.identity.split("@")[0] for p in response.pollers}
+                if wanted - polling:
+                    missing.append(name)
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise BenchFailed(f"bench workers did not poll {', '.join(missing)} within {timeout:.0f}s")
+            await asyncio.sleep(0.2)
+
+
+# ------------------------------------------------------------------ the run
+
+
+async def _run_phase(
+    options: BenchOptions, n_workers: int, address: str, namespace: str, base: Path, server_pid: int | None
+) -> dict[str, Any]:
+    run = f"b{datetime.now(UTC):%H%M%S}-w{n_workers}-{uuid.uuid4().hex[:4]}"
+    with _fresh_ledgers(options.ledger, base, options.postgres, f"w{n_workers}") as urls:
+        text = _config_text(urls, address, namespace, f"bench-{run}")
+        config = parse_config(tomllib.loads(text), "bench configuration")
+        config_path = base / f"dvp-w{n_workers}.toml"
+        config_path.write_text(text)
+        with opened(config) as ledgers:
+            seed(config, parse_seed({"accounts": _accounts()}, config), ledgers)
+            before = all_balances(ledgers)
+        client = await connect_client(address, namespace)
+        phase = _Phase(client, config, options, run)
+        workers = [
+            _WorkerProcess(config_path, base / f"worker-w{n_workers}-{k}.log") for k in range(n_workers)
+        ]
+        try:
+            await phase.wait_for_pollers(workers)
+            meters = _Meters(server_pid, [w.pid for w in workers])
+            n, c = options.trades, options.concurrency
+            if options.warmup:
+                for kind in ("trades", "ceiling", "naive"):
+                    await phase.drive(kind, f"warm{kind[0]}", options.warmup, min(c, options.warmup))
+            result: dict[str, Any] = {"workers": n_workers, "idle": {}}
+            for kind in ("trades", "ceiling", "naive"):
+                result["idle"][kind] = await phase.measure(kind, f"idle{kind[0]}", options.idle, 1, meters)
+            loaded = {}
+            for kind in ("trades", "ceiling", "naive"):
+                loaded[kind] = await phase.measure(kind, f"load{kind[0]}", n, c, meters)
+            result |= loaded
+            result["ratios"] = {
+                "trades_per_ceiling": round(
+                    loaded["trades"]["rate_per_s"] / loaded["ceiling"]["rate_per_s"], 3
+                ),
+                "trades_per_naive": round(loaded["trades"]["rate_per_s"] / loaded["naive"]["rate_per_s"], 3),
+            }
+            result["history_per_workflow"] = {
+                "trades": await phase.history_shape(
+                    client.get_workflow_handle(workflow_id_for(f"{run}-loadt-0"))
+                ),
+                "ceiling": await phase.history_shape(
+                    client.get_workflow_handle(f"bench-ceiling-{run}-loadc-0")
+                ),
+                "naive": await phase.history_shape(client.get_workflow_handle(f"bench-naive-{run}-loadn-0")),
+            }
+            result["rss_peak_mb"] = {
+                "workers": [round(tree_peak_rss_mb(w.pid), 1) for w in workers],
+                "server": round(tree_peak_rss_mb(server_pid), 1) if server_pid else None,
+            }
+        finally:
+            for w in workers:
+                w.stop()
+        result["correctness"] = _check(config, phase, before)
+        result["task_queue_prefix"] = config.temporal.task_queue_prefix
+    return result
+
+
+def _check(config: Config, phase: _Phase, before: list[Any]) -> dict[str, Any]:
+    views = phase.trade_views
+    with opened(config) as ledgers:
+        after = all_balances(ledgers)
+        holds = all_open_holds(ledgers)
+        problems = [
+            f"{name}: {p}" for name, ledger in ledgers.items() for p in getattr(ledger, "verify", list)()
+        ]
+    expected = {(b.ledger, b.account): b.balance for b in before}
+    for view in views:
+        if view.status is TradeStatus.SETTLED:
+            for leg in view.legs:
+                expected[(leg.ledger, leg.from_)] -= leg.amount
+                expected[(leg.ledger, leg.to)] += leg.amount
+    actual = {(b.ledger, b.account): b.balance for b in after}
+    not_settled = [
+        f"{v.trade_id}: {v.status.value} {v.reason}" for v in views if v.status is not TradeStatus.SETTLED
+    ]
+    wrong = [
+        f"{k[0]}/{k[1]}: {actual.get(k)} != expected {v}" for k, v in expected.items() if actual.get(k) != v
+    ]
+    checks = {
+        "every trade settled": not not_settled,
+        "no hold left open": not holds,
+        "ledger verify() empty": not problems,
+        "balances = seed + settled legs": not wrong and set(actual) == set(expected),
+        "every reference workflow completed": phase.references_failed == 0,
+    }
+    return {
+        "passed": all(checks.values()),
+        "trades": len(views),
+        "settled": len(views) - len(not_settled),
+        "checks": checks,
+        "problems": (not_settled + [f"open hold {h.hold_id}" for h in holds] + problems + wrong)[:20],
+    }
+
+
+def _version(binary: Path) -> str:
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+
+
+async def _environment(options: BenchOptions, address: str, namespace: str, embedded: bool) -> dict[str, Any]:
+    client = await connect_client(address, namespace)
+    info = await client.workflow_service.get_system_info(GetSystemInfoRequest())
+    env: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "machine": platform.machine(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "temporalio": metadata.version("temporalio"),
+        "temporal_cli": _version(find_temporal_binary()) if embedded else None,
+        "temporal_server": info.server_version,
+        "server": "embedded dev server" if embedded else f"external at {address}",
+        "server_storage": (
+            (
+                "SQLite file, journal_mode=wal, synchronous=normal"
+                if options.server_storage == "file"
+                else "memory"
+            )
+            if embedded
+            else "unknown (external server)"
+        ),
+        "server_config": options.server_config if embedded else None,
+        "sqlite_ledger": sqlite3.sqlite_version,
+        "ledger": options.ledger,
+        "submit": f"{options.submit}: {SUBMIT_MODES[options.submit]}",
+        "latency_measure": LATENCY_MEASURE,
+        "client_latency_measure": CLIENT_LATENCY_MEASURE,
+    }
+    if options.ledger == "postgres":
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        dsn = make_url(options.postgres).set(drivername="postgresql", database="postgres")
+        with psycopg.connect(dsn.render_as_string(hide_password=False), connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            env["postgres"] = row[0] if row else None
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    return env
+
+
+def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
+    """Run the bench and return its result (the JSON document ``dvp bench --json`` prints)."""
+    if isinstance(options, argparse.Namespace):
+        options = BenchOptions.from_args(options)
+    options.check()
+    started = time.monotonic()
+    started_at = datetime.now(UTC)
+    base = Path(tempfile.mkdtemp(prefix="dvp-bench-"))
+    external = os.environ.get("TEMPORAL_ADDRESS")
+    namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
+    server: DevServer | None = None
+    ok = False
+    try:
+        if external:
+            address, server_pid = external, None
+        else:
+            db_file = base / "temporal.db" if options.server_storage == "file" else None
+            server = _BenchServer(
+                options.server_config, headless=True, db_file=db_file, namespace=namespace
+            ).start()
+            address = server.address
+            # DevServer keeps its Popen private; its pid is the root of the server's tree.
+            server_pid = server._process.pid if server._process else None  # noqa: SLF001
+
+        async def main() -> dict[str, Any]:
+            env = await _environment(options, address, namespace, server is not None)
+            runs = []
+            for n_workers in options.workers:
+                runs.append(await _run_phase(options, n_workers, address, namespace, base, server_pid))
+            env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+            return {"environment": env, "runs": runs}
+
+        body = asyncio.run(main())
+        result: dict[str, Any] = {
+            "bench": "dvp",
+            "started_at": started_at.isoformat(),
+            "duration_s": round(time.monotonic() - started, 1),
+            "options": {k: v for k, v in asdict(options).items() if k not in ("json", "output")},
+            **body,
+            "correctness": {
+                "passed": all(r["correctness"]["passed"] for r in body["runs"]),
+                "checks": sorted({name for r in body["runs"] for name in r["correctness"]["checks"]}),
+            },
+        }
+        ok = result["correctness"]["passed"]
+        return result
+    finally:
+        if server is not None:
+            server.stop(keep_log=not ok)
+        if ok:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"dvp bench: worker logs and ledgers kept in {base}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ output
+
+
+_TABLE: list[tuple[str, str, int]] = [
+    ("trades/s", "trades.rate_per_s", 1),
+    ("  latency p50 ms", "trades.latency_ms.p50", 0),
+    ("  latency p95 ms", "trades.latency_ms.p95", 0),
+    ("  latency p99 ms", "trades.latency_ms.p99", 0),
+    ("  client-observed p50 ms", "trades.client_latency_ms.p50", 0),
+    ("  idle latency p50 ms", "idle.trades.latency_ms.p50", 0),
+    ("ceiling/s (no-op trade shape)", "ceiling.rate_per_s", 1),
+    ("  idle latency p50 ms", "idle.ceiling.latency_ms.p50", 0),
+    ("  trades/s ÷ ceiling/s", "ratios.trades_per_ceiling", 2),
+    ("naive saga/s (6 sequential no-ops)", "naive.rate_per_s", 1),
+    ("  idle latency p50 ms", "idle.naive.latency_ms.p50", 0),
+    ("  trades/s ÷ naive/s", "ratios.trades_per_naive", 2),
+    ("CPU s, trades under load: server", "trades.cpu_s.server", 2),
+    ("  workers", "trades.cpu_s.workers", 2),
+    ("  bench client", "trades.cpu_s.client", 2),
+    ("  server+workers ms per trade", "trades.cpu_ms_per_item", 1),
+    ("CPU ms per ceiling workflow", "ceiling.cpu_ms_per_item", 1),
+    ("CPU ms per naive saga", "naive.cpu_ms_per_item", 1),
+    ("peak RSS MiB: server (so far)", "rss_peak_mb.server", 0),
+    ("  each worker", "rss_peak_mb.workers", 0),
+    ("history per trade: events", "history_per_workflow.trades.events", 0),
+    ("  workflow tasks", "history_per_workflow.trades.workflow_tasks", 0),
+    ("  activity tasks", "history_per_workflow.trades.activity_tasks", 0),
+    ("  local activities", "history_per_workflow.trades.local_activities", 0),
+    ("  search attribute upserts", "history_per_workflow.trades.search_attribute_upserts", 0),
+    ("workflow tasks per ceiling", "history_per_workflow.ceiling.workflow_tasks", 0),
+    ("workflow tasks per naive saga", "history_per_workflow.naive.workflow_tasks", 0),
+    ("correctness", "correctness.passed", 0),
+]
+
+
+def _cell(run: dict[str, Any], path: str, digits: int) -> str:
+    value: Any = run
+    for key in path.split("."):
+        value = value[key]
+    if isinstance(value, bool):
+        return "ok" if value else "FAILED"
+    if isinstance(value, list):
+        return " ".join(_cell({"v": v}, "v", digits) for v in value)
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(
+        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human-readable table of a result."""
+    runs = result["runs"]
+    opts, env = result["options"], result["environment"]
+    headers = ["", *(f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}" for r in runs)]
+    cells = [[label, *(_cell(r, path, digits) for r in runs)] for label, path, digits in _TABLE]
+    widths = [max(len(row[i]) for row in [headers, *cells]) for i in range(len(headers))]
+    server = env["temporal_cli"] or f"server {env['temporal_server']}"
+    postgres = f" (PostgreSQL {env['postgres']})" if env.get("postgres") else ""
+    lines = [
+        f"dvp bench: {opts['trades']} trades at concurrency {opts['concurrency']}, "
+        f"idle {opts['idle']} one at a time, warm-up {opts['warmup']}; submit: {opts['submit']}",
+        "",
+        _row(headers, widths),
+        _row(["-" * w for w in widths], widths),
+        *(_row(row, widths) for row in cells),
+        "",
+        f"latency: {env['latency_measure']}",
+        f"ran on: {env['cores']} cores ({env['cores_usable']} usable), load average "
+        f"{env['loadavg_at_start']} at start, {env.get('loadavg_at_end')} at end; "
+        f"Python {env['python']}, temporalio {env['temporalio']}",
+        f"server: {env['server']}, {server}; storage {env['server_storage']}"
+        + (f"; dynamic config {', '.join(env['server_config'])}" if env.get("server_config") else ""),
+        f"ledgers: {env['ledger']}{postgres}, SQLite {env['sqlite_ledger']}; took {result['duration_s']} s",
+    ]
+    for r in runs:
+        lines += [f"  {r['workers']} worker(s): {problem}" for problem in r["correctness"]["problems"]]
+    verdict = "passed" if result["correctness"]["passed"] else "FAILED"
+    lines.append(f"correctness check {verdict}: " + "; ".join(result["correctness"]["checks"]))
+    return "\n".join(lines)
+
+
+def _workers_list(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected worker counts such as 1,2") from None
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every worker count must be at least 1")
+    return counts
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchOptions()
+    p.add_argument(
+        "-n",
+        "--trades",
+        type=_positive,
+        default=d.trades,
+        help=f"trades under load per worker count (default {d.trades})",
+    )
+    p.add_argument(
+        "-c",
+        "--concurrency",
+        type=_positive,
+        default=d.concurrency,
+        help=f"trades in flight (default {d.concurrency})",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers_list,
+        default=d.workers,
+        help="worker process counts to run, e.g. 1,2 (default)",
+    )
+    p.add_argument(
+        "--idle",
+        type=_positive,
+        default=d.idle,
+        help=f"trades run one at a time for the idle latency (default {d.idle})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help=f"unmeasured workflows of each kind first (default {d.warmup})",
+    )
+    p.add_argument(
+        "--server-storage",
+        choices=["file", "memory"],
+        default=d.server_storage,
+        help="embedded server keeps its state in a temporary SQLite file (WAL; default) or in memory",
+    )
+    p.add_argument(
+        "--ledger",
+        choices=["sqlite", "postgres"],
+        default=d.ledger,
+        help="fresh SQLite files (default) or fresh PostgreSQL databases, dropped afterwards",
+    )
+    p.add_argument(
+        "--postgres",
+        default=d.postgres,
+        help=f"PostgreSQL server for --ledger postgres (default {d.postgres})",
+    )
+    p.add_argument(
+        "--server-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"dynamic config of the embedded server (repeatable), e.g. {TRANSFER_RPS}=1000",
+    )
+    p.add_argument(
+        "--submit",
+        choices=list(SUBMIT_MODES),
+        default=d.submit,
+        help="how trades are submitted: " + "; ".join(f"{k}: {v}" for k, v in SUBMIT_MODES.items()),
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=d.timeout,
+        help=f"seconds one measured batch may take (default {d.timeout:.0f})",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    p.add_argument(
+        "--output", help="write the JSON result here (default bench-results/bench-<timestamp>.json)"
+    )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the bench, print the table (or JSON), write the JSON file; exit 1 if the check failed."""
+    options = BenchOptions.from_args(args)
+    try:
+        result = run_bench(options)
+    except (DvpError, ValueError) as exc:
+        print(f"dvp bench: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(
+            f"dvp bench: a measured batch did not finish within --timeout {options.timeout:.0f} s",
+            file=sys.stderr,
+        )
+        return 1
+    output = Path(options.output or f"bench-results/bench-{datetime.now():%Y%m%d-%H%M%S}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    if options.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
+        print(f"\nresult: {output}")
+    return 0 if result["correctness"]["passed"] else 1
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dvp bench`` on the dvp CLI's subparsers."""
+    summary = "measure settled trades/s and latency against the engine's ceiling and a naive saga"
+    p: argparse.ArgumentParser = subparsers.add_parser("bench", help=summary, description=summary)
+    _add_arguments(p)
+    p.set_defaults(handler=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dvp bench", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    return cmd_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

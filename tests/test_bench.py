@@ -1,0 +1,95 @@
+"""``dvp bench`` at a tiny size: it runs end to end, reports every figure, and its check passes.
+
+No timing is asserted: the figures depend on the machine. The bench starts its own
+in-memory dev server and a worker process, so this takes some seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from starter.bench import BenchOptions, render, run_bench
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every figure the bench reports per worker count, as a path into the run's JSON.
+FIGURES = [
+    *(
+        (kind, *path)
+        for kind in ("trades", "ceiling", "naive")
+        for path in (
+            ("rate_per_s",),
+            ("wall_s",),
+            ("latency_ms", "p50"),
+            ("latency_ms", "p95"),
+            ("latency_ms", "p99"),
+            ("client_latency_ms", "p50"),
+            ("cpu_s", "server"),
+            ("cpu_s", "workers"),
+            ("cpu_ms_per_item",),
+        )
+    ),
+    *(("idle", kind, "latency_ms", "p50") for kind in ("trades", "ceiling", "naive")),
+    ("ratios", "trades_per_ceiling"),
+    ("ratios", "trades_per_naive"),
+    ("rss_peak_mb", "server"),
+    ("history_per_workflow", "trades", "workflow_tasks"),
+    ("history_per_workflow", "trades", "activity_tasks"),
+]
+
+
+def _get(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data[key]
+    return data
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    options = BenchOptions(
+        trades=10, concurrency=5, workers=[1], idle=3, warmup=2, server_storage="memory", timeout=120
+    )
+    return run_bench(options)
+
+
+def test_bench_reports_every_figure(result: dict[str, Any]) -> None:
+    (run,) = result["runs"]
+    assert run["workers"] == 1
+    for path in FIGURES:
+        value = _get(run, path)
+        assert isinstance(value, int | float) and value > 0, f"{'.'.join(path)} = {value!r}"
+    assert run["trades"]["count"] == run["trades"]["completed"] == 10
+    assert all(mb > 0 for mb in run["rss_peak_mb"]["workers"])
+    env = result["environment"]
+    for key in ("cores", "python", "temporalio", "temporal_cli", "temporal_server", "sqlite_ledger"):
+        assert env[key], key
+    assert env["ledger"] == "sqlite"
+    assert "close_time" in env["latency_measure"]
+    assert "1 worker" in render(result)
+    assert json.loads(json.dumps(result)) == result  # what --json prints and --output writes
+
+
+def test_bench_correctness_check_passed(result: dict[str, Any]) -> None:
+    assert result["correctness"]["passed"]
+    (run,) = result["runs"]
+    check = run["correctness"]
+    assert all(check["checks"].values()), check
+    # warm-up, idle and loaded trades all settled
+    assert check["settled"] == check["trades"] == 2 + 3 + 10
+    assert check["problems"] == []
+
+
+def test_bench_cli_refuses_bad_options() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "starter.bench", "--workers", "0"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "--workers" in done.stderr and "at least 1" in done.stderr

@@ -1,0 +1,163 @@
+"""Reference workflows for ``dvp bench``: what a trade would cost if its steps were free.
+
+``CeilingWorkflow`` has exactly the activity structure of a settled trade: per ledger
+one ``check_accounts`` (ledgers in parallel), one local ``screen``, then per ledger
+``reserve``, ``pin`` and ``commit`` (each stage ledgers in parallel), with the same
+arguments, timeouts, retry policies and task-queue layout. Its activities do nothing,
+so its rate is the engine's ceiling for this shape on this server and these workers.
+
+``NaiveSagaWorkflow`` is the textbook saga a trade is compared with: six ordinary
+activities one after another (check, reserve and commit for each of the two legs),
+each doing nothing.
+
+The activities (names ``bench.*``) live in ``starter/_bench_worker.py``; they are
+referenced here by name so this module imports nothing of the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from domain import (
+        AccountCheck,
+        CheckAccountsRequest,
+        CheckAccountsResult,
+        HoldOutcomes,
+        HoldRefs,
+        HoldRequest,
+        ReserveRequest,
+        ScreenRequest,
+        ScreenResult,
+        SettlementRequest,
+    )
+
+# The settlement workflow's options for a ledger call before the commit decision.
+_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+_CALL_TIMEOUT = timedelta(seconds=30)
+_SCHEDULE_TO_CLOSE = timedelta(minutes=10)
+
+
+def _call(queue: str, name: str, argument: Any, result_type: type) -> Any:
+    return workflow.execute_activity(
+        name,
+        argument,
+        task_queue=queue,
+        result_type=result_type,
+        start_to_close_timeout=_CALL_TIMEOUT,
+        schedule_to_close_timeout=_SCHEDULE_TO_CLOSE,
+        retry_policy=_RETRY,
+    )
+
+
+def _legs_by_ledger(request: SettlementRequest) -> dict[str, list[int]]:
+    by_ledger: dict[str, list[int]] = {}
+    for i, leg in enumerate(request.instruction.legs):
+        by_ledger.setdefault(leg.ledger, []).append(i)
+    return by_ledger
+
+
+def _hold_ids(request: SettlementRequest, legs: list[int]) -> list[str]:
+    return [f"{request.instruction.trade_id}#{i}" for i in legs]
+
+
+@workflow.defn(name="BenchCeiling")
+class CeilingWorkflow:
+    """A trade's activities, same number, kind and parallelism, doing nothing."""
+
+    @workflow.run
+    async def run(self, request: SettlementRequest) -> str:
+        legs = request.instruction.legs
+        by_ledger = _legs_by_ledger(request)
+        ledgers = sorted(by_ledger)
+        queue = request.ledger_queues
+
+        def checks(ledger: str) -> CheckAccountsRequest:
+            items: list[AccountCheck] = []
+            for i in by_ledger[ledger]:
+                items += [
+                    AccountCheck(field=f"legs[{i}].from", account=legs[i].from_, asset=legs[i].asset),
+                    AccountCheck(field=f"legs[{i}].to", account=legs[i].to, asset=legs[i].asset),
+                ]
+            return CheckAccountsRequest(checks=items)
+
+        def reserve(ledger: str) -> ReserveRequest:
+            expires_at = workflow.now() + timedelta(hours=1)
+            return ReserveRequest(
+                holds=[
+                    HoldRequest(
+                        hold_id=f"{request.instruction.trade_id}#{i}",
+                        account=legs[i].from_,
+                        to_account=legs[i].to,
+                        asset=legs[i].asset,
+                        amount=legs[i].amount,
+                        expires_at=expires_at,
+                        trade_id=request.instruction.trade_id,
+                    )
+                    for i in by_ledger[ledger]
+                ]
+            )
+
+        await asyncio.gather(
+            *(_call(queue[lg], "bench.check_accounts", checks(lg), CheckAccountsResult) for lg in ledgers)
+        )
+        parties = sorted({p for leg in legs for p in (leg.from_, leg.to)})
+        await workflow.execute_local_activity(
+            "bench.screen",
+            ScreenRequest(parties=parties),
+            result_type=ScreenResult,
+            start_to_close_timeout=_CALL_TIMEOUT,
+        )
+        await asyncio.gather(
+            *(_call(queue[lg], "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers)
+        )
+        for stage in ("bench.pin", "bench.commit"):
+            await asyncio.gather(
+                *(
+                    _call(
+                        queue[lg], stage, HoldRefs(hold_ids=_hold_ids(request, by_ledger[lg])), HoldOutcomes
+                    )
+                    for lg in ledgers
+                )
+            )
+        return "done"
+
+
+@workflow.defn(name="BenchNaiveSaga")
+class NaiveSagaWorkflow:
+    """Check, reserve and commit each leg, one ordinary activity after another."""
+
+    @workflow.run
+    async def run(self, request: SettlementRequest) -> str:
+        legs = request.instruction.legs
+        trade_id = request.instruction.trade_id
+        expires_at = workflow.now() + timedelta(hours=1)
+        for i, leg in enumerate(legs):
+            check = CheckAccountsRequest(
+                checks=[
+                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
+                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
+                ]
+            )
+            await _call(request.ledger_queues[leg.ledger], "bench.check_accounts", check, CheckAccountsResult)
+        for i, leg in enumerate(legs):
+            hold = HoldRequest(
+                hold_id=f"{trade_id}#{i}",
+                account=leg.from_,
+                to_account=leg.to,
+                asset=leg.asset,
+                amount=leg.amount,
+                expires_at=expires_at,
+                trade_id=trade_id,
+            )
+            queue = request.ledger_queues[leg.ledger]
+            await _call(queue, "bench.reserve", ReserveRequest(holds=[hold]), HoldOutcomes)
+        for i, leg in enumerate(legs):
+            refs = HoldRefs(hold_ids=[f"{trade_id}#{i}"])
+            await _call(request.ledger_queues[leg.ledger], "bench.commit", refs, HoldOutcomes)
+        return "done"
