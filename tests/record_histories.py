@@ -1,0 +1,159 @@
+"""Record the settlement workflow histories that ``tests/test_replay.py`` replays.
+
+    .venv/bin/python -m tests.record_histories [--out tests/histories]
+
+Starts its own dev server, an in-process worker and fresh SQLite ledgers in a
+temporary directory, runs one trade per scenario below, and writes each finished
+workflow's history to ``<out>/<workflow id>.json``. Re-record after an intended
+change to the workflow (and say so in the commit): a replay failure on the old
+histories is exactly what a running trade would hit on upgrade.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from domain import RequestRejected, TradeStatus
+from starter.devserver import DevServer
+from workflows.settlement import workflow_id_for
+
+from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+
+
+def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) -> dict[str, Any]:
+    """Bob delivers ``bonds`` BOND-2030 to alice against ``cash`` EUR."""
+    return {
+        "trade_id": trade_id,
+        "legs": [
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": "bob-sec",
+                "to": "alice-sec",
+                "amount": bonds,
+            },
+            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
+        ],
+        "settle_within": "PT30S",
+        **extra,
+    }
+
+
+async def _until(engine: Engine, trade_id: str, ready: Callable[[Engine], bool]) -> None:
+    for _ in range(200):
+        if ready(engine):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{trade_id}: the expected moment never came")
+
+
+async def settled(engine: Engine) -> str:
+    """A plain DvP that settles."""
+    await engine.client.submit(dvp("R-settled"))
+    return "R-settled"
+
+
+async def expired(engine: Engine) -> str:
+    """Bob is short of bonds: the cash leg is held, the bond leg recycles, the deadline passes."""
+    await engine.client.submit(dvp("R-expired", bonds="1500", settle_within="PT2S"))
+    return "R-expired"
+
+
+async def cancelled(engine: Engine) -> str:
+    """A short trade cancelled by a party while its cash leg is held."""
+    await engine.client.submit(dvp("R-cancelled", bonds="5000"))
+    await _until(engine, "R-cancelled", lambda e: any(h.hold_id == "R-cancelled#1" for h in e.open_holds()))
+    await engine.client.cancel("R-cancelled", "alice", reason="changed my mind")
+    return "R-cancelled"
+
+
+async def cancelled_through_temporal(engine: Engine) -> str:
+    """A short trade cancelled with a Temporal cancel request (not the cancel update)."""
+    await engine.client.submit(dvp("R-temporal-cancel", bonds="5000"))
+    await _until(
+        engine, "R-temporal-cancel", lambda e: any(h.hold_id == "R-temporal-cancel#1" for h in e.open_holds())
+    )
+    await engine.client.client.get_workflow_handle(workflow_id_for("R-temporal-cancel")).cancel()
+    return "R-temporal-cancel"
+
+
+async def approval(engine: Engine) -> str:
+    """A trade needing the notary: bob (update) and eve (signal) are refused, the notary approves."""
+    await engine.client.submit(dvp("R-approval", approvers=["notary"]))
+    try:
+        await engine.client.approve("R-approval", "bob")
+    except RequestRejected:
+        pass  # as intended: the refusal is in the history as the update's result
+    else:
+        raise RuntimeError("R-approval: bob's approval was accepted")
+    handle = engine.client.client.get_workflow_handle(workflow_id_for("R-approval"))
+    await handle.signal("approve", {"party": "eve"})
+    await engine.client.approve("R-approval", "notary")
+    return "R-approval"
+
+
+async def sanctioned(engine: Engine) -> str:
+    """Mallory is sanctioned: the trade is rejected before anything is reserved."""
+    trade = dvp("R-sanctioned")
+    trade["legs"][0]["from"] = "mallory-sec"
+    await engine.client.submit(trade)
+    return "R-sanctioned"
+
+
+SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
+    "settled": (settled, TradeStatus.SETTLED),
+    "expired": (expired, TradeStatus.EXPIRED),
+    "cancelled": (cancelled, TradeStatus.CANCELLED),
+    "cancelled_through_temporal": (cancelled_through_temporal, TradeStatus.CANCELLED),
+    "approval": (approval, TradeStatus.SETTLED),
+    "sanctioned": (sanctioned, TradeStatus.REJECTED),
+}
+
+
+async def record(out: Path) -> list[Path]:
+    written: list[Path] = []
+    with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
+        client = await server.connect()
+        config = make_config(sqlite_urls(Path(tmp)), f"rec-{uuid.uuid4().hex[:8]}")
+        async for engine in run_engine(client, config):
+            for name, (scenario, expected) in SCENARIOS.items():
+                trade_id = await scenario(engine)
+                final = await engine.client.wait(trade_id, timeout=60)
+                if final.status is not expected:
+                    raise RuntimeError(
+                        f"{name}: {trade_id} ended {final.status} ({final.reason}), not {expected}"
+                    )
+                workflow_id = workflow_id_for(trade_id)
+                history = await client.get_workflow_handle(workflow_id).fetch_history()
+                path = out / f"{workflow_id}.json"
+                path.write_text(history.to_json() + "\n")
+                written.append(path)
+                print(f"  {name}: {trade_id} {final.status.value}, {len(history.events)} events -> {path}")
+            engine.assert_invariants()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.record_histories", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=HISTORIES, help=f"directory to write to (default {HISTORIES})"
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    asyncio.run(record(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Replay the recorded settlement histories against the current workflow code.
+
+A change to ``workflows/settlement.py`` that would break a trade already running
+(a reordered activity, a new timer, a changed condition) fails here as a
+non-determinism error. The histories under ``tests/histories/`` are recorded by
+``python -m tests.record_histories``; re-record them only for an intended,
+versioned change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from domain import TradeStatus, TradeView
+from workflows import SettlementWorkflow
+
+HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
+
+
+def load(path: Path) -> WorkflowHistory:
+    """The file is named after its workflow id."""
+    return WorkflowHistory.from_json(path.stem, path.read_text())
+
+
+def final_view(history: WorkflowHistory) -> TradeView:
+    """The TradeView the workflow returned, from its completion event."""
+    last = history.events[-1]
+    assert last.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, history.workflow_id
+    (payload,) = last.workflow_execution_completed_event_attributes.result.payloads
+    view = pydantic_data_converter.payload_converter.from_payload(payload, TradeView)
+    assert isinstance(view, TradeView)
+    return view
+
+
+def test_histories_are_present() -> None:
+    assert HISTORIES, "no recorded histories under tests/histories (run: python -m tests.record_histories)"
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_history_replays_without_nondeterminism(path: Path) -> None:
+    replayer = Replayer(workflows=[SettlementWorkflow], data_converter=pydantic_data_converter)
+
+    result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
+
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure!r}"
+
+
+def test_recorded_histories_cover_every_terminal_status() -> None:
+    statuses = {final_view(load(path)).status for path in HISTORIES}
+
+    assert statuses == {s for s in TradeStatus if s.terminal}
