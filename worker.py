@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -79,6 +79,8 @@ async def run_worker(
                 task_queue=config.settlement_queue(),
                 workflows=[SettlementWorkflow],
                 activities=[SettlementActivities(config).screen],
+                # hand a dead worker's cached workflows to another worker quickly
+                sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
             )
         )
     for name, ledger in opened.items():

@@ -45,6 +45,7 @@ def _each(
 ) -> HoldOutcomes:
     outcomes = []
     for hold_id in hold_ids:
+        activity.heartbeat(hold_id)
         try:
             outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=call(hold_id)))
         except outcome_errors as exc:

@@ -89,7 +89,10 @@ SEARCH_ATTRIBUTES = {
 # after it, commits and releases are retried without limit.
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
-_CALL_TIMEOUT = timedelta(seconds=30)
+_CALL_TIMEOUT = timedelta(seconds=60)
+# Ledger activities heartbeat once per hold, so a worker that died mid-call is noticed
+# after this, not after the whole start-to-close timeout.
+_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 _STUCK_RETRY = timedelta(seconds=60)
 
 
@@ -147,7 +150,8 @@ class SettlementWorkflow:
             self._event("cancel requested through Temporal")
             await self._shielded(self._compensate())
             self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        # The outcome is final: a cancel request arriving now must not replace it.
+        await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self._view()
 
     async def _settle(self) -> None:
@@ -408,7 +412,10 @@ class SettlementWorkflow:
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        options: dict[str, Any] = {"task_queue": self._request.ledger_queues[ledger]}
+        options: dict[str, Any] = {
+            "task_queue": self._request.ledger_queues[ledger],
+            "heartbeat_timeout": _HEARTBEAT_TIMEOUT,
+        }
         if forever:
             options |= {"start_to_close_timeout": _CALL_TIMEOUT, "retry_policy": _RETRY_FOREVER}
         else:
