@@ -526,7 +526,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m starter.bank serve ...``: the same command without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m starter.bank")
+    parser = argparse.ArgumentParser(prog="dvp")
     add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     # ``bank`` is implied here: accept both `serve ...` and `bank serve ...`.
     argv = list(sys.argv[1:] if argv is None else argv)

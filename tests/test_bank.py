@@ -22,11 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -37,6 +37,7 @@ from adapters.http import HttpLedger
 from adapters.sql import SqlLedger
 from domain import (
     AssetMismatch,
+    Config,
     ConfigError,
     Hold,
     HoldNotOpen,
@@ -99,11 +100,11 @@ class BankThread:
 class BankProcess:
     """``python -m starter.bank serve --config FILE --port N``: the real command, killable."""
 
-    def __init__(self, tmp_path: Path, url: str, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, tmp_path: Path, url: str) -> None:
+        self.port = free_port()  # kept across restarts: the bank comes back where it was
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = tmp_path / "bank.toml"
-        self.config_path.write_text(
+        self.config_path.write_text(  # port = 1 is never used: --port overrides it
             f'[bank]\nurl = "{url}"\nport = 1\nname = "bank"\n\n[bank.tokens]\n{CLIENT} = "{TOKEN}"\n'
         )
         self.log_path = tmp_path / "bank.log"
@@ -776,7 +777,7 @@ def test_the_bank_keeps_its_state_in_postgresql(postgres_url: str) -> None:
 # -------------------------------------------------------------------- settlement
 
 
-def bank_config(tmp_path: Path, prefix: str, bank: BankProcess) -> Any:
+def bank_config(tmp_path: Path, prefix: str, bank: BankProcess) -> Config:
     """The standard engine configuration, with the ``cash`` ledger at the bank (kind http)."""
     config = make_config(sqlite_urls(tmp_path), prefix)
     cash = LedgerConfig.model_validate(
@@ -801,6 +802,18 @@ def dvp(trade_id: str, bonds: str, cash: str) -> dict[str, Any]:
         ],
         "settle_within": "PT60S",
     }
+
+
+@contextlib.asynccontextmanager
+async def engine_running(
+    temporal_client: Any, config: Config, instances: dict[str, Ledger] | None = None
+) -> AsyncIterator[Engine]:
+    """``run_engine`` as a block: its worker stops when the block ends, failed test or not."""
+    engines = cast(AsyncGenerator[Engine, None], run_engine(temporal_client, config, instances))
+    try:
+        yield await anext(engines)
+    finally:
+        await engines.aclose()
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 20) -> Any:
@@ -830,10 +843,11 @@ async def test_dvp_with_the_cash_leg_at_the_bank_settles(
 ) -> None:
     """Given the standard accounts, the EUR ones opened at the bank through the adapter:
     bob delivers 100 bonds against 9,950.00 EUR and both legs settle."""
-    service = BankProcess(tmp_path, f"sqlite:///{tmp_path / 'bank.db'}").start()
+    service = await asyncio.to_thread(BankProcess(tmp_path, f"sqlite:///{tmp_path / 'bank.db'}").start)
     bank_state = SqlLedger("bank", f"sqlite:///{tmp_path / 'bank.db'}")
+    config = bank_config(tmp_path, task_queue_prefix, service)
     try:
-        async for engine in run_engine(temporal_client, bank_config(tmp_path, task_queue_prefix, service)):
+        async with engine_running(temporal_client, config) as engine:
             assert isinstance(engine.ledgers["cash"], HttpLedger)
             assert bank_state.account("alice-cash").balance == D("100000.00")  # seeded over HTTP
 
@@ -876,50 +890,70 @@ class PinGate(SqlLedger):
         return super().pin_hold(hold_id)
 
 
+class PinWatch(HttpLedger):
+    """The real adapter of the bank, telling the test when the bank has answered a pin."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pinned = threading.Event()
+
+    def pin_hold(self, hold_id: str) -> Hold:
+        hold = super().pin_hold(hold_id)
+        self.pinned.set()
+        return hold
+
+
 @pytest.mark.slow
 async def test_bank_down_between_reserve_and_commit_settles_each_leg_once(
     temporal_client: Any, task_queue_prefix: str, tmp_path: Path
 ) -> None:
-    """The bank process is SIGKILLed while the trade's cash hold is placed and pinned
-    and the securities pin is still under way; the commit decision is then made with
-    the bank down. The bank comes back on the same port and database, and the trade
-    settles with every leg exactly once."""
+    """The bank process is SIGKILLed once it has placed and pinned the trade's cash
+    hold, while the securities pin is still under way; the commit decision is then
+    made with the bank down, and the cash commit fails until the bank comes back on
+    the same port and database. The trade settles with every leg exactly once."""
     bank_url = f"sqlite:///{tmp_path / 'bank.db'}"
-    service = BankProcess(tmp_path, bank_url).start()
+    service = await asyncio.to_thread(BankProcess(tmp_path, bank_url).start)
     bank_state = SqlLedger("bank", bank_url)
     config = bank_config(tmp_path, task_queue_prefix, service)
     securities = PinGate("securities", str(config.ledgers["securities"].url))
+    cash = PinWatch("cash", service.url, TOKEN, timeout=2, retries=2)
+    instances: dict[str, Ledger] = {"securities": securities, "cash": cash}
     try:
-        async for engine in run_engine(temporal_client, config, instances={"securities": securities}):
-            await engine.client.submit(dvp("BK-fault", "40", "3980.00"))
-            await until(securities.waiting.is_set, "the securities pin is under way")
-            cash_hold = await until(
-                lambda: next((h for h in bank_state.open_holds() if h.hold_id == "BK-fault#1"), None),
-                "the bank holds the cash leg",
-            )
-            await until(lambda: bank_state.get_hold("BK-fault#1").expires_at is None, "the bank pinned it")
-            assert cash_hold.amount == D("3980.00")
+        async with engine_running(temporal_client, config, instances) as engine:
+            try:
+                await engine.client.submit(dvp("BK-fault", "40", "3980.00"))
+                await until(securities.waiting.is_set, "the securities pin is under way")
+                await until(cash.pinned.is_set, "the bank answered the cash pin")
+                cash_hold = bank_state.get_hold("BK-fault#1")
+                assert (cash_hold.status, cash_hold.amount, cash_hold.expires_at) == (
+                    HoldStatus.OPEN,
+                    D("3980.00"),
+                    None,
+                )
 
-            service.kill()
-            securities.gate.set()  # the decision is recorded with the bank down
-            await until(
-                lambda: securities.get_hold("BK-fault#0").status is HoldStatus.COMMITTED,
-                "the securities leg is committed",
-            )
-            assert (await engine.client.status("BK-fault")).status is TradeStatus.COMMITTING
-            failure = await failed_commit(engine, "BK-fault")
-            assert "did not answer" in failure and "ConnectError" in failure, failure
-            assert bank_state.get_hold("BK-fault#1").status is HoldStatus.OPEN
+                await asyncio.to_thread(service.kill)
+                securities.gate.set()  # the decision is recorded with the bank down
+                await until(
+                    lambda: securities.get_hold("BK-fault#0").status is HoldStatus.COMMITTED,
+                    "the securities leg is committed",
+                )
+                assert (await engine.client.status("BK-fault")).status is TradeStatus.COMMITTING
+                failure = await failed_commit(engine, "BK-fault")
+                assert "did not answer" in failure, failure
+                assert bank_state.get_hold("BK-fault#1").status is HoldStatus.OPEN
 
-            service.start()  # same port, same database
-            final = await engine.client.wait("BK-fault", timeout=40)
+                await asyncio.to_thread(service.start)  # same port, same database
+                final = await engine.client.wait("BK-fault", timeout=40)
 
-            assert final.status is TradeStatus.SETTLED, final.reason
-            assert [leg.state.value for leg in final.legs] == ["COMMITTED", "COMMITTED"]
-            assert_settled_once(engine, bank_state, "40", "3980.00")
-            assert securities.verify() == []
+                assert final.status is TradeStatus.SETTLED, final.reason
+                assert [leg.state.value for leg in final.legs] == ["COMMITTED", "COMMITTED"]
+                assert_settled_once(engine, bank_state, "40", "3980.00")
+                assert securities.verify() == []
+            finally:
+                securities.gate.set()  # never leave a worker thread parked at the gate
     finally:
         securities.gate.set()
         service.kill()
         bank_state.close()
         securities.close()
+        cash.close()
