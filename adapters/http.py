@@ -8,6 +8,7 @@ Configuration (``kind = "http"``)::
     token = "secret-token"            # its bearer token for this client
     timeout = 5                       # seconds per request (optional, default 5)
     retries = 3                       # extra attempts on a transport error or 5xx (default 3)
+    deadline = 8                      # seconds for one call, its retries included (default 8)
 
 Amounts go over the wire as decimal strings and come back as ``Decimal``. The
 service answers errors as ``{"error": {"code", "message"}}``; the code maps back to
@@ -18,6 +19,8 @@ Transport errors (connection refused or reset, timeouts) and 5xx answers are
 retried with exponential backoff, then raised as ``LedgerUnavailable``, which the
 ledger activities retry further. Retrying is safe because every call is idempotent
 on its key: a commit whose answer was lost is committed once and answered twice.
+One call never takes longer than ``deadline``, retries included, so it stays within
+the ledger activities' heartbeat timeout (they heartbeat once per hold).
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ __all__ = ["HttpLedger"]
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
+DEFAULT_DEADLINE_S = 8.0  # below the engine's 10 s heartbeat timeout for ledger activities
 BACKOFF_S = 0.2  # first pause between attempts; doubles, with jitter, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 2.0
-KNOWN_OPTIONS = ("token", "timeout", "retries")
+KNOWN_OPTIONS = ("token", "timeout", "retries", "deadline")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Fields of the service's request bodies whose refusal is an amount problem.
 AMOUNT_FIELDS = frozenset({"amount", "balance", "precision"})
@@ -91,11 +95,14 @@ class HttpLedger(Ledger):
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
+        deadline: float = DEFAULT_DEADLINE_S,
         backoff: float = BACKOFF_S,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
+        self._timeout = timeout
         self._retries = retries
+        self._deadline = deadline
         self._backoff = backoff
         # One client for the adapter's life: connections are pooled and reused, and
         # the client is safe to share between the activity threads.
@@ -107,7 +114,7 @@ class HttpLedger(Ledger):
 
     @classmethod
     def from_config(cls, name: str, config: LedgerConfig) -> HttpLedger:
-        """Build from ``[ledgers.<name>]``: ``url`` and ``token``, optional ``timeout``, ``retries``."""
+        """Build from ``[ledgers.<name>]``: ``url``, ``token``; ``timeout``, ``retries``, ``deadline``."""
         options = config.options()
         unknown = sorted(set(options) - set(KNOWN_OPTIONS))
         if unknown:
@@ -129,15 +136,18 @@ class HttpLedger(Ledger):
         token = options.get("token")
         if not isinstance(token, str) or not token.strip():
             raise ConfigError(f"ledgers.{name}.token: an http ledger needs the bank's bearer token")
-        timeout = options.get("timeout", DEFAULT_TIMEOUT_S)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ConfigError(
-                f"ledgers.{name}.timeout: must be a positive number of seconds, got {timeout!r}"
-            )
+        seconds = {}
+        for key, default in (("timeout", DEFAULT_TIMEOUT_S), ("deadline", DEFAULT_DEADLINE_S)):
+            value = options.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(
+                    f"ledgers.{name}.{key}: must be a positive number of seconds, got {value!r}"
+                )
+            seconds[key] = float(value)
         retries = options.get("retries", DEFAULT_RETRIES)
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
             raise ConfigError(f"ledgers.{name}.retries: must be a whole number from 0 to 20, got {retries!r}")
-        return cls(name, url, token.strip(), timeout=float(timeout), retries=retries)
+        return cls(name, url, token.strip(), retries=retries, **seconds)
 
     def __repr__(self) -> str:
         return f"HttpLedger({self.name!r}, {self.url!r})"
@@ -147,12 +157,22 @@ class HttpLedger(Ledger):
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: str) -> Any:
         """One API call: the decoded JSON answer, or the domain error the service named."""
         problem = ""
-        for attempt in range(self._retries + 1):
-            if attempt:
-                pause = min(self._backoff * 2 ** (attempt - 1), BACKOFF_MAX_S)
-                time.sleep(pause * random.uniform(0.5, 1.0))
+        end = time.monotonic() + self._deadline
+        attempts = 0
+        while attempts <= self._retries:
+            if attempts:
+                pause = min(self._backoff * 2 ** (attempts - 1), BACKOFF_MAX_S) * random.uniform(0.5, 1.0)
+                if time.monotonic() + pause >= end:
+                    break
+                time.sleep(pause)
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            attempts += 1
             try:
-                response = self._client.request(method, path, json=body, params=params or None)
+                response = self._client.request(
+                    method, path, json=body, params=params or None, timeout=min(self._timeout, remaining)
+                )
             except httpx.RequestError as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
@@ -168,7 +188,7 @@ class HttpLedger(Ledger):
             raise self._error(method, path, response)
         raise LedgerUnavailable(
             f"ledger {self.name!r}: the bank service at {self.url} did not answer {method} {path} "
-            f"after {self._retries + 1} attempts: {problem}"
+            f"after {attempts} attempts: {problem}"
         )
 
     def _error(self, method: str, path: str, response: httpx.Response) -> LedgerError:

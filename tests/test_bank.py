@@ -654,22 +654,30 @@ class UnavailableDatabase(SqlLedger):
         raise LedgerUnavailable("ledger 'bank': the database is unavailable: connection refused")
 
 
-def test_a_slow_bank_times_out_and_a_503_is_retried_as_unavailable(sqlite_url: str, tmp_path: Path) -> None:
+def test_a_slow_bank_times_out_within_the_deadline_and_a_503_is_unavailable(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     slow = SlowLedger("bank", sqlite_url)
     down = UnavailableDatabase("bank", f"sqlite:///{tmp_path / 'down.db'}")
     try:
         with BankThread(slow) as slow_bank, BankThread(down) as down_bank:
             timed = HttpLedger("cash", slow_bank.url, TOKEN, timeout=0.3, retries=1, backoff=0.01)
+            bounded = HttpLedger("cash", slow_bank.url, TOKEN, timeout=0.3, retries=20, deadline=0.8)
             refused = HttpLedger("cash", down_bank.url, TOKEN, retries=1, backoff=0.01)
             try:
                 with pytest.raises(LedgerUnavailable, match="after 2 attempts: ReadTimeout"):
                     timed.account("alice")
+                started = time.monotonic()
+                with pytest.raises(LedgerUnavailable, match="ReadTimeout"):
+                    bounded.account("alice")  # 21 attempts allowed, but not in 0.8 s
+                assert time.monotonic() - started < 1.2
                 with pytest.raises(
                     LedgerUnavailable, match="HTTP 503: ledger 'bank': the database is unavailable"
                 ):
                     refused.pin_hold("BK-503#0")
             finally:
                 timed.close()
+                bounded.close()
                 refused.close()
     finally:
         slow.close()
@@ -684,7 +692,7 @@ def test_the_http_ledger_is_built_from_its_configuration_section(
 ) -> None:
     seed(bank_sql, alice="100.00")
     config = LedgerConfig.model_validate(
-        {"kind": "http", "url": bank.url, "token": TOKEN, "timeout": 2.5, "retries": 1}
+        {"kind": "http", "url": bank.url, "token": TOKEN, "timeout": 2.5, "retries": 1, "deadline": 4}
     )
 
     ledger = open_ledger("cash", config)
@@ -700,6 +708,7 @@ def test_the_http_ledger_is_built_from_its_configuration_section(
         "ledgers.cash.url: 'ftp://x'": {"kind": "http", "url": "ftp://x", "token": TOKEN},
         "ledgers.cash.timeout": {"kind": "http", "url": bank.url, "token": TOKEN, "timeout": "5s"},
         "ledgers.cash.retries": {"kind": "http", "url": bank.url, "token": TOKEN, "retries": -1},
+        "ledgers.cash.deadline": {"kind": "http", "url": bank.url, "token": TOKEN, "deadline": 0},
         "ledgers.cash.tokn: not an option": {"kind": "http", "url": bank.url, "tokn": TOKEN},
     }
     for message, section in refused.items():
