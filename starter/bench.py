@@ -1,7 +1,9 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
-    dvp bench [-n 100] [-c 20] [--workers 1,2] [--server-storage file|memory]
-              [--ledger sqlite|postgres] [--json] [--output FILE]
+    dvp bench [-n 100] [-c 20] [--workers 1,2] [--idle 10] [--warmup 10]
+              [--server-storage file|memory] [--ledger sqlite|postgres]
+              [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
+              [--json] [--output FILE]
 
 Starts everything it measures: the embedded Temporal dev server (unless
 ``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
@@ -54,7 +56,7 @@ from typing import Any
 from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetSystemInfoRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
 from domain import (
@@ -647,6 +649,8 @@ async def _environment(options: BenchOptions, address: str, namespace: str, embe
         "machine": platform.machine(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # Without .pyc files the workflow sandbox compiles the workflow modules for every new run.
+        "python_dont_write_bytecode": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
         "temporalio": metadata.version("temporalio"),
         "temporal_cli": _version(find_temporal_binary()) if embedded else None,
         "temporal_server": info.server_version,
@@ -815,7 +819,9 @@ def render(result: dict[str, Any]) -> str:
         f"latency: {env['latency_measure']}",
         f"ran on: {env['cores']} cores ({env['cores_usable']} usable), load average "
         f"{env['loadavg_at_start']} at start, {env.get('loadavg_at_end')} at end; "
-        f"Python {env['python']}, temporalio {env['temporalio']}",
+        f"Python {env['python']}"
+        + (" (PYTHONDONTWRITEBYTECODE: no .pyc)" if env.get("python_dont_write_bytecode") else "")
+        + f", temporalio {env['temporalio']}",
         f"server: {env['server']}, {server}; storage {env['server_storage']}"
         + (f"; dynamic config {', '.join(env['server_config'])}" if env.get("server_config") else ""),
         f"ledgers: {env['ledger']}{postgres}, SQLite {env['sqlite_ledger']}; took {result['duration_s']} s",
@@ -835,6 +841,16 @@ def _workers_list(text: str) -> list[int]:
     if not counts or any(c < 1 for c in counts):
         raise argparse.ArgumentTypeError(f"{text!r}: every worker count must be at least 1")
     return counts
+
+
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -877,7 +893,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=_not_negative,
         default=d.warmup,
         help=f"unmeasured workflows of each kind first (default {d.warmup})",
     )
@@ -930,6 +946,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = run_bench(options)
     except (DvpError, ValueError) as exc:
         print(f"dvp bench: {exc}", file=sys.stderr)
+        return 1
+    except WorkflowFailureError as exc:
+        print(f"dvp bench: a workflow failed: {exc.cause or exc}", file=sys.stderr)
         return 1
     except TimeoutError:
         print(

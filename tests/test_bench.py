@@ -6,6 +6,7 @@ in-memory dev server and a worker process, so this takes some seconds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from starter.bench import BenchOptions, render, run_bench
+from starter.bench import BenchOptions, add_parser, cmd_bench, render, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +86,21 @@ def test_bench_correctness_check_passed(result: dict[str, Any]) -> None:
     # warm-up, idle and loaded trades all settled
     assert check["settled"] == check["trades"] == 2 + 3 + 10
     assert check["problems"] == []
+
+
+def test_add_parser_registers_dvp_bench() -> None:
+    parser = argparse.ArgumentParser(prog="dvp")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "-n", "5", "-c", "2", "--workers", "1,2", "--ledger", "postgres"])
+    assert args.handler is cmd_bench
+    options = BenchOptions.from_args(args)
+    assert (options.trades, options.concurrency, options.workers, options.ledger) == (
+        5,
+        2,
+        [1, 2],
+        "postgres",
+    )
+    assert options.server_storage == "file" and options.submit == "start"
 
 
 def test_bench_cli_refuses_bad_options() -> None:
