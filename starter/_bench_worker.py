@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from temporalio import activity
 from temporalio.client import Client
@@ -40,6 +42,9 @@ from starter.devserver import connect_client
 from worker import ACTIVITY_THREADS, run_worker
 from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
+# As worker.run_worker configures the settlement workflows' worker.
+STICKY_TIMEOUT = timedelta(seconds=3)
+
 
 def bench_queue(config: Config) -> str:
     """The task queue of the bench workflows."""
@@ -51,8 +56,16 @@ def bench_ledger_queue(config: Config, ledger: str) -> str:
     return f"{config.temporal.task_queue_prefix}-bench-ledger-{ledger}"
 
 
+def _outcomes(hold_ids: list[str]) -> HoldOutcomes:
+    outcomes = []
+    for hold_id in hold_ids:
+        activity.heartbeat(hold_id)  # as the ledger activities do, once per hold
+        outcomes.append(HoldOutcome(hold_id=hold_id, ok=True))
+    return HoldOutcomes(outcomes=outcomes)
+
+
 class NoopActivities:
-    """The ledger activities' signatures, doing nothing."""
+    """The ledger activities' signatures and heartbeats, doing nothing else."""
 
     @activity.defn(name="bench.check_accounts")
     def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
@@ -60,15 +73,15 @@ class NoopActivities:
 
     @activity.defn(name="bench.reserve")
     def reserve(self, request: ReserveRequest) -> HoldOutcomes:
-        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h.hold_id, ok=True) for h in request.holds])
+        return _outcomes([h.hold_id for h in request.holds])
 
     @activity.defn(name="bench.pin")
     def pin(self, request: HoldRefs) -> HoldOutcomes:
-        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h, ok=True) for h in request.hold_ids])
+        return _outcomes(request.hold_ids)
 
     @activity.defn(name="bench.commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
-        return HoldOutcomes(outcomes=[HoldOutcome(hold_id=h, ok=True) for h in request.hold_ids])
+        return _outcomes(request.hold_ids)
 
     def all(self) -> list[Callable[..., object]]:
         return [self.check_accounts, self.reserve, self.pin, self.commit]
@@ -89,6 +102,7 @@ async def run_bench_workers(config: Config, client: Client, stop: asyncio.Event)
             task_queue=bench_queue(config),
             workflows=[CeilingWorkflow, NaiveSagaWorkflow],
             activities=[screen],
+            sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         )
     ]
     workers += [
@@ -131,4 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As worker.py: skip interpreter teardown after a clean shutdown, where the SDK's
+    # native threads can abort finalization (temporalio/sdk-python#300).
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

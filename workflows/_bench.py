@@ -21,7 +21,10 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+
+# The settlement workflow's own options for a ledger call before the commit decision,
+# imported rather than copied so that the reference cannot drift from the real thing.
+from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
@@ -37,9 +40,6 @@ with workflow.unsafe.imports_passed_through():
         SettlementRequest,
     )
 
-# The settlement workflow's options for a ledger call before the commit decision.
-_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
-_CALL_TIMEOUT = timedelta(seconds=30)
 _SCHEDULE_TO_CLOSE = timedelta(minutes=10)
 
 
@@ -51,6 +51,7 @@ def _call(queue: str, name: str, argument: Any, result_type: type) -> Any:
         result_type=result_type,
         start_to_close_timeout=_CALL_TIMEOUT,
         schedule_to_close_timeout=_SCHEDULE_TO_CLOSE,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
         retry_policy=_RETRY,
     )
 
