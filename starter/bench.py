@@ -1,6 +1,6 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
-    dvp bench [-n 100] [-c 20] [--workers 1,2] [--idle 10] [--warmup 10]
+    dvp bench [-n 100] [-c 20] [--workers 1,2] [--rounds 2] [--idle 10] [--warmup 10]
               [--server-storage file|memory] [--ledger sqlite|postgres]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
               [--json] [--output FILE]
@@ -10,8 +10,8 @@ Starts everything it measures: the embedded Temporal dev server (unless
 (``starter/_bench_worker.py``: the real worker plus the reference workflows of
 ``workflows/_bench.py``). For each worker count it settles trades one at a time
 (idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
-under load), then the same numbers of two reference workflows on the same server
-and workers:
+under load) and the same numbers of two reference workflows on the same server and
+workers, taking turns in ``--rounds`` rounds so the machine's other load is shared:
 
 * the **ceiling**: a trade's activities (2 check_accounts, a local screen, 2
   reserve, 2 pin, 2 commit, with the same parallelism) doing nothing;
@@ -21,7 +21,9 @@ Latency is measured from the start of the submit call (client clock) to the
 workflow's ``close_time`` from ``describe()`` (server clock, same host); the
 client-observed latency (until the awaited result arrived) is reported beside it.
 Throughput is the number of workflows over the time from the first submit to the
-last close.
+last close of each batch, summed over the rounds. CPU seconds come from /proc
+(process trees of the server and the worker processes) and are also given per
+workflow, which depends far less than rates on what else the machine runs.
 
 Then it checks that every trade settled, no hold is open, each SQL ledger's
 ``verify()`` is empty and the balances moved by exactly the settled legs; it exits
@@ -79,6 +81,7 @@ REPO = Path(__file__).resolve().parent.parent
 POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 LEDGERS = ("cash", "securities")
 PAIRS = 20  # seller/buyer pairs the trades rotate over
+KINDS = ("trades", "ceiling", "naive")
 LATENCY_MEASURE = (
     "submit call start (client clock) -> workflow close_time from describe() (server clock, same host)"
 )
@@ -107,6 +110,7 @@ class BenchOptions:
     workers: list[int] = field(default_factory=lambda: [1, 2])
     idle: int = 10
     warmup: int = 10
+    rounds: int = 2
     server_storage: str = "file"
     ledger: str = "sqlite"
     submit: str = "start"
@@ -121,7 +125,7 @@ class BenchOptions:
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
 
     def check(self) -> None:
-        for name in ("trades", "concurrency", "idle"):
+        for name in ("trades", "concurrency", "idle", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: {getattr(self, name)} must be at least 1")
         if self.warmup < 0:
@@ -364,6 +368,48 @@ class _Done:
     result: Any
 
 
+@dataclass
+class _Batch:
+    kind: str
+    concurrency: int
+    done: list[_Done]
+    closes: list[float]  # each workflow's close_time, same order as ``done``
+    cpu: dict[str, float | None]
+
+    @property
+    def wall(self) -> float:
+        """From the first submit to the last close."""
+        return max(self.closes) - min(d.submitted for d in self.done)
+
+
+def _summary(batches: list[_Batch]) -> dict[str, Any]:
+    """One figure set over batches of the same kind (run in rounds, interleaved with others)."""
+    done = [d for b in batches for d in b.done]
+    closes = [c for b in batches for c in b.closes]
+    wall = sum(b.wall for b in batches)
+    cpu: dict[str, float | None] = {}
+    for key in batches[0].cpu:
+        values = [b.cpu[key] for b in batches]
+        cpu[key] = None if any(v is None for v in values) else round(sum(v or 0 for v in values), 3)
+    if batches[0].kind == "trades":
+        ok = sum(1 for d in done if d.result.status is TradeStatus.SETTLED)
+    else:
+        ok = sum(1 for d in done if d.result == "done")
+    engine_cpu = (cpu["workers"] or 0) + (cpu["server"] or 0)
+    return {
+        "count": len(done),
+        "completed": ok,
+        "concurrency": batches[0].concurrency,
+        "batches": len(batches),
+        "wall_s": round(wall, 3),
+        "rate_per_s": round(len(done) / wall, 2),
+        "latency_ms": _latency([c - d.submitted for c, d in zip(closes, done, strict=True)]),
+        "client_latency_ms": _latency([d.returned - d.submitted for d in done]),
+        "cpu_s": cpu,
+        "cpu_ms_per_item": round(engine_cpu * 1000 / len(done), 2) if cpu["server"] is not None else None,
+    }
+
+
 class _Phase:
     """One worker count: its config, workers, ledgers and measurements."""
 
@@ -450,32 +496,18 @@ class _Phase:
                 self.references_failed += 1
         return done
 
-    async def measure(
-        self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters
-    ) -> dict[str, Any]:
+    async def batch(self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters) -> _Batch:
+        """Run one batch; CPU is read around the driving only, not the describes after it."""
         before = meters.read()
         done = await self.drive(kind, segment, count, concurrency)
         cpu = _Meters.delta(before, meters.read())
         closes = await self._close_times([d.handle for d in done])
-        first = min(d.submitted for d in done)
-        wall = max(closes) - first
-        ok = sum(
-            1
-            for d in done
-            if (d.result.status is TradeStatus.SETTLED if kind == "trades" else d.result == "done")
-        )
-        engine_cpu = (cpu["workers"] or 0) + (cpu["server"] or 0)
-        return {
-            "count": len(done),
-            "completed": ok,
-            "concurrency": concurrency,
-            "wall_s": round(wall, 3),
-            "rate_per_s": round(len(done) / wall, 2),
-            "latency_ms": _latency([c - d.submitted for c, d in zip(closes, done, strict=True)]),
-            "client_latency_ms": _latency([d.returned - d.submitted for d in done]),
-            "cpu_s": cpu,
-            "cpu_ms_per_item": round(engine_cpu * 1000 / len(done), 2) if cpu["server"] is not None else None,
-        }
+        return _Batch(kind, concurrency, done, closes, cpu)
+
+    async def measure(
+        self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters
+    ) -> dict[str, Any]:
+        return _summary([await self.batch(kind, segment, count, concurrency, meters)])
 
     async def _close_times(self, handles: list[WorkflowHandle[Any, Any]]) -> list[float]:
         semaphore = asyncio.Semaphore(20)
@@ -558,29 +590,37 @@ async def _run_phase(
             meters = _Meters(server_pid, [w.pid for w in workers])
             n, c = options.trades, options.concurrency
             if options.warmup:
-                for kind in ("trades", "ceiling", "naive"):
+                for kind in KINDS:
                     await phase.drive(kind, f"warm{kind[0]}", options.warmup, min(c, options.warmup))
             result: dict[str, Any] = {"workers": n_workers, "idle": {}}
-            for kind in ("trades", "ceiling", "naive"):
+            for kind in KINDS:
                 result["idle"][kind] = await phase.measure(kind, f"idle{kind[0]}", options.idle, 1, meters)
-            loaded = {}
-            for kind in ("trades", "ceiling", "naive"):
-                loaded[kind] = await phase.measure(kind, f"load{kind[0]}", n, c, meters)
+            # Under load the kinds take turns, round after round, so that a change in the
+            # machine's other load is shared between them rather than landing on one.
+            batches: dict[str, list[_Batch]] = {kind: [] for kind in KINDS}
+            for r in range(options.rounds):
+                count = n // options.rounds + (1 if r < n % options.rounds else 0)
+                for kind in KINDS:
+                    batches[kind].append(await phase.batch(kind, f"load{kind[0]}{r}", count, c, meters))
+            loaded = {kind: _summary(batches[kind]) for kind in KINDS}
             result |= loaded
+            trades = loaded["trades"]
             result["ratios"] = {
-                "trades_per_ceiling": round(
-                    loaded["trades"]["rate_per_s"] / loaded["ceiling"]["rate_per_s"], 3
+                "trades_per_ceiling": round(trades["rate_per_s"] / loaded["ceiling"]["rate_per_s"], 3),
+                "trades_per_naive": round(trades["rate_per_s"] / loaded["naive"]["rate_per_s"], 3),
+                # CPU per item hardly depends on what else the machine runs: the steadier figure
+                "ceiling_cpu_per_trade_cpu": _ratio(
+                    loaded["ceiling"]["cpu_ms_per_item"], trades["cpu_ms_per_item"]
                 ),
-                "trades_per_naive": round(loaded["trades"]["rate_per_s"] / loaded["naive"]["rate_per_s"], 3),
             }
             result["history_per_workflow"] = {
                 "trades": await phase.history_shape(
-                    client.get_workflow_handle(workflow_id_for(f"{run}-loadt-0"))
+                    client.get_workflow_handle(workflow_id_for(f"{run}-loadt0-0"))
                 ),
                 "ceiling": await phase.history_shape(
-                    client.get_workflow_handle(f"bench-ceiling-{run}-loadc-0")
+                    client.get_workflow_handle(f"bench-ceiling-{run}-loadc0-0")
                 ),
-                "naive": await phase.history_shape(client.get_workflow_handle(f"bench-naive-{run}-loadn-0")),
+                "naive": await phase.history_shape(client.get_workflow_handle(f"bench-naive-{run}-loadn0-0")),
             }
             result["rss_peak_mb"] = {
                 "workers": [round(tree_peak_rss_mb(w.pid), 1) for w in workers],
@@ -592,6 +632,10 @@ async def _run_phase(
         result["correctness"] = _check(config, phase, before)
         result["task_queue_prefix"] = config.temporal.task_queue_prefix
     return result
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if not numerator or not denominator else round(numerator / denominator, 3)
 
 
 def _check(config: Config, phase: _Phase, before: list[Any]) -> dict[str, Any]:
@@ -756,6 +800,7 @@ _TABLE: list[tuple[str, str, int]] = [
     ("ceiling/s (no-op trade shape)", "ceiling.rate_per_s", 1),
     ("  idle latency p50 ms", "idle.ceiling.latency_ms.p50", 0),
     ("  trades/s ÷ ceiling/s", "ratios.trades_per_ceiling", 2),
+    ("  ceiling CPU ÷ trade CPU", "ratios.ceiling_cpu_per_trade_cpu", 2),
     ("naive saga/s (6 sequential no-ops)", "naive.rate_per_s", 1),
     ("  idle latency p50 ms", "idle.naive.latency_ms.p50", 0),
     ("  trades/s ÷ naive/s", "ratios.trades_per_naive", 2),
@@ -810,7 +855,8 @@ def render(result: dict[str, Any]) -> str:
     postgres = f" (PostgreSQL {env['postgres']})" if env.get("postgres") else ""
     lines = [
         f"dvp bench: {opts['trades']} trades at concurrency {opts['concurrency']}, "
-        f"idle {opts['idle']} one at a time, warm-up {opts['warmup']}; submit: {opts['submit']}",
+        f"in {opts['rounds']} round(s); idle {opts['idle']} one at a time, warm-up {opts['warmup']}; "
+        f"submit: {opts['submit']}",
         "",
         _row(headers, widths),
         _row(["-" * w for w in widths], widths),
@@ -896,6 +942,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=_not_negative,
         default=d.warmup,
         help=f"unmeasured workflows of each kind first (default {d.warmup})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=d.rounds,
+        help=f"under load, trades, ceiling and naive saga take turns, this many rounds (default {d.rounds})",
     )
     p.add_argument(
         "--server-storage",

@@ -41,6 +41,7 @@ FIGURES = [
     *(("idle", kind, "latency_ms", "p50") for kind in ("trades", "ceiling", "naive")),
     ("ratios", "trades_per_ceiling"),
     ("ratios", "trades_per_naive"),
+    ("ratios", "ceiling_cpu_per_trade_cpu"),
     ("rss_peak_mb", "server"),
     ("history_per_workflow", "trades", "workflow_tasks"),
     ("history_per_workflow", "trades", "activity_tasks"),
