@@ -47,17 +47,8 @@ from domain import (
 )
 from workflows import SettlementWorkflow, workflow_id_for
 
+from ._checks import check_ledger, check_precision, invalid_from
 from .devserver import connect_client
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += ("." if path else "") + ("from" if part == "from_" else str(part))
-    return path or "(instruction)"
 
 
 def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:
@@ -74,24 +65,10 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
         try:
             instruction = Instruction.model_validate(dict(data))
         except ValidationError as exc:
-            error = exc.errors()[0]
-            message = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "missing":
-                message = "is required"
-            raise InvalidInstruction(_field_path(error["loc"]), message) from None
+            raise invalid_from(exc, "(instruction)") from None
     for i, leg in enumerate(instruction.legs):
-        if leg.ledger not in config.ledgers:
-            raise InvalidInstruction(
-                f"legs[{i}].ledger",
-                f"unknown ledger {leg.ledger!r} (configured: {', '.join(sorted(config.ledgers))})",
-            )
-        precision = config.precision(leg.asset)
-        decimals = max(0, -int(leg.amount.normalize().as_tuple().exponent))
-        if decimals > precision:
-            raise InvalidInstruction(
-                f"legs[{i}].amount",
-                f"{format(leg.amount, 'f')} has {decimals} decimals; {leg.asset} allows {precision}",
-            )
+        check_ledger(config, f"legs[{i}].ledger", leg.ledger)
+        check_precision(config, f"legs[{i}].amount", leg.asset, leg.amount)
     if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
         raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
     return instruction
@@ -139,30 +116,24 @@ class SettlementClient:
         """
         instruction = parse_instruction(data, self.config)
         request = self._request(instruction)
-        workflow_id = workflow_id_for(instruction.trade_id)
-        start = WithStartWorkflowOperation(
-            SettlementWorkflow.run,
-            request,
-            id=workflow_id,
-            task_queue=self.config.settlement_queue(),
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        )
-        check = SubmitCheck(fingerprint=request.fingerprint)
+        # one workflow per trade id, ever: a running one is joined, a closed one refused
+        start_options: dict[str, Any] = {
+            "id": workflow_id_for(instruction.trade_id),
+            "task_queue": self.config.settlement_queue(),
+            "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+            "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        }
         try:
             if wait_accepted:
                 view = await self.client.execute_update_with_start_workflow(
-                    SettlementWorkflow.submit, check, start_workflow_operation=start
+                    SettlementWorkflow.submit,
+                    SubmitCheck(fingerprint=request.fingerprint),
+                    start_workflow_operation=WithStartWorkflowOperation(
+                        SettlementWorkflow.run, request, **start_options
+                    ),
                 )
             else:
-                await self.client.start_workflow(
-                    SettlementWorkflow.run,
-                    request,
-                    id=workflow_id,
-                    task_queue=self.config.settlement_queue(),
-                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                )
+                await self.client.start_workflow(SettlementWorkflow.run, request, **start_options)
                 return await self._same_or_duplicate(instruction.trade_id, request.fingerprint)
         except WorkflowAlreadyStartedError:
             view = await self._same_or_duplicate(instruction.trade_id, request.fingerprint)

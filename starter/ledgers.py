@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapters import Ledger, open_ledger
-from domain import AccountBalance, Config, Hold, InvalidInstruction, SeedFile
+from domain import AccountBalance, Config, Hold, SeedFile
+
+from ._checks import check_ledger, check_precision, invalid_from
 
 
 @contextmanager
@@ -34,22 +36,10 @@ def parse_seed(data: Mapping[str, Any], config: Config) -> SeedFile:
     try:
         seed = SeedFile.model_validate(dict(data))
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
-        raise InvalidInstruction(field or "(seed)", error["msg"].removeprefix("Value error, ")) from None
+        raise invalid_from(exc, "(seed)") from None
     for i, spec in enumerate(seed.accounts):
-        if spec.ledger not in config.ledgers:
-            raise InvalidInstruction(
-                f"accounts[{i}].ledger",
-                f"unknown ledger {spec.ledger!r} (configured: {', '.join(sorted(config.ledgers))})",
-            )
-        precision = config.precision(spec.asset)
-        decimals = max(0, -int(spec.balance.normalize().as_tuple().exponent))
-        if decimals > precision:
-            raise InvalidInstruction(
-                f"accounts[{i}].balance",
-                f"{spec.balance} has {decimals} decimals; {spec.asset} allows {precision}",
-            )
+        check_ledger(config, f"accounts[{i}].ledger", spec.ledger)
+        check_precision(config, f"accounts[{i}].balance", spec.asset, spec.balance)
     return seed
 
 
