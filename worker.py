@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from temporalio.worker import Worker
 from activities import LedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
 from domain import Config, DvpError, load_config
-from starter.devserver import connect_client
+from starter.devserver import connect_client, exit_without_teardown
 from workflows import SettlementWorkflow
 
 log = logging.getLogger("dvp.worker")
@@ -161,9 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Leave without interpreter teardown once the worker has shut down cleanly
-    # (temporalio/sdk-python#300: native threads can abort finalization).
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -38,7 +36,7 @@ from domain import (
     ScreenResult,
     load_config,
 )
-from starter.devserver import connect_client
+from starter.devserver import connect_client, exit_without_teardown
 from worker import ACTIVITY_THREADS, run_worker
 from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
@@ -145,9 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # As worker.py: skip interpreter teardown after a clean shutdown, where the SDK's
-    # native threads can abort finalization (temporalio/sdk-python#300).
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())

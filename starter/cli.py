@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -400,17 +399,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console entry point: run the command, then leave without interpreter teardown.
+    """Console entry point: every command has cleaned up when ``main`` returns."""
+    from starter.devserver import exit_without_teardown
 
-    The Temporal client's native threads can outlive a short-lived process's
-    interpreter and abort it during finalization (temporalio/sdk-python#300), which
-    would turn a successful command into exit code -6. Every command has finished its
-    own cleanup when ``main`` returns, so skipping the teardown loses nothing.
-    """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(main())
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
@@ -42,6 +42,7 @@ __all__ = [
     "DevServer",
     "DevServerError",
     "connect_client",
+    "exit_without_teardown",
     "find_temporal_binary",
 ]
 
@@ -63,6 +64,18 @@ async def connect_client(address: str, namespace: str = "default", **options: An
     return await Client.connect(
         address, namespace=namespace, data_converter=pydantic_data_converter, **options
     )
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a process that used a Temporal client, skipping interpreter teardown.
+
+    The client's native threads can outlive the interpreter and abort its
+    finalization (temporalio/sdk-python#300), turning a clean exit into -6. Call this
+    only once the process has finished its own cleanup: nothing else runs after it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def find_temporal_binary() -> Path:
