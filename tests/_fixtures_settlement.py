@@ -8,6 +8,7 @@ accounts of ``STANDARD_ACCOUNTS``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -78,14 +79,18 @@ def sqlite_urls(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 async def settlement(temporal_client: Any, task_queue_prefix: str, tmp_path: Path) -> AsyncIterator[Engine]:
     config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
-    async for engine in run_engine(temporal_client, config):
+    async with run_engine(temporal_client, config) as engine:
         yield engine
 
 
+@contextlib.asynccontextmanager
 async def run_engine(
     temporal_client: Any, config: Config, instances: dict[str, Ledger] | None = None
 ) -> AsyncIterator[Engine]:
-    """Seed the standard accounts, run a worker in this process, yield the engine."""
+    """Seed the standard accounts and run a worker in this process while the block runs.
+
+    The worker stops when the block ends, whether the test passed or failed.
+    """
     with opened(config) as ledgers:
         seed(config, parse_seed({"accounts": STANDARD_ACCOUNTS}, config), ledgers)
         engine = Engine(SettlementClient(temporal_client, config), config, ledgers)
@@ -99,8 +104,4 @@ async def run_engine(
             await asyncio.wait_for(task, 30)
 
 
-def short(seconds: float) -> str:
-    return f"PT{seconds}S"
-
-
-__all__ = ["Engine", "STANDARD_ACCOUNTS", "make_config", "run_engine", "settlement", "short", "sqlite_urls"]
+__all__ = ["Engine", "STANDARD_ACCOUNTS", "make_config", "run_engine", "settlement", "sqlite_urls"]

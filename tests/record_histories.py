@@ -124,7 +124,7 @@ async def record(out: Path) -> list[Path]:
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
         client = await server.connect()
         config = make_config(sqlite_urls(Path(tmp)), f"rec-{uuid.uuid4().hex[:8]}")
-        async for engine in run_engine(client, config):
+        async with run_engine(client, config) as engine:
             for name, (scenario, expected) in SCENARIOS.items():
                 trade_id = await scenario(engine)
                 final = await engine.client.wait(trade_id, timeout=60)

@@ -22,11 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -813,18 +813,6 @@ def dvp(trade_id: str, bonds: str, cash: str) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def engine_running(
-    temporal_client: Any, config: Config, instances: dict[str, Ledger] | None = None
-) -> AsyncIterator[Engine]:
-    """``run_engine`` as a block: its worker stops when the block ends, failed test or not."""
-    engines = cast(AsyncGenerator[Engine, None], run_engine(temporal_client, config, instances))
-    try:
-        yield await anext(engines)
-    finally:
-        await engines.aclose()
-
-
 async def until(condition: Callable[[], Any], what: str, timeout: float = 20) -> Any:
     end = time.monotonic() + timeout
     while not (value := await asyncio.to_thread(condition)):
@@ -856,7 +844,7 @@ async def test_dvp_with_the_cash_leg_at_the_bank_settles(
     bank_state = SqlLedger("bank", f"sqlite:///{tmp_path / 'bank.db'}")
     config = bank_config(tmp_path, task_queue_prefix, service)
     try:
-        async with engine_running(temporal_client, config) as engine:
+        async with run_engine(temporal_client, config) as engine:
             assert isinstance(engine.ledgers["cash"], HttpLedger)
             assert bank_state.account("alice-cash").balance == D("100000.00")  # seeded over HTTP
 
@@ -928,7 +916,7 @@ async def test_bank_down_between_reserve_and_commit_settles_each_leg_once(
     cash = PinWatch("cash", service.url, TOKEN, timeout=2, retries=2)
     instances: dict[str, Ledger] = {"securities": securities, "cash": cash}
     try:
-        async with engine_running(temporal_client, config, instances) as engine:
+        async with run_engine(temporal_client, config, instances) as engine:
             try:
                 await engine.client.submit(dvp("BK-fault", "40", "3980.00"))
                 await until(securities.waiting.is_set, "the securities pin is under way")

@@ -181,7 +181,7 @@ async def test_cancel_after_the_commit_decision_is_rejected(
     config = make_config(urls, task_queue_prefix)
     gated = GatedLedger("cash", urls["cash"])
     try:
-        async for engine in run_engine(temporal_client, config, instances={"cash": gated}):
+        async with run_engine(temporal_client, config, instances={"cash": gated}) as engine:
             await engine.client.submit(dvp("T-late-cancel"))
             await wait_for_status(engine, "T-late-cancel", TradeStatus.COMMITTING)
 
