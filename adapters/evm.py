@@ -915,5 +915,28 @@ class EvmLedger(Ledger):
         except _Revert as revert:
             raise self._fail(revert, f"approve the escrow for {account}") from None
 
+    @_available
+    def verify(self) -> list[str]:
+        """Every invariant violation read from the chain; an empty list means consistent.
+
+        Per asset: the accounts and the issuer sum to zero, and the escrow holds
+        exactly the tokens of its open locks (no more, no fewer).
+        """
+        problems: list[str] = []
+        rows = self.balances()
+        locks = self._open_locks()
+        for token in self._assets():
+            total = sum((b.balance for b in rows if b.asset == token.symbol), Decimal(0))
+            if total != 0:
+                problems.append(f"{token.symbol}: balances sum to {format(total, 'f')}, not 0")
+            locked = sum(lock.amount for _, _, lock in locks if lock.token == token.address)
+            in_escrow = int(self._token(token.address).functions.balanceOf(self._escrow.address).call())
+            if in_escrow != locked:
+                problems.append(
+                    f"{token.symbol}: the escrow holds {format(self._decimal(in_escrow, token), 'f')}, "
+                    f"its open locks {format(self._decimal(locked, token), 'f')}"
+                )
+        return problems
+
     def close(self) -> None:
         """Nothing to release: the HTTP provider holds no open resource of ours."""

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests._fixtures_ledger",
     "tests._fixtures_temporal",
     "tests._fixtures_settlement",
+    "tests._fixtures_evm",
 ]

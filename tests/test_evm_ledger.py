@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +23,7 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError
 
 from adapters import open_ledger
-from adapters._anvil import Anvil, AnvilError, find_anvil
+from adapters._anvil import Anvil
 from adapters.evm import ARTEFACTS, EvmLedger, deploy_contracts, load_artefact
 from domain import (
     AssetMismatch,
@@ -41,25 +40,15 @@ from domain import (
     UnknownHold,
 )
 
+from ._fixtures_evm import need
+
 ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 LATER = datetime.now(UTC) + timedelta(hours=1)
 
 
-def _need(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def node() -> Iterator[Anvil]:
-    try:
-        find_anvil()
-    except AnvilError as exc:
-        _need(str(exc))
-    with Anvil() as anvil:
-        yield anvil
+def node(anvil_node: Anvil) -> Anvil:
+    return anvil_node
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +126,7 @@ def test_committed_artefacts_were_built_from_the_committed_sources() -> None:
 
 def test_recompiling_reproduces_the_committed_artefacts() -> None:
     if not (ROOT / "node_modules" / "solc").is_dir():
-        _need("node_modules/solc is missing: run `npm ci`")
+        need("node_modules/solc is missing: run `npm ci`")
     result = subprocess.run(
         ["node", "scripts/compile_contracts.js", "--check"],
         cwd=ROOT,
