@@ -45,6 +45,8 @@ def find_anvil() -> Path:
     """
     explicit = os.environ.get("ANVIL_BIN")
     if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise AnvilError(f"ANVIL_BIN={explicit} is not an executable file")
         return Path(explicit)
     system = platform.system().lower().replace("windows", "win32")
     arch = _ARCH.get(platform.machine().lower(), platform.machine().lower())

@@ -357,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
     p.add_argument("--reason", help="recorded in the trade's timeline")
 
-    from starter import bank, bench
+    from starter import bank, bench, chain
 
     bank.add_parser(sub)
     bench.add_parser(sub)
+    chain.add_parser(sub)
 
     p = command("demo", cmd_demo, "start a server and a worker and settle the seed scenarios")
     p.add_argument(
