@@ -285,6 +285,10 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.cross_system:
+        from starter.demo_cross import run_cross_demo
+
+        return run_cross_demo(keep=args.keep)
     from starter.demo import run_demo
 
     return run_demo(keep=args.keep)
@@ -366,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "start a server and a worker and settle the seed scenarios")
     p.add_argument(
         "--keep", action="store_true", help="leave server and worker running to explore the Web UI"
+    )
+    p.add_argument(
+        "--cross-system",
+        action="store_true",
+        help="bonds on a local EVM chain (anvil) against EUR at the bank's HTTP service",
     )
     return parser
 

@@ -13,6 +13,8 @@ at the bank, carol 5,000.00 EUR), after these trades, these balances on both sys
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -223,3 +225,23 @@ async def test_bank_down_between_reserve_and_commit_settles_chain_and_bank_once(
         service.kill()
         bank_state.close()
         cash.close()
+
+
+def test_the_cross_system_demo_settles_one_trade_and_rolls_back_the_other(
+    tmp_path: Path, anvil_node: Anvil
+) -> None:
+    """``dvp demo --cross-system`` as a user runs it (anvil_node only checks anvil is installed)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvp"), "demo", "--cross-system"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "SETTLED   SETTLED  ok" in out and "EXPIRED   EXPIRED  ok" in out
+    assert out.count("[ok]") == 5 and "FAILED" not in out and "MISMATCH" not in out
+    assert "bob's 200 BOND-2030 sat in the escrow on chain" in out
+    assert (tmp_path / ".dvp" / "demo-cross" / "dvp.toml").is_file()
+    assert not (tmp_path / ".dvp" / "demo").exists()  # plain `dvp demo`'s state is left alone
