@@ -89,7 +89,11 @@ def write_section(path: Path, name: str, section: dict[str, Any]) -> str:
         )
     before = "\n".join(kept[:at] if at is not None else kept).rstrip()
     after = "\n".join(kept[at:] if at is not None else []).strip()
-    new = (before + "\n\n" if before else "") + render_section(name, section) + ("\n" + after + "\n" if after else "")
+    new = (
+        (before + "\n\n" if before else "")
+        + render_section(name, section)
+        + ("\n" + after + "\n" if after else "")
+    )
     parse_config(tomllib.loads(new), str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new)
@@ -116,7 +120,9 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str], *, wa
     if not 1 <= port <= 65535:
         raise CliError(f"--port: {port} is not a TCP port (1 to 65535)", EXIT_BAD_INPUT)
     if not re.fullmatch(r"[A-Za-z0-9_-]+", ledger):
-        raise CliError(f"--ledger: {ledger!r} is not a ledger name (letters, digits, - and _)", EXIT_BAD_INPUT)
+        raise CliError(
+            f"--ledger: {ledger!r} is not a ledger name (letters, digits, - and _)", EXIT_BAD_INPUT
+        )
     # A broken configuration is reported before anything starts.
     config = load_config(config_path) if config_path.exists() else parse_config({"ledgers": {}})
     existing = config.ledgers.get(ledger)
@@ -196,8 +202,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--config", default=argparse.SUPPRESS, metavar="FILE",
         help="the configuration to write [ledgers.<ledger>] into (default: $DVP_CONFIG)",
     )  # fmt: skip
-    p.add_argument("--port", type=int, default=8545, help="the node's JSON-RPC port on 127.0.0.1 (default 8545)")
-    p.add_argument("--ledger", default="chain", help="the ledger's name in the configuration (default: chain)")
+    p.add_argument(
+        "--port", type=int, default=8545, help="the node's JSON-RPC port on 127.0.0.1 (default 8545)"
+    )
+    p.add_argument(
+        "--ledger", default="chain", help="the ledger's name in the configuration (default: chain)"
+    )
     p.add_argument(
         "--asset", action="append", metavar="SYMBOL",
         help="deploy this asset's token now (repeatable; precision from [assets], else 0)",

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +169,17 @@ async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
     client = await SettlementClient.connect(config)
     chain = open_ledger("chain", config.ledgers["chain"])
     plays = [
-        ("tokenised bonds on chain vs EUR at the bank", _dvp(f"{run}-bonds", "alice", "100", "9950.00", "PT60S"),
-         TradeStatus.SETTLED),
-        ("buyer short of cash: rolled back on both", _dvp(f"{run}-short", "erin", "200", "19900.00", "PT5S"),
-         TradeStatus.EXPIRED),
-    ]  # fmt: skip
+        (
+            "tokenised bonds on chain vs EUR at the bank",
+            _dvp(f"{run}-bonds", "alice", "100", "9950.00", "PT60S"),
+            TradeStatus.SETTLED,
+        ),
+        (
+            "buyer short of cash: rolled back on both",
+            _dvp(f"{run}-short", "erin", "200", "19900.00", "PT5S"),
+            TradeStatus.EXPIRED,
+        ),
+    ]
     notes: list[str] = []
 
     async def locked_while_short(trade_id: str) -> None:
@@ -239,7 +244,9 @@ def run_cross_demo(keep: bool = False) -> int:
         config, text = demo_config(base, chain, bank, f"127.0.0.1:{server.port}")
         config_path = base / "dvp.toml"
         config_path.write_text(text)
-        print(f"Starting the Temporal dev server (state in {base / 'temporal.db'}) and a worker...", flush=True)
+        print(
+            f"Starting the Temporal dev server (state in {base / 'temporal.db'}) and a worker...", flush=True
+        )
         server.start()
         worker = _Worker(config_path, base / "worker.log")
 
@@ -260,7 +267,11 @@ def run_cross_demo(keep: bool = False) -> int:
         with opened(config) as ledgers:
             after = all_balances(ledgers)
             holds = all_open_holds(ledgers)
-            problems = [f"{name}: {p}" for name, ledger in ledgers.items() for p in ledger.verify()]  # type: ignore[attr-defined]
+            problems = [
+                f"{name}: {problem}"
+                for name, ledger in ledgers.items()
+                for problem in ledger.verify()  # type: ignore[attr-defined]
+            ]
         in_escrow = _Escrow(chain).bonds()
         print("\nBalances after")
         print(balances_table(after))

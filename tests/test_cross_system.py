@@ -42,7 +42,9 @@ def cross_config(tmp_path: Path, prefix: str, deployment: dict[str, Any], bank: 
     """The standard configuration with ``securities`` on the chain and ``cash`` at the bank."""
     config = make_config(sqlite_urls(tmp_path), prefix)
     securities = LedgerConfig.model_validate(deployment)
-    cash = LedgerConfig.model_validate({"kind": "http", "url": bank.url, "token": TOKEN, "timeout": 2, "retries": 2})
+    cash = LedgerConfig.model_validate(
+        {"kind": "http", "url": bank.url, "token": TOKEN, "timeout": 2, "retries": 2}
+    )
     return config.model_copy(update={"ledgers": {**config.ledgers, "securities": securities, "cash": cash}})
 
 
@@ -51,7 +53,13 @@ def dvp(trade_id: str, buyer: str, bonds: str, cash: str, within: str = "PT60S")
     return {
         "trade_id": trade_id,
         "legs": [
-            {"ledger": "securities", "asset": "BOND-2030", "from": "bob-sec", "to": f"{buyer}-sec", "amount": bonds},
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": "bob-sec",
+                "to": f"{buyer}-sec",
+                "amount": bonds,
+            },
             {"ledger": "cash", "asset": "EUR", "from": f"{buyer}-cash", "to": "bob-cash", "amount": cash},
         ],
         "settle_within": within,
@@ -107,7 +115,11 @@ async def test_bonds_on_chain_settle_against_cash_at_the_bank(
 
             assert final.status is TradeStatus.SETTLED, final.reason
             assert [leg.state.value for leg in final.legs] == ["COMMITTED", "COMMITTED"]
-            assert (systems.bonds("bob-sec"), systems.bonds("alice-sec"), systems.in_escrow()) == (900, 100, 0)
+            assert (systems.bonds("bob-sec"), systems.bonds("alice-sec"), systems.in_escrow()) == (
+                900,
+                100,
+                0,
+            )
             assert systems.cash("alice-cash") == (D("90050.00"), 0)
             assert systems.cash("bob-cash") == (D("9950.00"), 0)
             assert systems.open_cash_holds() == []
@@ -147,7 +159,11 @@ async def test_cash_that_cannot_be_reserved_releases_the_chain_escrow(
 
             assert final.status is TradeStatus.EXPIRED, final.reason
             assert "short" in (final.reason or ""), final.reason
-            assert (systems.bonds("bob-sec"), systems.bonds("carol-sec"), systems.in_escrow()) == (1000, 500, 0)
+            assert (systems.bonds("bob-sec"), systems.bonds("carol-sec"), systems.in_escrow()) == (
+                1000,
+                500,
+                0,
+            )
             assert systems.cash("carol-cash") == (D("5000.00"), 0)
             assert systems.cash("bob-cash") == (0, 0)
             assert systems.open_cash_holds() == []
@@ -173,7 +189,11 @@ class ChainPinGate(EvmLedger):
 
 
 async def test_bank_down_between_reserve_and_commit_settles_chain_and_bank_once(
-    temporal_client: Any, task_queue_prefix: str, tmp_path: Path, evm_deployment: dict[str, Any], anvil_node: Anvil
+    temporal_client: Any,
+    task_queue_prefix: str,
+    tmp_path: Path,
+    evm_deployment: dict[str, Any],
+    anvil_node: Anvil,
 ) -> None:
     """The bank is SIGKILLed after it pinned the cash hold, while the chain pin is under
     way; the commit decision is made with the bank down, the chain lock is committed,
@@ -208,12 +228,18 @@ async def test_bank_down_between_reserve_and_commit_settles_chain_and_bank_once(
                 final = await engine.client.wait("X-fault", timeout=60)
 
                 assert final.status is TradeStatus.SETTLED, final.reason
-                assert (systems.bonds("bob-sec"), systems.bonds("alice-sec"), systems.in_escrow()) == (960, 40, 0)
+                assert (systems.bonds("bob-sec"), systems.bonds("alice-sec"), systems.in_escrow()) == (
+                    960,
+                    40,
+                    0,
+                )
                 assert systems.cash("alice-cash") == (D("96020.00"), 0)
                 assert systems.cash("bob-cash") == (D("3980.00"), 0)
                 assert systems.open_cash_holds() == []
                 w3 = Web3(Web3.HTTPProvider(anvil_node.url))
-                escrow = w3.eth.contract(address=evm_deployment["escrow"], abi=load_artefact("DvpEscrow")["abi"])
+                escrow = w3.eth.contract(
+                    address=evm_deployment["escrow"], abi=load_artefact("DvpEscrow")["abi"]
+                )
                 commits = escrow.events.Committed.get_logs(from_block=evm_deployment["from_block"])
                 assert len(commits) == 1  # one payment on chain, whatever was retried
                 assert bank_state.verify() == [] and chain.verify() == []
