@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,6 @@ def write_section(path: Path, name: str, section: dict[str, Any]) -> str:
 
 
 def _port_taken(host: str, port: int) -> bool:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -112,7 +111,7 @@ def _port_taken(host: str, port: int) -> bool:
     return False
 
 
-def chain_up(config_path: Path, port: int, ledger: str, assets: list[str], *, wait: bool = True) -> int:
+def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> int:
     """Start anvil, deploy, write the configuration, then wait for a signal (see module doc)."""
     from adapters.evm import deploy_contracts
     from starter.cli import EXIT_BAD_INPUT, CliError
@@ -160,7 +159,7 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str], *, wa
         print(flush=True)
         # Blocked only now: anvil, started before, keeps the default signal mask.
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        while wait:
+        while True:
             if signal.sigtimedwait(signals, 1.0) is not None:
                 print("stopping anvil", flush=True)
                 break
