@@ -24,11 +24,12 @@ from datetime import UTC, datetime, timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities import LedgerActivities, SettlementActivities
+from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
+from adapters.batches import BatchStore
 from domain import Config, DvpError, load_config
 from starter.devserver import connect_client, exit_without_teardown
-from workflows import SettlementWorkflow
+from workflows import NettingBatchWorkflow, SettlementWorkflow
 
 log = logging.getLogger("dvp.worker")
 
@@ -71,13 +72,15 @@ async def run_worker(
     opened = {name: given.get(name) or open_ledger(name, config.ledgers[name]) for name in names}
     executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="dvp-activity")
     workers: list[Worker] = []
-    if workflows:
+    store = BatchStore(config.batches_url()) if workflows else None  # connects on first use
+    if store is not None:
         workers.append(
             Worker(
                 client,
                 task_queue=config.settlement_queue(),
-                workflows=[SettlementWorkflow],
-                activities=[SettlementActivities(config).screen],
+                workflows=[SettlementWorkflow, NettingBatchWorkflow],
+                activities=[SettlementActivities(config).screen, *BatchActivities(store).all()],
+                activity_executor=executor,
                 # hand a dead worker's cached workflows to another worker quickly
                 sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
             )
@@ -87,7 +90,7 @@ async def run_worker(
             Worker(
                 client,
                 task_queue=config.ledger_queue(name),
-                activities=LedgerActivities(ledger).all(),
+                activities=[*LedgerActivities(ledger).all(), *NettingLedgerActivities(ledger, config).all()],
                 activity_executor=executor,
                 max_concurrent_activities=ACTIVITY_THREADS,
             )
@@ -106,6 +109,8 @@ async def run_worker(
         stop.set()
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
+        if store is not None:
+            store.close()
         for name, ledger in opened.items():
             if name not in given:
                 ledger.close()

@@ -109,6 +109,13 @@ class SettlementConfig(_Section):
         return value
 
 
+class BatchesConfig(_Section):
+    """The batch store of netting batches: a SQL database the client and workers share."""
+
+    url: str | None = None  # default: batches.db next to the first SQLite ledger, else .dvp/
+    default_settle_within: timedelta = timedelta(minutes=10)
+
+
 class Config(_Section):
     ledgers: dict[str, LedgerConfig]
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
@@ -116,6 +123,17 @@ class Config(_Section):
     assets: dict[str, AssetConfig] = Field(default_factory=dict)
     temporal: TemporalConfig = Field(default_factory=TemporalConfig)
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
+
+    def batches_url(self) -> str:
+        """``[batches] url``, else ``batches.db`` beside the first SQLite ledger, else under .dvp/."""
+        if self.batches.url:
+            return self.batches.url
+        for ledger in self.ledgers.values():
+            url = ledger.url or ""
+            if ledger.kind == "sql" and url.startswith("sqlite:///") and "?" not in url:
+                return f"sqlite:///{Path(url.removeprefix('sqlite:///')).parent / 'batches.db'}"
+        return f"sqlite:///{DEFAULT_DIR / 'batches.db'}"
 
     def precision(self, asset: str) -> int:
         """Decimal places allowed for ``asset``: configured, else ISO 4217, else 0."""

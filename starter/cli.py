@@ -361,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
     p.add_argument("--reason", help="recorded in the trade's timeline")
 
-    from starter import bank, bench, chain
+    from starter import bank, batch, bench, chain
 
     bank.add_parser(sub)
+    batch.add_parser(sub)
     bench.add_parser(sub)
     chain.add_parser(sub)
 

@@ -1,5 +1,12 @@
 """Workflows: deterministic orchestration of settlements."""
 
+from .netting import NettingBatchWorkflow, batch_workflow_id
 from .settlement import SEARCH_ATTRIBUTES, SettlementWorkflow, workflow_id_for
 
-__all__ = ["SEARCH_ATTRIBUTES", "SettlementWorkflow", "workflow_id_for"]
+__all__ = [
+    "SEARCH_ATTRIBUTES",
+    "NettingBatchWorkflow",
+    "SettlementWorkflow",
+    "batch_workflow_id",
+    "workflow_id_for",
+]

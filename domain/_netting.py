@@ -1,0 +1,180 @@
+"""Multilateral netting batches: the batch's messages, views and errors.
+
+A batch's trades never travel in a workflow payload: the client stores them in the
+batch store and the workflow, its activities and the client exchange only the batch
+id, counts and the net positions (one per account, however many trades).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import Field
+
+from ._config import SettlementConfig
+from ._errors import DvpError
+from ._models import Amount, FieldError, TimelineEvent, _Model
+
+
+class DuplicateBatch(DvpError):
+    """A batch with this id exists and its content differs from the one submitted."""
+
+
+class BatchNotFound(DvpError):
+    """No batch with this id in the batch store."""
+
+
+class BatchStatus(StrEnum):
+    PENDING = "PENDING"  # stored, the workflow has not netted it yet
+    NETTING = "NETTING"
+    RESERVING = "RESERVING"
+    COMMITTING = "COMMITTING"
+    SETTLED = "SETTLED"  # every trade not removed settled
+    EXPIRED = "EXPIRED"  # nothing settled: every hold released
+    CANCELLED = "CANCELLED"  # cancelled through Temporal before the commit decision: nothing settled
+
+    @property
+    def terminal(self) -> bool:
+        return self in (BatchStatus.SETTLED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+class TradeOutcome(StrEnum):
+    """A trade's state in the batch store."""
+
+    ACCEPTED = "accepted"  # stored; settles with the batch unless removed
+    REMOVED = "removed"  # taken out of the batch, with the reason
+    SETTLED = "settled"
+    RELEASED = "released"  # the batch ended without settling
+
+
+class BatchRequest(_Model):
+    """The batch workflow's input: a reference to the stored trades, never the trades."""
+
+    batch_id: str
+    trade_count: int
+    fingerprint: str
+    settle_within: timedelta
+    settlement_queue: str
+    ledger_queues: dict[str, str]
+    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+
+
+class AccountRef(_Model):
+    ledger: str
+    account: str
+    asset: str
+
+
+class BatchAccounts(_Model):
+    """Every (ledger, account, asset) the batch's trades touch."""
+
+    accounts: list[AccountRef]
+
+
+class PositionsRequest(_Model):
+    """For one ledger: check accounts, open the clearing accounts, read what is available."""
+
+    accounts: list[AccountRef]
+
+
+class AccountPosition(_Model):
+    account: str
+    asset: str
+    owner: str = ""
+    available: Amount | None = None  # None: the account is unknown or holds another asset
+    problem: str = ""
+
+
+class PositionsResult(_Model):
+    positions: list[AccountPosition]
+
+
+class Exclusion(_Model):
+    """Trades touching this account (on this ledger, in this asset) cannot settle."""
+
+    ledger: str
+    account: str
+    asset: str
+    reason: str
+
+
+class NetLeg(_Model):
+    """An amount on one account: a net position (> 0 receives, < 0 pays) or what is available."""
+
+    ledger: str
+    account: str
+    asset: str
+    amount: Amount
+
+
+class NetRequest(_Model):
+    batch_id: str
+    round: int
+    available: list[NetLeg]  # each account's available amount, read this round
+    exclusions: list[Exclusion] = Field(default_factory=list)
+
+
+class AssetTotals(_Model):
+    """Value moved in one asset: gross (trade by trade) against net (what settled)."""
+
+    ledger: str
+    asset: str
+    gross: Amount
+    net: Amount
+    saved: Amount
+    saved_percent: float
+
+
+class NetPlan(_Model):
+    """The batch netted: which accounts pay and receive, and the totals."""
+
+    accepted: int
+    removed: int
+    positions: list[NetLeg]
+    assets: list[AssetTotals]
+
+
+class SettleRequest(_Model):
+    """After the commit decision, on one ledger: commit the pay-ins, then pay out."""
+
+    pay_ins: list[str]  # hold ids into the clearing accounts
+    pay_outs: list[NetLeg]
+    prefix: str  # the pay-out holds' key prefix
+    trade_id: str
+
+
+class RecordRequest(_Model):
+    batch_id: str
+    settled: bool
+    reason: str = ""
+    result: BatchView | None = None
+
+
+class RemovedTrade(_Model):
+    index: int  # position in the submitted file
+    trade_id: str
+    reason: str
+
+
+class BatchView(_Model):
+    """A batch as it stands (``dvp batch status``)."""
+
+    batch_id: str
+    workflow_id: str
+    status: BatchStatus
+    reason: str = ""
+    deadline: datetime | None = None
+    trades: int
+    settled: int = 0
+    removed: int = 0
+    rounds: int = 0
+    assets: list[AssetTotals] = Field(default_factory=list)
+    positions: list[NetLeg] = Field(default_factory=list)
+    removed_trades: list[RemovedTrade] = Field(default_factory=list)
+    timeline: list[TimelineEvent] = Field(default_factory=list)
+    errors: list[FieldError] = Field(default_factory=list)
+    fingerprint: str = ""
+
+
+RecordRequest.model_rebuild()

@@ -1,0 +1,368 @@
+"""Netting batches on the real dev server: worked examples, balances, removals, bad input.
+
+Given these balances and these trades, these balances after: the expected balances
+are computed here trade by trade (gross), independently of the netting under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from activities.netting import net_trades, parse_legs
+from domain import BatchNotFound, BatchStatus, DuplicateBatch, InvalidInstruction
+from starter.batch import BatchClient, parse_batch_text
+from starter.ledgers import parse_seed, seed
+
+from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
+
+REPO = Path(__file__).resolve().parent.parent
+PARTICIPANTS = [f"p{i:02d}" for i in range(20)]
+
+
+def _leg(ledger: str, asset: str, payer: str, payee: str, amount: str) -> dict[str, str]:
+    return {"ledger": ledger, "asset": asset, "from": payer, "to": payee, "amount": amount}
+
+
+def dvp(
+    trade_id: str, seller: str, buyer: str, bonds: int, cash: str, bond: str = "BOND-2030"
+) -> dict[str, Any]:
+    """``seller`` delivers ``bonds`` to ``buyer`` against ``cash`` EUR."""
+    suffix = "sec" if bond == "BOND-2030" else bond
+    return {
+        "trade_id": trade_id,
+        "legs": [
+            _leg("securities", bond, f"{seller}-{suffix}", f"{buyer}-{suffix}", str(bonds)),
+            _leg("cash", "EUR", f"{buyer}-cash", f"{seller}-cash", cash),
+        ],
+    }
+
+
+def expected_balances(
+    before: dict[tuple[str, str], Decimal], trades: list[dict[str, Any]]
+) -> dict[tuple[str, str], Decimal]:
+    """Settle ``trades`` one by one, gross: every leg moves its amount."""
+    after = dict(before)
+    for trade in trades:
+        for leg in trade["legs"]:
+            after[(leg["ledger"], leg["from"])] -= Decimal(leg["amount"])
+            after[(leg["ledger"], leg["to"])] += Decimal(leg["amount"])
+    return after
+
+
+def balances(engine: Engine) -> dict[tuple[str, str], Decimal]:
+    """Every account's balance but the clearing accounts' (``assert_whole`` checks those are 0)."""
+    return {k: v for k, v in engine.balances().items() if not k[1].startswith("clearing:")}
+
+
+def seed_accounts(engine: Engine, accounts: list[dict[str, str]]) -> None:
+    seed(engine.config, parse_seed({"accounts": accounts}, engine.config), engine.ledgers)
+
+
+def assert_whole(engine: Engine) -> None:
+    """Every ledger sums to zero and agrees with its journal; no hold is left open."""
+    engine.assert_invariants()
+    assert engine.open_holds() == []
+    for (_ledger, account), balance in engine.balances().items():
+        if account.startswith("clearing:"):
+            assert balance == 0, account
+
+
+@pytest.fixture
+async def engine(temporal_client: Any, task_queue_prefix: str, tmp_path: Path) -> Any:
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    async with run_engine(temporal_client, config) as running:
+        yield running
+
+
+# ----------------------------------------------------------------- random batch
+
+
+def random_batch(n: int, seed_value: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed_value)
+    trades = []
+    for i in range(n):
+        seller, buyer = rng.sample(PARTICIPANTS, 2)
+        bond = rng.choice(["BOND-2030", "BOND-2031"])
+        trades.append(
+            dvp(f"R{i:06d}", seller, buyer, rng.randint(1, 50), f"{rng.randint(100, 999999) / 100:.2f}", bond)
+        )
+    return trades
+
+
+def participant_accounts() -> list[dict[str, str]]:
+    accounts = []
+    for p in PARTICIPANTS:
+        accounts += [
+            {"ledger": "cash", "id": f"{p}-cash", "asset": "EUR", "owner": p, "balance": "10000000.00"},
+            {"ledger": "securities", "id": f"{p}-sec", "asset": "BOND-2030", "owner": p, "balance": "100000"},
+            {
+                "ledger": "securities",
+                "id": f"{p}-BOND-2031",
+                "asset": "BOND-2031",
+                "owner": p,
+                "balance": "100000",
+            },
+        ]
+    return accounts
+
+
+async def test_random_batch_settles_like_every_trade_one_by_one(engine: Engine, temporal_client: Any) -> None:
+    seed_accounts(engine, participant_accounts())
+    trades = random_batch(10_000, seed_value=20240601)
+    before = balances(engine)
+    client = BatchClient(temporal_client, engine.config)
+    view = await client.submit(trades, batch_id="random-10k", wait=True, timeout=240)
+
+    assert view.status is BatchStatus.SETTLED, view.reason
+    assert (view.trades, view.settled, view.removed, view.removed_trades) == (10_000, 10_000, 0, [])
+    assert balances(engine) == expected_balances(before, trades)
+    assert_whole(engine)
+
+    # gross: every leg's amount; net: what the receivers got, per asset
+    gross: dict[str, Decimal] = defaultdict(Decimal)
+    for trade in trades:
+        for leg in trade["legs"]:
+            gross[leg["asset"]] += Decimal(leg["amount"])
+    received: dict[str, Decimal] = defaultdict(Decimal)
+    for (ledger, account), balance in balances(engine).items():
+        change = balance - before[(ledger, account)]
+        if change > 0:
+            received[engine.ledgers[ledger].account(account).asset] += change
+    reported = {a.asset: (a.gross, a.net, a.saved) for a in view.assets}
+    assert reported == {
+        asset: (gross[asset], received[asset], gross[asset] - received[asset]) for asset in gross
+    }
+    assert all(a.net < a.gross for a in view.assets)  # netting saved liquidity
+    outcomes = await client.outcomes("random-10k")
+    assert set(outcomes.values()) == {("settled", "")} and len(outcomes) == 10_000
+
+    # passed by reference: no trade in the workflow's history, which stays small
+    history = await temporal_client.get_workflow_handle(view.workflow_id).fetch_history()
+    text = json.dumps(history.to_json_dict())
+    assert "R000123" not in text and "R009999" not in text
+    assert len(text) < 200_000, len(text)
+
+
+# ------------------------------------------------------------ insolvency example
+
+WORKED_ACCOUNTS = [
+    {"ledger": "cash", "id": "ann-cash", "asset": "EUR", "owner": "ann", "balance": "1000.00"},
+    {"ledger": "cash", "id": "ben-cash", "asset": "EUR", "owner": "ben", "balance": "0.00"},
+    {"ledger": "cash", "id": "cat-cash", "asset": "EUR", "owner": "cat", "balance": "0.00"},
+    {"ledger": "cash", "id": "dan-cash", "asset": "EUR", "owner": "dan", "balance": "100.00"},
+    {"ledger": "cash", "id": "eve-cash", "asset": "EUR", "owner": "eve", "balance": "0.00"},
+    {"ledger": "securities", "id": "ann-sec", "asset": "BOND-2030", "owner": "ann", "balance": "0"},
+    {"ledger": "securities", "id": "ben-sec", "asset": "BOND-2030", "owner": "ben", "balance": "100"},
+    {"ledger": "securities", "id": "cat-sec", "asset": "BOND-2030", "owner": "cat", "balance": "100"},
+    {"ledger": "securities", "id": "dan-sec", "asset": "BOND-2030", "owner": "dan", "balance": "20"},
+    {"ledger": "securities", "id": "eve-sec", "asset": "BOND-2030", "owner": "eve", "balance": "50"},
+]
+
+
+def worked_trades() -> list[dict[str, Any]]:
+    ghost = dvp("N8", "ann", "ben", 1, "10.00")
+    ghost["legs"][0]["from"] = "ghost-sec"
+    return [
+        dvp("N1", "ben", "dan", 10, "300.00"),  # dan pays 300
+        dvp("N2", "cat", "dan", 5, "150.00"),  # dan pays 150
+        dvp("N3", "dan", "ann", 20, "200.00"),  # dan receives 200: dan's net debit is 250, he has 100
+        dvp("N5", "eve", "ben", 5, "200.00"),  # ben pays 200 out of what N1 brings him
+        dvp("N6", "cat", "ann", 10, "400.00"),
+        dvp("N7", "mallory", "ann", 1, "10.00"),  # mallory is sanctioned
+        ghost,  # an unknown account
+    ]
+
+
+async def test_insolvent_participant_removes_the_trades_it_cannot_cover(
+    engine: Engine, temporal_client: Any
+) -> None:
+    seed_accounts(engine, WORKED_ACCOUNTS)
+    trades = worked_trades()
+    before = balances(engine)
+    client = BatchClient(temporal_client, engine.config)
+    view = await client.submit(trades, batch_id="insolvent", wait=True, timeout=120)
+
+    assert view.status is BatchStatus.SETTLED, view.reason
+    # dan is short 150 of his 250 net debit: N1 (his largest payment) goes, which
+    # covers him; ben then cannot pay N5 without N1's 300: N5 goes too.
+    assert [(r.index, r.trade_id, r.reason) for r in view.removed_trades] == [
+        (0, "N1", "dan-cash on cash cannot cover its net debit: 250.00 EUR due, 100.00 available"),
+        (3, "N5", "ben-cash on cash cannot cover its net debit: 200.00 EUR due, 0.00 available"),
+        (5, "N7", "legs[0].from: sanctioned party: mallory"),
+        (6, "N8", "legs[0].from: unknown account 'ghost-sec' on ledger 'securities'"),
+    ]
+    assert (view.trades, view.settled, view.removed) == (7, 3, 4)
+    settled = [t for t in trades if t["trade_id"] in ("N2", "N3", "N6")]
+    assert balances(engine) == expected_balances(before, settled)
+    assert engine.balance("cash", "dan-cash") == Decimal("150.00")  # 100 - 150 + 200
+    assert_whole(engine)
+    outcomes = await client.outcomes("insolvent")
+    assert {t: s for t, (s, _r) in outcomes.items()} == {
+        "N1": "removed",
+        "N2": "settled",
+        "N3": "settled",
+        "N5": "removed",
+        "N6": "settled",
+        "N7": "removed",
+        "N8": "removed",
+    }
+    cash = next(a for a in view.assets if a.asset == "EUR")
+    assert (cash.gross, cash.net) == (Decimal("750.00"), Decimal("600.00"))  # ann pays 600 net
+
+
+def test_removal_rule_is_deterministic_and_covers_every_account() -> None:
+    """The rule alone: same input, same removals, whatever the order of the trades."""
+    rng = random.Random(7)
+    trades = [
+        dvp(f"T{i:04d}", *rng.sample(PARTICIPANTS[:6], 2), rng.randint(1, 9), f"{rng.randint(1, 500)}.00")
+        for i in range(400)
+    ]
+    parsed = [
+        (
+            i,
+            t["trade_id"],
+            parse_legs(
+                json.dumps(
+                    [[lg["ledger"], lg["asset"], lg["from"], lg["to"], lg["amount"]] for lg in t["legs"]]
+                )
+            ),
+        )
+        for i, t in enumerate(trades)
+    ]
+    available = {("cash", f"{p}-cash"): Decimal(rng.randint(0, 3000)) for p in PARTICIPANTS[:6]}
+    available |= {("securities", f"{p}-sec"): Decimal(rng.randint(0, 40)) for p in PARTICIPANTS[:6]}
+    first = net_trades(parsed, available)
+    again = net_trades(list(reversed(parsed)), available)
+    assert first.removed == again.removed and first.positions == again.positions
+    assert 0 < len(first.removed) < len(trades)
+    for key, position in first.positions.items():
+        assert position >= -available[key], key  # every net debit is covered
+    # each removal names an account that pays in the removed trade
+    for seq, reason in first.removed.items():
+        payers = {leg["from"] for leg in trades[seq]["legs"]}
+        assert reason.split(" ")[0] in payers, (trades[seq], reason)
+
+
+# ----------------------------------------------------------- refusals and ids
+
+
+async def test_duplicate_batch_id_is_refused_and_resubmission_settles_once(
+    engine: Engine, temporal_client: Any
+) -> None:
+    seed_accounts(engine, WORKED_ACCOUNTS)
+    client = BatchClient(temporal_client, engine.config)
+    trades = [dvp("D1", "ben", "ann", 10, "100.00"), dvp("D2", "cat", "ann", 5, "50.00")]
+    before = balances(engine)
+    first = await client.submit(trades, batch_id="dup", wait=True, timeout=120)
+    assert first.status is BatchStatus.SETTLED
+    again = await client.submit(trades, batch_id="dup", wait=True, timeout=120)
+    assert (again.status, again.settled) == (BatchStatus.SETTLED, 2)
+    with pytest.raises(DuplicateBatch):
+        await client.submit([trades[0]], batch_id="dup")
+    assert balances(engine) == expected_balances(before, trades)  # settled once
+    # without an id, the id comes from the content: the same trades make the same batch
+    other = [dvp("D3", "ben", "ann", 1, "10.00"), dvp("D4", "cat", "ann", 1, "10.00")]
+    a = await client.submit(other, wait=True, timeout=120)
+    b = await client.submit(other, wait=True, timeout=120)
+    assert a.batch_id == b.batch_id and b.status is BatchStatus.SETTLED
+    assert balances(engine) == expected_balances(before, trades + other)
+    assert_whole(engine)
+
+
+def test_a_malformed_trade_is_refused_naming_its_index_and_field(tmp_path: Path) -> None:
+    config = make_config(sqlite_urls(tmp_path), "t-unused")
+    good = [dvp(f"G{i}", "ben", "ann", 1, "10.00") for i in range(5)]
+    cases = [
+        (lambda t: t[3]["legs"][1].update(amount="10.001"), "trades[3].legs[1].amount", "3 decimals"),
+        (lambda t: t[2]["legs"][0].pop("to"), "trades[2].legs[0].to", "is required"),
+        (lambda t: t[4].update(trade_id="G0"), "trades[4].trade_id", "also trades[0]"),
+        (lambda t: t[1]["legs"][0].update(ledger="nowhere"), "trades[1].legs[0].ledger", "unknown ledger"),
+        (lambda t: t[0].update(approvers=["notary"]), "trades[0].approvers", "not accepted in a batch"),
+        (lambda t: t[1]["legs"][1].update(amount=10.5), "trades[1].legs[1].amount", "not a float"),
+    ]
+    for spoil, field, message in cases:
+        trades = json.loads(json.dumps(good))
+        spoil(trades)
+        with pytest.raises(InvalidInstruction) as refused:
+            parse_batch_text(json.dumps(trades), config)
+        assert refused.value.field == field and message in refused.value.message, refused.value
+    lines = "\n".join(json.dumps(t) for t in good) + "\n{not json\n"
+    with pytest.raises(InvalidInstruction, match="line 6"):
+        parse_batch_text(lines, config)
+    assert len(parse_batch_text("\n".join(json.dumps(t) for t in good), config).trades) == 5
+
+
+def _config_file(engine: Engine, address: str, tmp_path: Path) -> Path:
+    lines = []
+    for name, ledger in engine.config.ledgers.items():
+        lines += [f"[ledgers.{name}]", 'kind = "sql"', f'url = "{ledger.url}"', ""]
+    lines += ["[compliance]", 'sanctioned = ["mallory"]', ""]
+    lines += ["[batches]", f'url = "{engine.config.batches_url()}"', ""]
+    prefix = engine.config.temporal.task_queue_prefix
+    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"']
+    path = tmp_path / "dvp.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _dvp(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DVP_CONFIG": str(config)}
+    env.pop("TEMPORAL_ADDRESS", None)
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "starter.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=180,
+    )
+
+
+async def test_cli_refuses_a_bad_file_storing_nothing_and_settles_a_good_one(
+    engine: Engine, temporal_server: Any, temporal_client: Any, tmp_path: Path
+) -> None:
+    seed_accounts(engine, WORKED_ACCOUNTS)
+    config = _config_file(engine, temporal_server.address, tmp_path)
+    before = balances(engine)
+    bad = [dvp("C1", "ben", "ann", 1, "10.00"), dvp("C2", "cat", "ann", 1, "10.00")]
+    bad[1]["legs"][1]["amount"] = "-5"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    refused = await _dvp(config, "batch", "submit", str(tmp_path / "bad.json"), "--id", "cli-bad")
+    assert refused.returncode == 2, refused.stderr
+    assert "trades[1].legs[1].amount" in refused.stderr and "positive" in refused.stderr
+    with pytest.raises(BatchNotFound):
+        await BatchClient(temporal_client, engine.config).status("cli-bad")
+    missing = await _dvp(config, "batch", "status", "cli-bad")
+    assert missing.returncode == 1 and "no batch" in missing.stderr
+
+    good = [dvp("C1", "ben", "ann", 1, "10.00"), dvp("C2", "ann", "dan", 1, "10.00")]
+    (tmp_path / "good.jsonl").write_text("\n".join(json.dumps(t) for t in good) + "\n")
+    done = await _dvp(
+        config, "batch", "submit", str(tmp_path / "good.jsonl"), "--id", "cli-good", "--wait", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["batch_id"], out["status"], out["settled"], out["removed_trades"]) == (
+        "cli-good",
+        "SETTLED",
+        2,
+        [],
+    )
+    eur = next(a for a in out["assets"] if a["asset"] == "EUR")
+    assert (eur["gross"], eur["net"], eur["saved"]) == ("20.00", "10.00", "10.00")  # ann's legs offset
+    status = await _dvp(config, "batch", "status", "cli-good", "--json")
+    assert json.loads(status.stdout)["status"] == "SETTLED"
+    assert balances(engine) == expected_balances(before, good)
+    assert_whole(engine)

@@ -1,0 +1,423 @@
+"""The netting batch: one durable workflow per batch settles many trades by their net legs.
+
+    NETTING ── read the batch's accounts (by reference: the trades stay in the batch store)
+            ── each ledger: check the accounts, read what they have available,
+               open its clearing accounts                      (unknown account: trades removed)
+            ── compliance screen of every owner                (sanctioned: trades removed)
+            ── net: each account's position per ledger; remove what cannot be covered
+    RESERVING ── hold every net debit, payable to the ledger's clearing account,
+                 one batched call per ledger     (a debit short after all: release, re-read, re-net)
+              ── pin every hold
+              ── record the commit decision  ───────────────── point of no return
+    COMMITTING ── each ledger: commit the pay-ins into the clearing account, then pay
+                  every net receiver out of it (retried until done)
+    SETTLED   ── every trade still in the batch is marked settled in the store
+
+A batch ends SETTLED (every trade not removed settled) or EXPIRED / CANCELLED
+(nothing settled, every hold released). Each ledger's clearing account receives
+exactly what it pays out, so it ends every batch where it started and every ledger
+still sums to zero. Compensations (releases of the pay-in holds) are registered
+before the reservations they undo, run last-in first-out, shielded from
+cancellation; every ledger call is idempotent on its hold id. The workflow never
+sees a trade: its inputs and activity results are the batch id, counts and one net
+position per account, so its history stays small whatever the batch's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.ledger import LedgerActivities
+    from activities.netting import BatchActivities, NettingLedgerActivities, clearing_account
+    from activities.settlement import SettlementActivities
+    from domain import (
+        AccountPosition,
+        AccountRef,
+        AssetTotals,
+        BatchAccounts,
+        BatchRequest,
+        BatchStatus,
+        BatchView,
+        Exclusion,
+        HoldOutcomes,
+        HoldRefs,
+        HoldRequest,
+        HoldStatus,
+        NetLeg,
+        NetPlan,
+        NetRequest,
+        PositionsRequest,
+        PositionsResult,
+        RecordRequest,
+        ReserveRequest,
+        ScreenRequest,
+        ScreenResult,
+        SettleRequest,
+        TimelineEvent,
+    )
+
+T = TypeVar("T")
+
+_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
+_RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+_CALL_TIMEOUT = timedelta(seconds=60)
+_STORE_TIMEOUT = timedelta(minutes=5)  # netting 100,000 trades on a loaded machine
+_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+_STUCK_RETRY = timedelta(seconds=30)
+_MAX_ROUNDS = 5
+
+
+def batch_workflow_id(batch_id: str) -> str:
+    """The workflow id of a batch: one batch id, one workflow, ever."""
+    return f"batch-{batch_id}"
+
+
+class _Abort(Exception):
+    def __init__(self, status: BatchStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@workflow.defn(name="NettingBatch")
+class NettingBatchWorkflow:
+    @workflow.init
+    def __init__(self, request: BatchRequest) -> None:
+        self._request = request
+        self._deadline: datetime = workflow.now() + request.settle_within
+        self._status = BatchStatus.PENDING
+        self._reason = ""
+        self._timeline: list[TimelineEvent] = []
+        self._plan: NetPlan | None = None
+        self._rounds = 0
+        self._settled = 0
+        self._decided = False
+        self._holds: dict[str, list[str]] = {}  # ledger -> pay-in hold ids of the current round
+        self._compensations: list[tuple[str, list[str]]] = []  # (ledger, hold ids), LIFO
+
+    # ----------------------------------------------------------------- run
+
+    @workflow.run
+    async def run(self, request: BatchRequest) -> BatchView:
+        self._event("submitted", f"{request.trade_count} trades; deadline {self._deadline.isoformat()}")
+        try:
+            await self._settle()
+        except _Abort as abort:
+            await self._shielded(self._compensate())
+            await self._shielded(self._end(abort.status, abort.reason))
+        except asyncio.CancelledError:
+            self._event("cancel requested through Temporal")
+            await self._shielded(self._compensate())
+            await self._shielded(self._end(BatchStatus.CANCELLED, "workflow cancelled through Temporal"))
+        return self._view()
+
+    async def _settle(self) -> None:
+        self._set_status(BatchStatus.NETTING)
+        accounts: BatchAccounts = await self._store_call(BatchActivities.accounts, self._request.batch_id)
+        positions = await self._positions(accounts.accounts)
+        exclusions = await self._screen(positions)
+        while True:
+            self._rounds += 1
+            plan: NetPlan = await self._store_call(
+                BatchActivities.net,
+                NetRequest(
+                    batch_id=self._request.batch_id,
+                    round=self._rounds,
+                    available=self._available(positions),
+                    exclusions=exclusions,
+                ),
+            )
+            self._plan = plan
+            self._event(
+                f"netted (round {self._rounds})",
+                f"{plan.accepted} trades in, {plan.removed} removed; {len(plan.positions)} net positions",
+            )
+            if await self._reserve(plan):
+                break
+            # An account's available amount fell since it was read: release, re-read, re-net.
+            await self._compensate()
+            if self._rounds >= _MAX_ROUNDS or workflow.now() >= self._deadline:
+                raise _Abort(BatchStatus.EXPIRED, "net debits still short after re-netting")
+            positions = await self._positions(accounts.accounts)
+        await self._prepare()
+        self._decided = True
+        self._event("commit decision recorded", "every net debit held and pinned")
+        self._set_status(BatchStatus.COMMITTING)
+        await self._shielded(self._commit(plan))
+        await self._shielded(self._end(BatchStatus.SETTLED))
+
+    # --------------------------------------------------------------- steps
+
+    async def _positions(self, accounts: list[AccountRef]) -> dict[str, list[AccountPosition]]:
+        by_ledger: dict[str, list[AccountRef]] = {}
+        for ref in accounts:
+            by_ledger.setdefault(ref.ledger, []).append(ref)
+        results: dict[str, PositionsResult] = await self._per_ledger(
+            by_ledger,
+            lambda ledger, refs: self._ledger_call(
+                ledger, NettingLedgerActivities.positions, PositionsRequest(accounts=refs)
+            ),
+        )
+        return {ledger: result.positions for ledger, result in results.items()}
+
+    async def _screen(self, positions: dict[str, list[AccountPosition]]) -> list[Exclusion]:
+        exclusions: list[Exclusion] = []
+        parties: set[str] = set()
+        for ledger, items in sorted(positions.items()):
+            for p in items:
+                if p.problem:
+                    exclusions.append(
+                        Exclusion(ledger=ledger, account=p.account, asset=p.asset, reason=p.problem)
+                    )
+                else:
+                    parties.update((p.account, p.owner))
+        result: ScreenResult = await workflow.execute_local_activity_method(
+            SettlementActivities.screen,
+            ScreenRequest(parties=sorted(parties)),
+            start_to_close_timeout=_CALL_TIMEOUT,
+        )
+        hits = set(result.hits)
+        for ledger, items in sorted(positions.items()):
+            for p in items:
+                hit = p.owner if p.owner in hits else p.account if p.account in hits else None
+                if hit is not None and not p.problem:
+                    exclusions.append(
+                        Exclusion(
+                            ledger=ledger, account=p.account, asset=p.asset, reason=f"sanctioned party: {hit}"
+                        )
+                    )
+        self._event(
+            "accounts checked and screened",
+            f"{sum(len(v) for v in positions.values())} accounts, {len(exclusions)} excluded",
+        )
+        return exclusions
+
+    def _available(self, positions: dict[str, list[AccountPosition]]) -> list[NetLeg]:
+        return [
+            NetLeg(ledger=ledger, account=p.account, asset=p.asset, amount=p.available)
+            for ledger, items in sorted(positions.items())
+            for p in items
+            if p.available is not None
+        ]
+
+    async def _reserve(self, plan: NetPlan) -> bool:
+        """Hold every net debit; False if one was short (this round's holds are then released)."""
+        self._set_status(BatchStatus.RESERVING)
+        expires_at = self._deadline + self._request.settlement.hold_backstop
+        requests: dict[str, list[HoldRequest]] = {}
+        for leg in plan.positions:
+            if leg.amount < 0:
+                requests.setdefault(leg.ledger, []).append(
+                    HoldRequest(
+                        hold_id=f"{self._prefix()}:r{self._rounds}:in:{leg.account}",
+                        account=leg.account,
+                        to_account=clearing_account(leg.asset),
+                        asset=leg.asset,
+                        amount=-leg.amount,
+                        expires_at=expires_at,
+                        trade_id=self._trade_ref(),
+                    )
+                )
+        self._holds = {ledger: [h.hold_id for h in items] for ledger, items in requests.items()}
+        for ledger, ids in sorted(self._holds.items()):
+            self._compensations.append((ledger, ids))  # registered before the step it undoes
+        results: dict[str, HoldOutcomes] = await self._per_ledger(
+            requests,
+            lambda ledger, items: self._ledger_call(
+                ledger, LedgerActivities.reserve, ReserveRequest(holds=items)
+            ),
+        )
+        short = []
+        for result in results.values():
+            for outcome in result.outcomes:
+                if not outcome.ok:
+                    short.append(outcome.detail)
+                elif outcome.hold is None or outcome.hold.status is not HoldStatus.OPEN:
+                    raise _Abort(BatchStatus.EXPIRED, f"hold {outcome.hold_id} was released at the ledger")
+        if short:
+            self._event("a net debit was short, re-netting", short[0])
+            return False
+        self._event("net debits held", f"{sum(len(v) for v in requests.values())} holds")
+        return True
+
+    async def _prepare(self) -> None:
+        results: dict[str, HoldOutcomes] = await self._per_ledger(
+            self._holds,
+            lambda ledger, ids: self._ledger_call(ledger, LedgerActivities.pin, HoldRefs(hold_ids=ids)),
+        )
+        lost = [o for r in results.values() for o in r.outcomes if not o.ok]
+        if lost:
+            raise _Abort(BatchStatus.EXPIRED, f"hold {lost[0].hold_id} ended at the ledger before the commit")
+        if workflow.now() >= self._deadline:
+            raise _Abort(BatchStatus.EXPIRED, "every net debit was held, but only after the deadline")
+
+    async def _commit(self, plan: NetPlan) -> None:
+        pay_outs: dict[str, list[NetLeg]] = {}
+        for leg in plan.positions:
+            if leg.amount > 0:
+                pay_outs.setdefault(leg.ledger, []).append(leg)
+        ledgers = sorted(set(self._holds) | set(pay_outs))
+
+        async def one(ledger: str) -> None:
+            request = SettleRequest(
+                pay_ins=self._holds.get(ledger, []),
+                pay_outs=pay_outs.get(ledger, []),
+                prefix=self._prefix(),
+                trade_id=self._trade_ref(),
+            )
+            while True:
+                try:
+                    await self._ledger_call(ledger, NettingLedgerActivities.settle, request, forever=True)
+                    break
+                except ActivityError as err:
+                    self._event(f"settling on {ledger} failed, retrying", _cause(err))
+                    await workflow.sleep(_STUCK_RETRY)
+            self._event(
+                f"settled on {ledger}", f"{len(request.pay_ins)} pay-ins, {len(request.pay_outs)} pay-outs"
+            )
+
+        await asyncio.gather(*(one(ledger) for ledger in ledgers))
+        self._compensations.clear()
+
+    async def _compensate(self) -> None:
+        while self._compensations:
+            ledger, ids = self._compensations.pop()
+            while True:
+                try:
+                    await self._ledger_call(
+                        ledger, LedgerActivities.release, HoldRefs(hold_ids=list(reversed(ids))), forever=True
+                    )
+                    break
+                except ActivityError as err:
+                    self._event(f"release on {ledger} failed, retrying", _cause(err))
+                    await workflow.sleep(_STUCK_RETRY)
+            self._event(f"holds released on {ledger}", f"{len(ids)} holds")
+        self._holds = {}
+
+    async def _end(self, status: BatchStatus, reason: str = "") -> None:
+        settled = status is BatchStatus.SETTLED
+        self._settled = self._plan.accepted if settled and self._plan is not None else 0
+        self._set_status(status, reason)
+        view = self._view()
+        while True:
+            try:
+                count: int = await workflow.execute_activity_method(
+                    BatchActivities.finish,
+                    RecordRequest(
+                        batch_id=self._request.batch_id, settled=settled, reason=reason, result=view
+                    ),
+                    task_queue=self._request.settlement_queue,
+                    start_to_close_timeout=_STORE_TIMEOUT,
+                    retry_policy=_RETRY_FOREVER,
+                )
+                break
+            except ActivityError as err:
+                self._event("recording the outcome failed, retrying", _cause(err))
+                await workflow.sleep(_STUCK_RETRY)
+        self._settled = count
+
+    # ------------------------------------------------------------ handlers
+
+    @workflow.query(name="status")
+    def status(self) -> BatchView:
+        return self._view()
+
+    # ------------------------------------------------------------- helpers
+
+    def _prefix(self) -> str:
+        return f"netting:{self._request.batch_id}"
+
+    def _trade_ref(self) -> str:
+        return f"batch:{self._request.batch_id}"
+
+    def _store_call(self, activity: Callable[[Any, Any], Any], argument: Any) -> Awaitable[Any]:
+        return workflow.execute_activity_method(
+            activity,
+            argument,
+            task_queue=self._request.settlement_queue,
+            start_to_close_timeout=_STORE_TIMEOUT,
+            schedule_to_close_timeout=self._remaining(),
+            retry_policy=_RETRY,
+        )
+
+    def _ledger_call(
+        self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
+    ) -> Awaitable[Any]:
+        options: dict[str, Any] = {
+            "task_queue": self._request.ledger_queues[ledger],
+            "heartbeat_timeout": _HEARTBEAT_TIMEOUT,
+            "start_to_close_timeout": _CALL_TIMEOUT,
+        }
+        if forever:
+            options["retry_policy"] = _RETRY_FOREVER
+        else:
+            options |= {"schedule_to_close_timeout": self._remaining(), "retry_policy": _RETRY}
+        return workflow.execute_activity_method(activity, argument, **options)
+
+    async def _per_ledger(
+        self, items: dict[str, list[Any]], call: Callable[[str, list[Any]], Awaitable[T]]
+    ) -> dict[str, T]:
+        """One call per ledger, in parallel. Before the decision a failure aborts the batch."""
+        ledgers = sorted(items)
+        try:
+            results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
+        except ActivityError as err:
+            cause = err.cause
+            if isinstance(cause, ApplicationError) and cause.non_retryable:
+                raise _Abort(BatchStatus.EXPIRED, f"refused: {cause.message}") from err
+            raise _Abort(BatchStatus.EXPIRED, f"no answer before the deadline ({_cause(err)})") from err
+        return dict(zip(ledgers, results, strict=True))
+
+    async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(coroutine)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    return task.result()
+                self._event("cancel request ignored", "compensation or commit in progress")
+
+    def _remaining(self) -> timedelta:
+        return max(self._deadline - workflow.now(), timedelta(seconds=1))
+
+    def _event(self, event: str, detail: str = "") -> None:
+        self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
+
+    def _set_status(self, status: BatchStatus, reason: str = "") -> None:
+        self._status = status
+        self._reason = reason
+        self._event(f"status {status.value}", reason)
+
+    def _view(self) -> BatchView:
+        plan = self._plan
+        assets: list[AssetTotals] = plan.assets if plan is not None else []
+        return BatchView(
+            batch_id=self._request.batch_id,
+            workflow_id=workflow.info().workflow_id,
+            status=self._status,
+            reason=self._reason,
+            deadline=self._deadline,
+            trades=self._request.trade_count,
+            settled=self._settled,
+            removed=plan.removed if plan is not None else 0,
+            rounds=self._rounds,
+            assets=assets,
+            positions=plan.positions if plan is not None else [],
+            timeline=self._timeline,
+            fingerprint=self._request.fingerprint,
+        )
+
+
+def _cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) or type(err).__name__
