@@ -3,7 +3,7 @@
     dvp bench [-n 100] [-c 20] [--workers 1,2] [--rounds 2] [--idle 10] [--warmup 10]
               [--server-storage file|memory] [--ledger sqlite|postgres]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
-              [--json] [--output FILE]
+              [--netting N] [--json] [--output FILE]
 
 Starts everything it measures: the embedded Temporal dev server (unless
 ``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
@@ -24,6 +24,9 @@ Throughput is the number of workflows over the time from the first submit to the
 last close of each batch, summed over the rounds. CPU seconds come from /proc
 (process trees of the server and the worker processes) and are also given per
 workflow, which depends far less than rates on what else the machine runs.
+
+Last, the netting batch (``starter/_bench_netting.py``): ``--netting N`` random
+trades (default 100,000) through one batch, end to end, in trades per second.
 
 Then it checks that every trade settled, no hold is open, each SQL ledger's
 ``verify()`` is empty and the balances moved by exactly the settled legs; it exits
@@ -117,6 +120,7 @@ class BenchOptions:
     postgres: str = POSTGRES_SERVER
     server_config: list[str] = field(default_factory=list)  # KEY=VALUE dynamic config of the dev server
     timeout: float = 300.0
+    netting: int = 100_000  # trades in the netting batch (0: skip it)
     output: str | None = None
     json: bool = False
 
@@ -128,6 +132,8 @@ class BenchOptions:
         for name in ("trades", "concurrency", "idle", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: {getattr(self, name)} must be at least 1")
+        if self.netting < 0:
+            raise ValueError(f"--netting: {self.netting} must be 0 or more")
         if self.warmup < 0:
             raise ValueError(f"--warmup: {self.warmup} must be 0 or more")
         if not self.workers or any(w < 1 for w in self.workers):
@@ -761,10 +767,12 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
             runs = []
             for n_workers in options.workers:
                 runs.append(await _run_phase(options, n_workers, address, namespace, base, server_pid))
+            netting = await _netting_section(options, address, namespace, base)
             env["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-            return {"environment": env, "runs": runs}
+            return {"environment": env, "runs": runs, **netting}
 
         body = asyncio.run(main())
+        netting_check = body.get("netting", {}).get("correctness", {})
         result: dict[str, Any] = {
             "bench": "dvp",
             "started_at": started_at.isoformat(),
@@ -772,8 +780,10 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
             "options": {k: v for k, v in asdict(options).items() if k not in ("json", "output")},
             **body,
             "correctness": {
-                "passed": all(r["correctness"]["passed"] for r in body["runs"]),
-                "checks": sorted({name for r in body["runs"] for name in r["correctness"]["checks"]}),
+                "passed": all(r["correctness"]["passed"] for r in body["runs"])
+                and netting_check.get("passed", True),
+                "checks": sorted({name for r in body["runs"] for name in r["correctness"]["checks"]})
+                + [f"netting: {name}" for name in netting_check.get("checks", {})],
             },
         }
         ok = result["correctness"]["passed"]
@@ -785,6 +795,20 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"dvp bench: worker logs and ledgers kept in {base}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ netting
+
+
+async def _netting_section(options: BenchOptions, address: str, namespace: str, base: Path) -> dict[str, Any]:
+    """``{"netting": {...}}``: one netting batch of ``--netting`` trades (see starter/_bench_netting.py)."""
+    if not options.netting:
+        return {}
+    from starter._bench_netting import run_netting
+
+    with _fresh_ledgers(options.ledger, base, options.postgres, "netting") as urls:
+        result = await run_netting(options.netting, address, namespace, base, urls, options.timeout)
+    return {"netting": result}
 
 
 # ------------------------------------------------------------------ output
@@ -872,6 +896,11 @@ def render(result: dict[str, Any]) -> str:
         + (f"; dynamic config {', '.join(env['server_config'])}" if env.get("server_config") else ""),
         f"ledgers: {env['ledger']}{postgres}, SQLite {env['sqlite_ledger']}; took {result['duration_s']} s",
     ]
+    if result.get("netting"):
+        from starter._bench_netting import render as render_netting
+
+        lines += ["", *render_netting(result["netting"])]
+        lines += [f"  netting: {problem}" for problem in result["netting"]["correctness"]["problems"]]
     for r in runs:
         lines += [f"  {r['workers']} worker(s): {problem}" for problem in r["correctness"]["problems"]]
     verdict = "passed" if result["correctness"]["passed"] else "FAILED"
@@ -984,6 +1013,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.timeout,
         help=f"seconds one measured batch may take (default {d.timeout:.0f})",
+    )
+    p.add_argument(
+        "--netting",
+        type=_not_negative,
+        default=d.netting,
+        metavar="N",
+        help=f"trades in the netting batch measured end to end, 0 to skip (default {d.netting})",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument(

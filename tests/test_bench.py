@@ -57,7 +57,14 @@ def _get(data: Any, path: tuple[str, ...]) -> Any:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     options = BenchOptions(
-        trades=10, concurrency=5, workers=[1], idle=3, warmup=2, server_storage="memory", timeout=120
+        trades=10,
+        concurrency=5,
+        workers=[1],
+        idle=3,
+        warmup=2,
+        server_storage="memory",
+        timeout=120,
+        netting=2000,
     )
     return run_bench(options)
 
@@ -89,6 +96,15 @@ def test_bench_correctness_check_passed(result: dict[str, Any]) -> None:
     assert check["problems"] == []
 
 
+def test_bench_reports_the_netting_batch(result: dict[str, Any]) -> None:
+    netting = result["netting"]
+    assert (netting["trades"], netting["status"], netting["settled"]) == (2000, "SETTLED", 2000)
+    assert netting["rate_per_s"] > 0 and netting["wall_s"] > 0
+    assert {a["asset"] for a in netting["assets"]} == {"EUR", "BOND-2030"}
+    assert netting["correctness"]["passed"], netting["correctness"]
+    assert "netting batch: 2,000 trades" in render(result)
+
+
 def test_add_parser_registers_dvp_bench() -> None:
     parser = argparse.ArgumentParser(prog="dvp")
     add_parser(parser.add_subparsers(dest="command"))
@@ -102,6 +118,7 @@ def test_add_parser_registers_dvp_bench() -> None:
         "postgres",
     )
     assert options.server_storage == "file" and options.submit == "start"
+    assert parser.parse_args(["bench", "--netting", "0"]).netting == 0
 
 
 def test_bench_cli_refuses_bad_options() -> None:
