@@ -20,10 +20,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from domain import AccountBalance, Config, RequestRejected, TradeStatus, TradeView, parse_config
+from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
 from starter.cli import balances_table, table
 from starter.client import SettlementClient
-from starter.devserver import DevServer, _port_is_free
+from starter.devserver import DevServer, _port_is_free, connect_client
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,35 @@ ACCOUNTS = [
     {"ledger": "cash", "id": "dave-cash", "asset": "EUR", "owner": "dave", "balance": "0.00"},
     {"ledger": "cash", "id": "erin-cash", "asset": "EUR", "owner": "erin", "balance": "30000.00"},
     {"ledger": "cash", "id": "mallory-cash", "asset": "EUR", "owner": "mallory", "balance": "0.00"},
+    # the netting batch's participants
+    *(
+        {"ledger": ledger, "id": f"{who}-{kind}", "asset": asset, "owner": who, "balance": balance}
+        for who, cash, bonds in (
+            ("ivan", "50000.00", "500"),
+            ("judy", "50000.00", "500"),
+            ("kim", "50000.00", "500"),
+            ("leo", "1000.00", "0"),
+        )
+        for ledger, kind, asset, balance in (
+            ("cash", "cash", "EUR", cash),
+            ("securities", "sec", "BOND-2030", bonds),
+        )
+    ),
 ]
+
+# (trade, seller, buyer, bonds, cash): a ring of trades that largely offset, and leo
+# buying more than his 1,000.00 EUR can pay for.
+BATCH = [
+    ("B1", "ivan", "judy", "100", "9950.00"),
+    ("B2", "judy", "kim", "100", "9950.00"),
+    ("B3", "kim", "ivan", "100", "9950.00"),
+    ("B4", "ivan", "kim", "50", "4975.00"),
+    ("B5", "kim", "judy", "50", "4975.00"),
+    ("B6", "judy", "ivan", "40", "3980.00"),
+    ("B7", "ivan", "leo", "20", "1990.00"),
+    ("B8", "judy", "leo", "5", "497.50"),
+]
+BATCH_REMOVED = ["B7"]  # leo owes 2,487.50 net: his largest purchase goes, the rest is covered
 
 
 def _dvp(trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra: Any) -> dict[str, Any]:
@@ -150,6 +178,9 @@ operators = ["ops"]
 address = "{address}"
 task_queue_prefix = "dvp-demo"
 
+[batches]
+url = "sqlite:///{base / "batches.db"}"
+
 [settlement]
 recycle_interval = "PT0.5S"
 max_recycle_interval = "PT2S"
@@ -175,6 +206,27 @@ def _expected_balances(
             expected[(leg.ledger, leg.from_)] -= leg.amount
             expected[(leg.ledger, leg.to)] += leg.amount
     return expected
+
+
+async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]]:
+    """One netting batch: its liquidity saving, and leo's unaffordable trade removed."""
+    from starter.batch import BatchClient, batch_text
+
+    trades = [_dvp(f"{run}-{t}", s, b, bonds, cash) for t, s, b, bonds, cash in BATCH]
+    for trade in trades:
+        del trade["settle_within"]  # a batch has its own time limit
+    print(f"\nSettling {len(trades)} trades as one netting batch...", flush=True)
+    async with BatchClient(await connect_client(config.temporal.address), config) as client:
+        view = await client.submit(trades, batch_id=f"{run}-batch", wait=True, timeout=120)
+    print(batch_text(view))
+    removed = [r.trade_id.removeprefix(f"{run}-") for r in view.removed_trades]
+    ok = view.status is BatchStatus.SETTLED and removed == BATCH_REMOVED
+    print(
+        f"\n  expected SETTLED with {', '.join(BATCH_REMOVED)} removed; got {view.status.value} with "
+        f"{', '.join(removed) or 'nothing'} removed: {'ok' if ok else 'MISMATCH'}"
+    )
+    gone = {r.trade_id for r in view.removed_trades}
+    return ok, [t for t in trades if t["trade_id"] not in gone] if view.status is BatchStatus.SETTLED else []
 
 
 class _Worker:
@@ -266,6 +318,7 @@ def run_demo(keep: bool = False) -> int:
 
         run = time.strftime("D%H%M%S")
         matched, views = asyncio.run(_run(config, run))
+        batch_ok, batch_settled = asyncio.run(_netting(config, run)) if matched else (False, [])
 
         with opened(config) as ledgers:
             after = all_balances(ledgers)
@@ -275,10 +328,17 @@ def run_demo(keep: bool = False) -> int:
         print(balances_table(after))
 
         expected = _expected_balances(before, [v for v in views if v.status is TradeStatus.SETTLED])
-        actual = {(b.ledger, b.account): b.balance for b in after}
+        for trade in batch_settled:
+            for leg in trade["legs"]:
+                expected[(leg["ledger"], leg["from"])] -= Decimal(leg["amount"])
+                expected[(leg["ledger"], leg["to"])] += Decimal(leg["amount"])
+        actual = {(b.ledger, b.account): b.balance for b in after if not b.account.startswith("clearing:")}
         checks = {
             "every asset's balances sum to zero": all(s == 0 for s in _sums(after).values()),
             "balances = before + the settled trades' legs, exactly": actual == expected,
+            "clearing accounts back at zero": all(
+                b.balance == 0 for b in after if b.account.startswith("clearing:")
+            ),
             "no hold left open": not holds,
             "ledger invariants verified": not problems,
         }
@@ -294,7 +354,7 @@ def run_demo(keep: bool = False) -> int:
         print(
             f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)"
         )
-        success = matched and all(checks.values())
+        success = matched and batch_ok and all(checks.values())
         if keep:
             print("\n--keep: server and worker stay up; press Ctrl-C to stop them.", flush=True)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -347,21 +347,20 @@ async def test_cli_refuses_a_bad_file_storing_nothing_and_settles_a_good_one(
     missing = await _dvp(config, "batch", "status", "cli-bad")
     assert missing.returncode == 1 and "no batch" in missing.stderr
 
-    good = [dvp("C1", "ben", "ann", 1, "10.00"), dvp("C2", "ann", "dan", 1, "10.00")]
-    (tmp_path / "good.jsonl").write_text("\n".join(json.dumps(t) for t in good) + "\n")
-    done = await _dvp(
-        config, "batch", "submit", str(tmp_path / "good.jsonl"), "--id", "cli-good", "--wait", "--json"
-    )
+    example = REPO / "examples" / "netting-batch.jsonl"
+    good = [json.loads(line) for line in example.read_text().splitlines() if line.strip()]
+    done = await _dvp(config, "batch", "submit", str(example), "--id", "cli-good", "--wait", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert (out["batch_id"], out["status"], out["settled"], out["removed_trades"]) == (
         "cli-good",
         "SETTLED",
-        2,
+        4,
         [],
     )
-    eur = next(a for a in out["assets"] if a["asset"] == "EUR")
-    assert (eur["gross"], eur["net"], eur["saved"]) == ("20.00", "10.00", "10.00")  # ann's legs offset
+    totals = {a["asset"]: (a["gross"], a["net"], a["saved"]) for a in out["assets"]}
+    # net: bob receives 8,955.00 EUR (alice pays 3,980.00, carol 4,975.00); bob delivers 90 bonds
+    assert totals == {"EUR": ("22885.00", "8955.00", "13930.00"), "BOND-2030": ("230", "90", "140")}
     status = await _dvp(config, "batch", "status", "cli-good", "--json")
     assert json.loads(status.stdout)["status"] == "SETTLED"
     assert balances(engine) == expected_balances(before, good)
