@@ -195,14 +195,15 @@ class BatchStore:
         except Exception as exc:
             # PostgreSQL: a concurrent insert of the same id won the race (SQLite's
             # BEGIN IMMEDIATE serialises the check and the insert).
-            if type(exc).__name__ in ("IntegrityError", "UniqueViolation"):
-                return self._same_or_duplicate(batch_id, fingerprint)
-            raise
-
-    def _same_or_duplicate(self, batch_id: str, fingerprint: str) -> bool:
-        if self.fingerprint(batch_id) != fingerprint:
-            raise DuplicateBatch(f"batch {batch_id} already exists with different content")
-        return False
+            if type(exc).__name__ not in ("IntegrityError", "UniqueViolation"):
+                raise
+            try:
+                stored = self.fingerprint(batch_id)
+            except BatchNotFound:
+                raise exc from None  # not the batch id: a trade id twice in the batch
+            if stored != fingerprint:
+                raise DuplicateBatch(f"batch {batch_id} already exists with different content") from None
+            return False
 
     def mark_removed(self, batch_id: str, removed: Sequence[tuple[int, str]]) -> None:
         """Record this netting's removals (``(seq, reason)``), replacing any earlier round's."""

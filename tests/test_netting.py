@@ -20,7 +20,16 @@ from typing import Any
 import pytest
 
 from activities.netting import net_trades, parse_legs
-from domain import BatchNotFound, BatchStatus, DuplicateBatch, InvalidInstruction
+from adapters.batches import BatchStore
+from adapters.sql import SqlLedger
+from domain import (
+    BatchNotFound,
+    BatchStatus,
+    DuplicateBatch,
+    InvalidInstruction,
+    LedgerError,
+    LedgerUnavailable,
+)
 from starter.batch import BatchClient, parse_batch_text
 from starter.ledgers import parse_seed, seed
 
@@ -365,3 +374,113 @@ async def test_cli_refuses_a_bad_file_storing_nothing_and_settles_a_good_one(
     assert json.loads(status.stdout)["status"] == "SETTLED"
     assert balances(engine) == expected_balances(before, good)
     assert_whole(engine)
+
+
+# ------------------------------------------------------------------------ faults
+
+
+class FlakyLedger(SqlLedger):
+    """The real SQL ledger; chosen calls fail as if the database were briefly unreachable."""
+
+    def __init__(self, *args: Any, fail_commit_at: int = 0, refuse_holds: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.commits = 0
+        self.fail_commit_at = fail_commit_at
+        self.refuse_holds = refuse_holds
+
+    def commit_hold(self, hold_id: str, preimage: str | None = None) -> Any:
+        self.commits += 1
+        if self.commits == self.fail_commit_at:
+            raise LedgerUnavailable("database unreachable (injected)")
+        return super().commit_hold(hold_id, preimage)
+
+    def place_hold(self, hold_id: str, *args: Any, **kw: Any) -> Any:
+        if self.refuse_holds:
+            raise LedgerError(f"hold {hold_id} refused (injected)")
+        return super().place_hold(hold_id, *args, **kw)
+
+
+async def test_a_ledger_failing_after_the_decision_delays_but_settles_the_batch(
+    temporal_client: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """The cash ledger fails once mid-settlement, after two commits: the retry finishes the rest."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    flaky = FlakyLedger("cash", config.ledgers["cash"].url or "", fail_commit_at=3)
+    async with run_engine(temporal_client, config, instances={"cash": flaky}) as engine:
+        seed_accounts(engine, WORKED_ACCOUNTS)
+        before = balances(engine)
+        trades = [t for t in worked_trades() if t["trade_id"] in ("N2", "N3", "N6")]
+        view = await BatchClient(temporal_client, engine.config).submit(
+            trades, batch_id="flaky", wait=True, timeout=120
+        )
+        assert view.status is BatchStatus.SETTLED, view.reason
+        assert flaky.commits > 3  # the failed call was retried
+        assert balances(engine) == expected_balances(before, trades)
+        assert_whole(engine)
+    flaky.close()
+
+
+async def test_a_ledger_refusing_before_the_decision_releases_everything(
+    temporal_client: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """The securities ledger refuses the holds: the cash holds are released, nothing settles."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    refusing = FlakyLedger("securities", config.ledgers["securities"].url or "", refuse_holds=True)
+    async with run_engine(temporal_client, config, instances={"securities": refusing}) as engine:
+        seed_accounts(engine, WORKED_ACCOUNTS)
+        before = balances(engine)
+        client = BatchClient(temporal_client, engine.config)
+        view = await client.submit(worked_trades()[1:5], batch_id="refused", wait=True, timeout=120)
+        assert view.status is BatchStatus.EXPIRED and "refused (injected)" in view.reason
+        assert view.settled == 0
+        assert balances(engine) == before
+        assert_whole(engine)
+        outcomes = await client.outcomes("refused")
+        # ben cannot pay N5 without N1 (not in this batch): removed; the rest released
+        assert {t: s for t, (s, _r) in outcomes.items()} == {
+            "N2": "released",
+            "N3": "released",
+            "N5": "removed",
+            "N6": "released",
+        }
+    refusing.close()
+
+
+# ------------------------------------------------------------------ batch store
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_batch_store_keeps_a_batch_whole_on_both_databases(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        str(request.getfixturevalue("postgres_url"))
+        if backend == "postgres"
+        else f"sqlite:///{tmp_path}/b.db"
+    )
+    store = BatchStore(url)
+    try:
+        rows = [(f"S{i}", json.dumps([["cash", "EUR", "a", "b", f"{i}.00"]])) for i in range(1, 2001)]
+        accounts = [("cash", "a", "EUR"), ("cash", "b", "EUR")]
+        assert store.insert_batch("s1", "fp-1", rows, accounts) is True
+        assert store.insert_batch("s1", "fp-1", rows, accounts) is False  # same content: stored once
+        with pytest.raises(DuplicateBatch):
+            store.insert_batch("s1", "fp-2", rows[:1], accounts)
+        assert store.trades("s1")[1999] == (1999, "S2000", rows[1999][1])
+        assert store.accounts("s1") == accounts
+        store.mark_removed("s1", [(0, "first round")])
+        store.mark_removed("s1", [(5, "second round")])  # replaces the earlier round's
+        assert [(r.index, r.trade_id, r.reason) for r in store.removed("s1")] == [(5, "S6", "second round")]
+        assert store.finish("s1", "SETTLED", True, "", "{}") == 1999
+        outcomes = store.outcomes("s1")
+        assert outcomes["S6"] == ("removed", "second round") and outcomes["S1"] == ("settled", "")
+        assert store.batch("s1") == (2000, "SETTLED", "{}")
+        with pytest.raises(BatchNotFound):
+            store.batch("nope")
+        # a duplicate trade id inside one batch: nothing of that batch is stored
+        with pytest.raises(Exception):  # noqa: B017 - the driver's own IntegrityError
+            store.insert_batch("s2", "fp-3", [("X", "[]"), ("X", "[]")], accounts)
+        with pytest.raises(BatchNotFound):
+            store.batch("s2")
+    finally:
+        store.close()
