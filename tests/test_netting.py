@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
 
 from activities.netting import net_trades, parse_legs
 from adapters.batches import BatchStore
@@ -32,6 +35,7 @@ from domain import (
 )
 from starter.batch import BatchClient, parse_batch_text
 from starter.ledgers import parse_seed, seed
+from workflows import NettingBatchWorkflow
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 
@@ -85,6 +89,13 @@ def assert_whole(engine: Engine) -> None:
     for (_ledger, account), balance in engine.balances().items():
         if account.startswith("clearing:"):
             assert balance == 0, account
+
+
+async def assert_replays(history: WorkflowHistory) -> None:
+    """The workflow code replays its own history: it is deterministic."""
+    replayer = Replayer(workflows=[NettingBatchWorkflow], data_converter=pydantic_data_converter)
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, repr(result.replay_failure)
 
 
 @pytest.fixture
@@ -161,6 +172,7 @@ async def test_random_batch_settles_like_every_trade_one_by_one(engine: Engine, 
     text = json.dumps(history.to_json_dict())
     assert "R000123" not in text and "R009999" not in text
     assert len(text) < 200_000, len(text)
+    await assert_replays(history)
 
 
 # ------------------------------------------------------------ insolvency example
@@ -432,6 +444,7 @@ async def test_a_ledger_refusing_before_the_decision_releases_everything(
         client = BatchClient(temporal_client, engine.config)
         view = await client.submit(worked_trades()[1:5], batch_id="refused", wait=True, timeout=120)
         assert view.status is BatchStatus.EXPIRED and "refused (injected)" in view.reason
+        await assert_replays(await temporal_client.get_workflow_handle(view.workflow_id).fetch_history())
         assert view.settled == 0
         assert balances(engine) == before
         assert_whole(engine)
