@@ -213,7 +213,13 @@ class BatchActivities:
         with self._lock:
             if self._cache is not None and self._cache[0] == batch_id:
                 return self._cache[1]
-        parsed = [(seq, tid, parse_legs(legs)) for seq, tid, legs in self._store.trades(batch_id)]
+        rows = self._store.trades(batch_id)
+        activity.heartbeat("read")
+        parsed = []
+        for seq, tid, legs in rows:
+            parsed.append((seq, tid, parse_legs(legs)))
+            if seq % 20_000 == 0:
+                activity.heartbeat(f"parsed {seq}")
         with self._lock:
             self._cache = (batch_id, parsed)
         return parsed
@@ -224,6 +230,7 @@ class BatchActivities:
         available = {(a.ledger, a.account): a.amount for a in request.available}
         exclusions = {(e.ledger, e.account, e.asset): e.reason for e in request.exclusions}
         netting = net_trades(self._trades(request.batch_id), available, exclusions)
+        activity.heartbeat("netted")
         self._store.mark_removed(request.batch_id, sorted(netting.removed.items()))
         assets = [
             AssetTotals(

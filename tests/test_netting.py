@@ -32,12 +32,14 @@ from domain import (
     InvalidInstruction,
     LedgerError,
     LedgerUnavailable,
+    load_config,
 )
 from starter.batch import BatchClient, parse_batch_text
-from starter.ledgers import parse_seed, seed
+from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from workflows import NettingBatchWorkflow
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
+from .test_faults import WorkerProcess, workers, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 PARTICIPANTS = [f"p{i:02d}" for i in range(20)]
@@ -497,3 +499,45 @@ def test_batch_store_keeps_a_batch_whole_on_both_databases(
             store.batch("s2")
     finally:
         store.close()
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_batch_still_settles_it_whole(
+    temporal_server: Any, temporal_client: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """The only worker is SIGKILLed while the batch's net debits are held; a new one finishes it."""
+    config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
+    config = load_config(config_path)
+    trades = random_batch(3000, seed_value=99)
+    with opened(config) as ledgers:
+        seed(config, parse_seed({"accounts": participant_accounts()}, config), ledgers)
+        before = {k: v for k, v in _balances(ledgers).items()}
+        async with workers() as started:
+            first = WorkerProcess(config_path, tmp_path / "worker-1.log")
+            started.append(first)
+            await first.start()
+            client = BatchClient(temporal_client, config)
+            await client.submit(trades, batch_id="killed")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not [h for h in all_open_holds(ledgers) if h.trade_id == "batch:killed"]:
+                assert loop.time() < deadline, "the batch never held its net debits"
+                await asyncio.sleep(0.002)
+            first.kill()
+            second = WorkerProcess(config_path, tmp_path / "worker-2.log")
+            started.append(second)
+            await second.start()
+            view = await client.wait("killed", timeout=120)
+        assert view.status is BatchStatus.SETTLED, view.reason
+        assert view.settled == 3000
+        after = {k: v for k, v in _balances(ledgers).items() if not k[1].startswith("clearing:")}
+        assert after == expected_balances(before, trades)
+        assert all_open_holds(ledgers) == []
+        for ledger in ledgers.values():
+            assert ledger.verify() == [], ledger.name  # type: ignore[attr-defined]
+        assert all(v == 0 for k, v in _balances(ledgers).items() if k[1].startswith("clearing:"))
+        client.store.close()
+
+
+def _balances(ledgers: dict[str, Any]) -> dict[tuple[str, str], Decimal]:
+    return {(b.ledger, b.account): b.balance for lg in ledgers.values() for b in lg.balances()}

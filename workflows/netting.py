@@ -70,7 +70,10 @@ _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=tim
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 _CALL_TIMEOUT = timedelta(seconds=60)
 _STORE_TIMEOUT = timedelta(minutes=5)  # netting 100,000 trades on a loaded machine
+# Ledger activities heartbeat per hold, the netting per phase: a worker that died
+# mid-call is noticed after this, not after the whole start-to-close timeout.
 _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+_STORE_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 _STUCK_RETRY = timedelta(seconds=30)
 _MAX_ROUNDS = 5
 
@@ -315,7 +318,7 @@ class NettingBatchWorkflow:
                         batch_id=self._request.batch_id, settled=settled, reason=reason, result=view
                     ),
                     task_queue=self._request.settlement_queue,
-                    start_to_close_timeout=_STORE_TIMEOUT,
+                    start_to_close_timeout=_CALL_TIMEOUT,
                     retry_policy=_RETRY_FOREVER,
                 )
                 break
@@ -344,6 +347,7 @@ class NettingBatchWorkflow:
             argument,
             task_queue=self._request.settlement_queue,
             start_to_close_timeout=_STORE_TIMEOUT,
+            heartbeat_timeout=_STORE_HEARTBEAT_TIMEOUT,
             schedule_to_close_timeout=self._remaining(),
             retry_policy=_RETRY,
         )
