@@ -59,6 +59,7 @@ _TRADE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 _LEG_KEYS = frozenset(("ledger", "asset", "from", "to", "amount"))
 _BATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SINGLE_TRADE_ONLY = ("settle_within", "deadline", "approvers")
+_RESERVED = "clearing:"  # the batch's clearing accounts (activities.netting.clearing_account)
 
 
 class ParsedBatch:
@@ -162,6 +163,8 @@ def _fast(
             and payer
             and payee
             and payer != payee
+            and not payer.startswith(_RESERVED)
+            and not payee.startswith(_RESERVED)
         ):
             return None
         try:
@@ -199,6 +202,11 @@ def _slow(item: Any, i: int, config: Config) -> tuple[str, list[list[str]]]:
                 "not accepted in a batch: the batch's own time limit applies and its trades settle together",
             )
     for j, leg in enumerate(instruction.legs):
+        for side, account in (("from", leg.from_), ("to", leg.to)):
+            if account.startswith(_RESERVED):
+                raise InvalidInstruction(
+                    f"{where}.legs[{j}].{side}", f"{account!r}: the clearing accounts are the batch's own"
+                )
         try:
             check_ledger(config, f"legs[{j}].ledger", leg.ledger)
             check_precision(config, f"legs[{j}].amount", leg.asset, leg.amount)

@@ -313,6 +313,7 @@ def test_a_malformed_trade_is_refused_naming_its_index_and_field(tmp_path: Path)
         (lambda t: t[1]["legs"][0].update(ledger="nowhere"), "trades[1].legs[0].ledger", "unknown ledger"),
         (lambda t: t[0].update(approvers=["notary"]), "trades[0].approvers", "not accepted in a batch"),
         (lambda t: t[1]["legs"][1].update(amount=10.5), "trades[1].legs[1].amount", "not a float"),
+        (lambda t: t[2]["legs"][1].update(to="clearing:EUR"), "trades[2].legs[1].to", "the batch's own"),
     ]
     for spoil, field, message in cases:
         trades = json.loads(json.dumps(good))
