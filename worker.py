@@ -2,12 +2,14 @@
 
     python worker.py [--config FILE] [--ledger NAME ...] [--no-workflows]
 
-Runs the settlement workflows on ``<prefix>-settlement`` and, for each configured
-ledger (or each ``--ledger`` named), that ledger's activities on
-``<prefix>-ledger-<name>``, so a ledger's activities can run only where its
-credentials are. Any number of workers may run side by side against the same
-server and ledgers. Each ledger worker also sweeps expired holds, the backstop for
-an orchestrator that vanished.
+Runs the settlement workflows on ``<prefix>-settlement``, with the ledger calls of
+every ledger configured with ``local_activities = true`` (the default) as local
+activities beside them; and, for each configured ledger (or each ``--ledger``
+named), that ledger's activities on ``<prefix>-ledger-<name>``, for ledgers whose
+calls go through their own task queue so that they run only where the credentials
+are. Any number of workers may run side by side against the same server and
+ledgers. Every ledger a worker opens is also swept for expired holds, the backstop
+for an orchestrator that vanished.
 """
 
 from __future__ import annotations
@@ -64,12 +66,18 @@ async def run_worker(
     otherwise each ledger is opened from its configuration.
     """
     stop = stop or asyncio.Event()
+    # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
     if unknown:
         raise DvpError(f"--ledger: unknown ledger {unknown[0]!r} (configured: {', '.join(config.ledgers)})")
     given = instances or {}
-    opened = {name: given.get(name) or open_ledger(name, config.ledgers[name]) for name in names}
+    # The settlement workflows need every local ledger, whatever --ledger says.
+    local = config.local_ledgers() if workflows else []
+    opened = {
+        name: given.get(name) or open_ledger(name, config.ledgers[name])
+        for name in dict.fromkeys([*names, *local])
+    }
     executor = ThreadPoolExecutor(max_workers=ACTIVITY_THREADS, thread_name_prefix="dvp-activity")
     workers: list[Worker] = []
     store = BatchStore(config.batches_url()) if workflows else None  # connects on first use
@@ -79,18 +87,26 @@ async def run_worker(
                 client,
                 task_queue=config.settlement_queue(),
                 workflows=[SettlementWorkflow, NettingBatchWorkflow],
-                activities=[SettlementActivities(config).screen, *BatchActivities(store).all()],
+                activities=[
+                    SettlementActivities(config).screen,
+                    *BatchActivities(store).all(),
+                    *LedgerActivities(*(opened[name] for name in local)).all(),
+                ],
                 activity_executor=executor,
+                max_concurrent_local_activities=ACTIVITY_THREADS,
                 # hand a dead worker's cached workflows to another worker quickly
                 sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
             )
         )
-    for name, ledger in opened.items():
+    for name in names:
         workers.append(
             Worker(
                 client,
                 task_queue=config.ledger_queue(name),
-                activities=[*LedgerActivities(ledger).all(), *NettingLedgerActivities(ledger, config).all()],
+                activities=[
+                    *LedgerActivities(opened[name]).all(),
+                    *NettingLedgerActivities(opened[name], config).all(),
+                ],
                 activity_executor=executor,
                 max_concurrent_activities=ACTIVITY_THREADS,
             )

@@ -1,10 +1,12 @@
 """Ledger activities: the side effects of a settlement, one ledger at a time.
 
-Each ledger gets its own ``LedgerActivities`` instance, registered on that ledger's
-task queue, so a ledger's activities run only where its credentials are. Every call
-takes a batch of holds (the legs of one trade on this ledger) to save round trips,
-and every hold carries its idempotency key: a retried activity has the effect of
-one.
+A ``LedgerActivities`` instance serves the ledgers it is given, picking one by the
+request's ``ledger`` field. The worker registers one per remote ledger on that
+ledger's task queue (so its activities run only where its credentials are), and one
+for every local ledger on the settlement worker, where the workflow runs them as
+local activities. Every call takes a batch of holds (the legs of one trade on this
+ledger) to save round trips, and every hold carries its idempotency key: a retried
+activity, local or not, has the effect of one.
 
 A ``LedgerError`` that retrying cannot cure becomes a non-retryable
 ``ApplicationError`` whose ``type`` is the error's stable code. A short reservation
@@ -44,8 +46,11 @@ def _each(
     hold_ids: list[str], call: Callable[[str], Hold], outcome_errors: tuple[type[LedgerError], ...]
 ) -> HoldOutcomes:
     outcomes = []
+    # A local activity has no heartbeat: the workflow task it runs in is its lease.
+    heartbeat = not activity.info().is_local
     for hold_id in hold_ids:
-        activity.heartbeat(hold_id)
+        if heartbeat:
+            activity.heartbeat(hold_id)
         try:
             outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=call(hold_id)))
         except outcome_errors as exc:
@@ -56,24 +61,40 @@ def _each(
 
 
 class LedgerActivities:
-    """Activities over one ledger adapter, built once by the worker."""
+    """Activities over some ledger adapters, built once by the worker."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
+    def __init__(self, *ledgers: Ledger) -> None:
+        self._ledgers = {ledger.name: ledger for ledger in ledgers}
+
+    def _ledger(self, name: str) -> Ledger:
+        # A request without a name predates multi-ledger workers: it was sent to a
+        # queue that serves exactly one ledger.
+        if not name and len(self._ledgers) == 1:
+            return next(iter(self._ledgers.values()))
+        try:
+            return self._ledgers[name]
+        except KeyError:
+            served = ", ".join(sorted(self._ledgers)) or "none"
+            raise ApplicationError(
+                f"this worker does not serve ledger {name!r} (it serves: {served}); "
+                "its configuration must list the ledger",
+                type="LedgerNotServed",
+            ) from None
 
     @activity.defn(name="ledger.check_accounts")
     def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
         """Check every account exists and holds the leg's asset; return their owners."""
+        ledger = self._ledger(request.ledger)
         owners: dict[str, str] = {}
         problems: list[FieldError] = []
         for check in request.checks:
             try:
-                account = self._ledger.account(check.account)
+                account = ledger.account(check.account)
             except UnknownAccount:
                 problems.append(
                     FieldError(
                         field=check.field,
-                        message=f"unknown account {check.account!r} on ledger {self._ledger.name!r}",
+                        message=f"unknown account {check.account!r} on ledger {ledger.name!r}",
                     )
                 )
                 continue
@@ -92,11 +113,12 @@ class LedgerActivities:
     @activity.defn(name="ledger.reserve")
     def reserve(self, request: ReserveRequest) -> HoldOutcomes:
         """Place each hold; a hold that lacks funds is reported short, not raised."""
+        ledger = self._ledger(request.ledger)
         by_id = {h.hold_id: h for h in request.holds}
 
         def place(hold_id: str) -> Hold:
             h = by_id[hold_id]
-            return self._ledger.place_hold(
+            return ledger.place_hold(
                 h.hold_id, h.account, h.to_account, h.asset, h.amount, h.expires_at, h.trade_id, h.hashlock
             )
 
@@ -105,17 +127,17 @@ class LedgerActivities:
     @activity.defn(name="ledger.pin")
     def pin(self, request: HoldRefs) -> HoldOutcomes:
         """Prepare each hold for commit: clear its expiry. A hold no longer open is reported."""
-        return _each(request.hold_ids, self._ledger.pin_hold, (HoldNotOpen,))
+        return _each(request.hold_ids, self._ledger(request.ledger).pin_hold, (HoldNotOpen,))
 
     @activity.defn(name="ledger.commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         """Commit each hold (transfer to its beneficiary)."""
-        return _each(request.hold_ids, self._ledger.commit_hold, ())
+        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, ())
 
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused."""
-        return _each(request.hold_ids, self._ledger.release_hold, (HoldNotOpen,))
+        return _each(request.hold_ids, self._ledger(request.ledger).release_hold, (HoldNotOpen,))
 
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""

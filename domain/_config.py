@@ -69,6 +69,11 @@ class LedgerConfig(BaseModel):
 
     kind: Literal["sql", "http", "evm"]
     url: str | None = None
+    # True: the settlement worker calls this ledger itself, as local activities (no
+    # task dispatch through the server per call; it needs the ledger's credentials).
+    # False: calls go to activities on the ledger's own task queue, served by
+    # ``dvp worker --ledger NAME`` wherever the credentials are.
+    local_activities: bool = True
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -150,6 +155,10 @@ class Config(_Section):
 
     def ledger_queue(self, ledger: str) -> str:
         return f"{self.temporal.task_queue_prefix}-ledger-{ledger}"
+
+    def local_ledgers(self) -> list[str]:
+        """The ledgers the settlement worker calls through local activities."""
+        return sorted(name for name, ledger in self.ledgers.items() if ledger.local_activities)
 
 
 def default_config(base: Path = DEFAULT_DIR) -> Config:

@@ -21,6 +21,9 @@ class SettlementRequest(_Model):
     fingerprint: str
     settlement_queue: str
     ledger_queues: dict[str, str]
+    # Ledgers called through local activities of the settlement worker (see
+    # LedgerConfig.local_activities); the others through their task queues.
+    local_ledgers: list[str] = Field(default_factory=list)
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
 
 
@@ -32,6 +35,7 @@ class AccountCheck(_Model):
 
 class CheckAccountsRequest(_Model):
     checks: list[AccountCheck]
+    ledger: str = ""  # which ledger, for a worker that serves several
 
 
 class CheckAccountsResult(_Model):
@@ -52,6 +56,7 @@ class HoldRequest(_Model):
 
 class ReserveRequest(_Model):
     holds: list[HoldRequest]
+    ledger: str = ""
 
 
 class HoldOutcome(_Model):
@@ -70,6 +75,7 @@ class HoldOutcomes(_Model):
 
 class HoldRefs(_Model):
     hold_ids: list[str]
+    ledger: str = ""
 
 
 class ScreenRequest(_Model):

@@ -5,9 +5,11 @@
 Runs ``worker.run_worker`` (settlement workflows and every configured ledger's
 activities, exactly as ``dvp worker``) and, beside it in the same process, the
 workflows of ``workflows/_bench.py`` with activities that do nothing, laid out like
-the real ones: the workflows (and the local ``screen``) on ``<prefix>-bench``, each
-ledger's no-op activities on ``<prefix>-bench-ledger-<name>``, sync activities on a
-thread pool of the same size.
+the real ones: the workflows (with the local ``screen`` and the no-op ledger
+activities, for the ceiling's local ledger calls) on ``<prefix>-bench``, each
+ledger's no-op activities on ``<prefix>-bench-ledger-<name>`` (for the naive saga,
+and the ceiling's queued ledger calls), sync activities on a thread pool of the
+same size.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def bench_ledger_queue(config: Config, ledger: str) -> str:
 
 def _outcomes(hold_ids: list[str]) -> HoldOutcomes:
     outcomes = []
+    heartbeat = not activity.info().is_local  # as the ledger activities do, once per hold
     for hold_id in hold_ids:
-        activity.heartbeat(hold_id)  # as the ledger activities do, once per hold
+        if heartbeat:
+            activity.heartbeat(hold_id)
         outcomes.append(HoldOutcome(hold_id=hold_id, ok=True))
     return HoldOutcomes(outcomes=outcomes)
 
@@ -99,10 +103,15 @@ async def run_bench_workers(config: Config, client: Client, stop: asyncio.Event)
             client,
             task_queue=bench_queue(config),
             workflows=[CeilingWorkflow, NaiveSagaWorkflow],
-            activities=[screen],
+            activities=[screen, *noop.all()],
+            activity_executor=executor,
+            max_concurrent_local_activities=ACTIVITY_THREADS,
+            no_remote_activities=True,
             sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         )
     ]
+    # The naive saga's ordinary activities, and the ceiling's for ledgers called through
+    # their queue, run on the bench ledger queues.
     workers += [
         Worker(
             client,

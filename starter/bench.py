@@ -1,7 +1,7 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
     dvp bench [-n 100] [-c 20] [--workers 1,2] [--rounds 2] [--idle 10] [--warmup 10]
-              [--server-storage file|memory] [--ledger sqlite|postgres]
+              [--server-storage file|memory] [--ledger sqlite|postgres] [--ledger-calls local|queue]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
               [--netting N] [--json] [--output FILE]
 
@@ -73,9 +73,9 @@ from domain import (
     parse_config,
 )
 from starter.client import SettlementClient, parse_instruction
-from starter.devserver import DevServer, connect_client, find_temporal_binary
+from starter.devserver import DYNAMIC_CONFIG, DevServer, connect_client, find_temporal_binary
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
-from workflows import SettlementWorkflow, workflow_id_for
+from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
 from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
 __all__ = ["BenchFailed", "BenchOptions", "add_parser", "run_bench"]
@@ -94,9 +94,13 @@ SUBMIT_MODES = {
     "nowait": "SettlementClient.submit(wait_accepted=False): start_workflow, then a status query",
     "accepted": "SettlementClient.submit(): update-with-start, returns once validated and screened",
 }
+LEDGER_CALLS = {
+    "local": "local activities of the settlement worker (local_activities = true, the default)",
+    "queue": "activities on each ledger's task queue (local_activities = false)",
+}
 _TICK = os.sysconf("SC_CLK_TCK")
-# The history service's transfer-queue reads per second (dev server default 20): at low
-# load, each task dispatch waits for the next read, ~40 ms here. See --server-config.
+# One of the keys DevServer sets (starter/devserver.py, DYNAMIC_CONFIG); --server-config
+# overrides them or adds others.
 TRANSFER_RPS = "history.transferProcessorMaxPollRPS"
 
 
@@ -116,6 +120,7 @@ class BenchOptions:
     rounds: int = 2
     server_storage: str = "file"
     ledger: str = "sqlite"
+    ledger_calls: str = "local"  # each ledger's local_activities setting: local or queue
     submit: str = "start"
     postgres: str = POSTGRES_SERVER
     server_config: list[str] = field(default_factory=list)  # KEY=VALUE dynamic config of the dev server
@@ -142,6 +147,8 @@ class BenchOptions:
             raise ValueError(f"--server-storage: {self.server_storage!r}: expected file or memory")
         if self.ledger not in ("sqlite", "postgres"):
             raise ValueError(f"--ledger: {self.ledger!r}: expected sqlite or postgres")
+        if self.ledger_calls not in LEDGER_CALLS:
+            raise ValueError(f"--ledger-calls: {self.ledger_calls!r}: expected local or queue")
         for item in self.server_config:
             if "=" not in item or not item.split("=", 1)[0].strip():
                 raise ValueError(f"--server-config: {item!r}: expected KEY=VALUE, e.g. {TRANSFER_RPS}=1000")
@@ -197,18 +204,6 @@ def tree_peak_rss_mb(root: int) -> float:
         except OSError:
             continue
     return total_kb / 1024
-
-
-class _BenchServer(DevServer):
-    """The embedded dev server, with extra ``--dynamic-config-value`` settings."""
-
-    def __init__(self, dynamic_config: list[str], **options: Any) -> None:
-        super().__init__(**options)
-        self.dynamic_config = dynamic_config
-
-    def command(self, binary: Path) -> list[str]:
-        extra = [arg for item in self.dynamic_config for arg in ("--dynamic-config-value", item)]
-        return [*super().command(binary), *extra]
 
 
 class _WorkerProcess:
@@ -297,8 +292,14 @@ def _fresh_ledgers(kind: str, base: Path, postgres: str, tag: str) -> Iterator[d
                 admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
-def _config_text(urls: dict[str, str], address: str, namespace: str, prefix: str) -> str:
-    ledgers = "".join(f'[ledgers.{name}]\nkind = "sql"\nurl = "{url}"\n\n' for name, url in urls.items())
+def _config_text(
+    urls: dict[str, str], address: str, namespace: str, prefix: str, ledger_calls: str = "local"
+) -> str:
+    local = "true" if ledger_calls == "local" else "false"
+    ledgers = "".join(
+        f'[ledgers.{name}]\nkind = "sql"\nurl = "{url}"\nlocal_activities = {local}\n\n'
+        for name, url in urls.items()
+    )
     return (
         f"# written by dvp bench\n{ledgers}"
         '[compliance]\nsanctioned = ["mallory"]\n\n'
@@ -433,14 +434,7 @@ class _Phase:
     # what one item of each kind is -----------------------------------------
 
     def _trade_request(self, trade_id: str, i: int) -> SettlementRequest:
-        instruction = parse_instruction(_instruction(trade_id, i), self.config)
-        return SettlementRequest(
-            instruction=instruction,
-            fingerprint=instruction.fingerprint(),
-            settlement_queue=self.config.settlement_queue(),
-            ledger_queues={name: self.config.ledger_queue(name) for name in sorted(LEDGERS)},
-            settlement=self.config.settlement,
-        )
+        return self.dvp.settlement_request(parse_instruction(_instruction(trade_id, i), self.config))
 
     def _reference_request(self, ref_id: str, i: int) -> SettlementRequest:
         request = self._trade_request(ref_id, i)
@@ -463,6 +457,7 @@ class _Phase:
                     id=workflow_id_for(trade_id),
                     task_queue=request.settlement_queue,
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    search_attributes=initial_search_attributes(request.instruction),
                 )
             await self.dvp.submit(_instruction(trade_id, i), wait_accepted=mode == "accepted")
             return self.client.get_workflow_handle_for(SettlementWorkflow.run, workflow_id_for(trade_id))
@@ -543,11 +538,12 @@ class _Phase:
 
     async def wait_for_pollers(self, workers: list[_WorkerProcess], timeout: float = 90.0) -> None:
         """Until every worker process polls every task queue of the layout."""
+        queued = [n for n in LEDGERS if n not in self.config.local_ledgers()]
         queues = [(self.config.settlement_queue(), TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)]
-        queues += [(self.config.ledger_queue(n), TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in LEDGERS]
+        queues += [(self.config.ledger_queue(n), TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in queued]
         queues += [(f"{self.prefix}-bench", TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)]
         queues += [
-            (f"{self.prefix}-bench-ledger-{n}", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in LEDGERS
+            (f"{self.prefix}-bench-ledger-{n}", TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY) for n in queued
         ]
         wanted = {str(w.pid) for w in workers}
         deadline = time.monotonic() + timeout
@@ -579,7 +575,7 @@ async def _run_phase(
 ) -> dict[str, Any]:
     run = f"b{datetime.now(UTC):%H%M%S}-w{n_workers}-{uuid.uuid4().hex[:4]}"
     with _fresh_ledgers(options.ledger, base, options.postgres, f"w{n_workers}") as urls:
-        text = _config_text(urls, address, namespace, f"bench-{run}")
+        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls)
         config = parse_config(tomllib.loads(text), "bench configuration")
         config_path = base / f"dvp-w{n_workers}.toml"
         config_path.write_text(text)
@@ -714,9 +710,14 @@ async def _environment(options: BenchOptions, address: str, namespace: str, embe
             if embedded
             else "unknown (external server)"
         ),
-        "server_config": options.server_config if embedded else None,
+        "server_config": (
+            [f"{k}={v}" for k, v in {**DYNAMIC_CONFIG, **dict(i.split("=", 1) for i in options.server_config)}.items()]
+            if embedded
+            else None
+        ),
         "sqlite_ledger": sqlite3.sqlite_version,
         "ledger": options.ledger,
+        "ledger_calls": f"{options.ledger_calls}: {LEDGER_CALLS[options.ledger_calls]}",
         "submit": f"{options.submit}: {SUBMIT_MODES[options.submit]}",
         "latency_measure": LATENCY_MEASURE,
         "client_latency_measure": CLIENT_LATENCY_MEASURE,
@@ -755,12 +756,11 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
             address, server_pid = external, None
         else:
             db_file = base / "temporal.db" if options.server_storage == "file" else None
-            server = _BenchServer(
-                options.server_config, headless=True, db_file=db_file, namespace=namespace
+            dynamic = dict(item.split("=", 1) for item in options.server_config)
+            server = DevServer(
+                headless=True, db_file=db_file, namespace=namespace, dynamic_config=dynamic
             ).start()
-            address = server.address
-            # DevServer keeps its Popen private; its pid is the root of the server's tree.
-            server_pid = server._process.pid if server._process else None  # noqa: SLF001
+            address, server_pid = server.address, server.pid
 
         async def main() -> dict[str, Any]:
             env = await _environment(options, address, namespace, server is not None)
@@ -894,7 +894,8 @@ def render(result: dict[str, Any]) -> str:
         + f", temporalio {env['temporalio']}",
         f"server: {env['server']}, {server}; storage {env['server_storage']}"
         + (f"; dynamic config {', '.join(env['server_config'])}" if env.get("server_config") else ""),
-        f"ledgers: {env['ledger']}{postgres}, SQLite {env['sqlite_ledger']}; took {result['duration_s']} s",
+        f"ledgers: {env['ledger']}{postgres}, SQLite {env['sqlite_ledger']}; calls {env['ledger_calls']}",
+        f"took {result['duration_s']} s",
     ]
     if result.get("netting"):
         from starter._bench_netting import render as render_netting
@@ -991,6 +992,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="fresh SQLite files (default) or fresh PostgreSQL databases, dropped afterwards",
     )
     p.add_argument(
+        "--ledger-calls",
+        choices=list(LEDGER_CALLS),
+        default=d.ledger_calls,
+        help="ledger calls as local activities of the settlement worker (default) or on each ledger's queue",
+    )
+    p.add_argument(
         "--postgres",
         default=d.postgres,
         help=f"PostgreSQL server for --ledger postgres (default {d.postgres})",
@@ -1000,7 +1007,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"dynamic config of the embedded server (repeatable), e.g. {TRANSFER_RPS}=1000",
+        help=f"dynamic config of the embedded server (repeatable), e.g. {TRANSFER_RPS}=20 "
+        "(overrides the defaults in starter/devserver.py DYNAMIC_CONFIG)",
     )
     p.add_argument(
         "--submit",

@@ -45,7 +45,7 @@ from domain import (
     TradeView,
     load_config,
 )
-from workflows import SettlementWorkflow, workflow_id_for
+from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
 
 from ._checks import check_ledger, check_precision, invalid_from
 from .devserver import connect_client
@@ -96,13 +96,15 @@ class SettlementClient:
     def _handle(self, trade_id: str) -> WorkflowHandle[Any, TradeView]:
         return self.client.get_workflow_handle_for(SettlementWorkflow.run, workflow_id_for(trade_id))
 
-    def _request(self, instruction: Instruction) -> SettlementRequest:
+    def settlement_request(self, instruction: Instruction) -> SettlementRequest:
+        """The settlement workflow's input for ``instruction`` under this client's config."""
         ledgers = {leg.ledger for leg in instruction.legs}
         return SettlementRequest(
             instruction=instruction,
             fingerprint=instruction.fingerprint(),
             settlement_queue=self.config.settlement_queue(),
             ledger_queues={name: self.config.ledger_queue(name) for name in sorted(ledgers)},
+            local_ledgers=[name for name in self.config.local_ledgers() if name in ledgers],
             settlement=self.config.settlement,
         )
 
@@ -115,13 +117,14 @@ class SettlementClient:
         trade; different content under the same id raises ``DuplicateTrade``.
         """
         instruction = parse_instruction(data, self.config)
-        request = self._request(instruction)
+        request = self.settlement_request(instruction)
         # one workflow per trade id, ever: a running one is joined, a closed one refused
         start_options: dict[str, Any] = {
             "id": workflow_id_for(instruction.trade_id),
             "task_queue": self.config.settlement_queue(),
             "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
             "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            "search_attributes": initial_search_attributes(instruction),
         }
         try:
             if wait_accepted:

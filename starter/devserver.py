@@ -51,6 +51,19 @@ HOST = "127.0.0.1"
 SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 LOG_TAIL_LINES = 40
 
+# Dynamic config of every server DevServer starts (``--dynamic-config-value``). The
+# dev server's defaults suit a laptop idling, not settlement: its history service
+# reads each task queue at most 20 times a second, so at low load every task waits
+# ~40 ms for the next read; and a timer may fire up to a second late, which would
+# delay every commit behind the settlement workflow's decision-record timer (see
+# workflows/settlement.py, record_decision). A deployment sets the same keys in its
+# server's dynamic config.
+DYNAMIC_CONFIG: dict[str, str] = {
+    "history.transferProcessorMaxPollRPS": "1000",
+    "history.transferProcessorMaxPollHostRPS": "1000",
+    "history.timerProcessorMaxTimeShift": '"10ms"',
+}
+
 
 class DevServerError(DvpError):
     """The dev server binary is missing, or the server failed to start or died."""
@@ -134,7 +147,8 @@ class DevServer:
     port when that one is taken. ``db_file`` None keeps everything in memory; a file
     keeps workflow histories across restarts. ``log_file`` None logs to a temporary
     file that is deleted after a clean stop. ``binary`` overrides the ``temporal``
-    executable found by ``find_temporal_binary``.
+    executable found by ``find_temporal_binary``. ``dynamic_config`` adds to or
+    overrides ``DYNAMIC_CONFIG`` (values in YAML, e.g. ``'"10ms"'`` or ``1000``).
     """
 
     def __init__(
@@ -148,6 +162,7 @@ class DevServer:
         *,
         binary: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
+        dynamic_config: dict[str, str] | None = None,
     ) -> None:
         self.port = port if port is not None else _free_port()
         if headless:
@@ -164,6 +179,8 @@ class DevServer:
         self.log_file = Path(log_file) if log_file is not None else None
         self.binary = Path(binary) if binary is not None else None
         self.startup_timeout = startup_timeout
+        # DYNAMIC_CONFIG, with ``dynamic_config`` added or overriding (KEY -> YAML value).
+        self.dynamic_config = {**DYNAMIC_CONFIG, **(dynamic_config or {})}
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_path: Path | None = None
@@ -178,6 +195,11 @@ class DevServer:
     def ui_url(self) -> str | None:
         """The Web UI's URL, or None when headless."""
         return None if self.ui_port is None else f"http://{HOST}:{self.ui_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The server process's pid (the root of its process tree), None when stopped."""
+        return self._process.pid if self._process is not None else None
 
     @property
     def running(self) -> bool:
@@ -209,6 +231,8 @@ class DevServer:
                 args += ["--sqlite-pragma", pragma]
         for key, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{key}={kind}"]
+        for key, value in self.dynamic_config.items():
+            args += ["--dynamic-config-value", f"{key}={value}"]
         return args
 
     def start(self) -> DevServer:

@@ -37,10 +37,15 @@ STANDARD_ACCOUNTS = [
 ]
 
 
-def make_config(urls: Mapping[str, str], prefix: str, **settlement: Any) -> Config:
+def make_config(
+    urls: Mapping[str, str], prefix: str, *, local_activities: bool = True, **settlement: Any
+) -> Config:
     return parse_config(
         {
-            "ledgers": {name: {"kind": "sql", "url": url} for name, url in urls.items()},
+            "ledgers": {
+                name: {"kind": "sql", "url": url, "local_activities": local_activities}
+                for name, url in urls.items()
+            },
             "compliance": {"sanctioned": ["mallory"]},
             "roles": {"operators": ["ops"]},
             "temporal": {"task_queue_prefix": prefix},

@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from domain import RequestRejected, TradeStatus
+from temporalio.client import Client
+
+from domain import Config, RequestRejected, TradeStatus
 from starter.devserver import DevServer
 from workflows.settlement import workflow_id_for
 
@@ -109,6 +111,12 @@ async def sanctioned(engine: Engine) -> str:
     return "R-sanctioned"
 
 
+async def settled_queued(engine: Engine) -> str:
+    """A plain DvP whose ledger calls go through the ledgers' task queues."""
+    await engine.client.submit(dvp("R-settled-queued"))
+    return "R-settled-queued"
+
+
 SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "settled": (settled, TradeStatus.SETTLED),
     "expired": (expired, TradeStatus.EXPIRED),
@@ -119,26 +127,46 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
 }
 
 
+# Recorded with every ledger configured ``local_activities = false``.
+QUEUED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
+    "settled_queued": (settled_queued, TradeStatus.SETTLED),
+}
+
+
 async def record(out: Path) -> list[Path]:
     written: list[Path] = []
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
         client = await server.connect()
-        config = make_config(sqlite_urls(Path(tmp)), f"rec-{uuid.uuid4().hex[:8]}")
-        async with run_engine(client, config) as engine:
-            for name, (scenario, expected) in SCENARIOS.items():
-                trade_id = await scenario(engine)
-                final = await engine.client.wait(trade_id, timeout=60)
-                if final.status is not expected:
-                    raise RuntimeError(
-                        f"{name}: {trade_id} ended {final.status} ({final.reason}), not {expected}"
-                    )
-                workflow_id = workflow_id_for(trade_id)
-                history = await client.get_workflow_handle(workflow_id).fetch_history()
-                path = out / f"{workflow_id}.json"
-                path.write_text(history.to_json() + "\n")
-                written.append(path)
-                print(f"  {name}: {trade_id} {final.status.value}, {len(history.events)} events -> {path}")
-            engine.assert_invariants()
+        for queued, scenarios in ((False, SCENARIOS), (True, QUEUED_SCENARIOS)):
+            base = Path(tmp) / ("queued" if queued else "local")
+            base.mkdir()
+            config = make_config(sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=not queued)
+            written += await _record(client, config, scenarios, out)
+    return written
+
+
+async def _record(
+    client: Client,
+    config: Config,
+    scenarios: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]],
+    out: Path,
+) -> list[Path]:
+    written: list[Path] = []
+    async with run_engine(client, config) as engine:
+        for name, (scenario, expected) in scenarios.items():
+            trade_id = await scenario(engine)
+            final = await engine.client.wait(trade_id, timeout=60)
+            if final.status is not expected:
+                raise RuntimeError(
+                    f"{name}: {trade_id} ended {final.status} ({final.reason}), not {expected}"
+                )
+            workflow_id = workflow_id_for(trade_id)
+            history = await client.get_workflow_handle(workflow_id).fetch_history()
+            path = out / f"{workflow_id}.json"
+            path.write_text(history.to_json() + "\n")
+            written.append(path)
+            print(f"  {name}: {trade_id} {final.status.value}, {len(history.events)} events -> {path}")
+        engine.assert_invariants()
     return written
 
 

@@ -7,9 +7,13 @@ every leg committed, or EXPIRED/CANCELLED with every leg released (or never
 reserved), never half, and that the ledgers' balances are exactly the seeded ones
 plus the settled legs.
 
-The kill tests take ~35 s each: a ledger activity cut off by a SIGKILL is retried
-only once its 30 s start-to-close timeout has passed (the workflow sets no
-heartbeat timeout).
+Ledger calls run as local activities of the settlement worker by default (the
+first test), or through each ledger's task queue (``local_activities = false``,
+the other two, whose ledger activities run in another process). A killed worker's
+workflow tasks and local activities pass to the next worker once the sticky queue's
+3 s schedule-to-start timeout or the workflow task's 10 s timeout runs out; a queued
+ledger activity cut off by a SIGKILL is retried once its 10 s heartbeat timeout
+passes.
 """
 
 from __future__ import annotations
@@ -60,10 +64,16 @@ ACCOUNTS = [a for a in STANDARD_ACCOUNTS if a["ledger"] in LEDGERS]
 # --------------------------------------------------------------------- helpers
 
 
-def write_config(tmp_path: Path, server: DevServer, prefix: str) -> Path:
-    """A TOML configuration: two SQLite ledgers in ``tmp_path``, the test server, our queues."""
+def write_config(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[str, ...] = ()) -> Path:
+    """A TOML configuration: two SQLite ledgers in ``tmp_path``, the test server, our queues.
+
+    The ledgers named in ``queued`` are called through their task queues, the others
+    as local activities of the settlement worker.
+    """
     ledgers = "".join(
-        f'[ledgers.{name}]\nkind = "sql"\nurl = "sqlite:///{tmp_path / name}.db"\n\n' for name in LEDGERS
+        f'[ledgers.{name}]\nkind = "sql"\nurl = "sqlite:///{tmp_path / name}.db"\n'
+        f"local_activities = {'false' if name in queued else 'true'}\n\n"
+        for name in LEDGERS
     )
     path = tmp_path / "dvp.toml"
     path.write_text(
@@ -347,7 +357,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     the cash commit then completes with no orchestrator alive, and a new worker
     finishes the trade SETTLED, with each leg moved exactly once.
     """
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
+    config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
@@ -419,7 +429,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     the cash worker is SIGKILLed while cash holds are open, the trades wait with no
     cash ledger for two seconds, and a new cash worker is started.
     """
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
+    config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     uid = task_queue_prefix.removeprefix("t-")

@@ -3,8 +3,10 @@
 ``CeilingWorkflow`` has exactly the activity structure of a settled trade: per ledger
 one ``check_accounts`` (ledgers in parallel), one local ``screen``, then per ledger
 ``reserve``, ``pin`` and ``commit`` (each stage ledgers in parallel), with the same
-arguments, timeouts, retry policies and task-queue layout. Its activities do nothing,
-so its rate is the engine's ceiling for this shape on this server and these workers.
+arguments, timeouts, retry policies, local-or-queued dispatch and decision record
+(it calls the settlement workflow's own ``ledger_call`` and ``record_decision``).
+Its activities do nothing, so its rate is the engine's ceiling for this shape on
+this server and these workers.
 
 ``NaiveSagaWorkflow`` is the textbook saga a trade is compared with: six ordinary
 activities one after another (check, reserve and commit for each of the two legs),
@@ -22,9 +24,9 @@ from typing import Any
 
 from temporalio import workflow
 
-# The settlement workflow's own options for a ledger call before the commit decision,
-# imported rather than copied so that the reference cannot drift from the real thing.
-from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY
+# The settlement workflow's own ledger calls, imported rather than copied so that the
+# reference cannot drift from the real thing.
+from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, ledger_call, record_decision
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
@@ -76,7 +78,6 @@ class CeilingWorkflow:
         legs = request.instruction.legs
         by_ledger = _legs_by_ledger(request)
         ledgers = sorted(by_ledger)
-        queue = request.ledger_queues
 
         def checks(ledger: str) -> CheckAccountsRequest:
             items: list[AccountCheck] = []
@@ -104,8 +105,18 @@ class CeilingWorkflow:
                 ]
             )
 
+        def call(ledger: str, name: str, argument: Any, result_type: type) -> Any:
+            return ledger_call(
+                request,
+                ledger,
+                name,
+                argument,
+                schedule_to_close=_SCHEDULE_TO_CLOSE if name != "bench.commit" else None,
+                result_type=result_type,
+            )
+
         await asyncio.gather(
-            *(_call(queue[lg], "bench.check_accounts", checks(lg), CheckAccountsResult) for lg in ledgers)
+            *(call(lg, "bench.check_accounts", checks(lg), CheckAccountsResult) for lg in ledgers)
         )
         parties = sorted({p for leg in legs for p in (leg.from_, leg.to)})
         await workflow.execute_local_activity(
@@ -114,15 +125,13 @@ class CeilingWorkflow:
             result_type=ScreenResult,
             start_to_close_timeout=_CALL_TIMEOUT,
         )
-        await asyncio.gather(
-            *(_call(queue[lg], "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers)
-        )
+        await asyncio.gather(*(call(lg, "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers))
         for stage in ("bench.pin", "bench.commit"):
+            if stage == "bench.commit":
+                await record_decision(request)
             await asyncio.gather(
                 *(
-                    _call(
-                        queue[lg], stage, HoldRefs(hold_ids=_hold_ids(request, by_ledger[lg])), HoldOutcomes
-                    )
+                    call(lg, stage, HoldRefs(hold_ids=_hold_ids(request, by_ledger[lg])), HoldOutcomes)
                     for lg in ledgers
                 )
             )

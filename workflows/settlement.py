@@ -38,7 +38,13 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributeKey,
+    SearchAttributePair,
+    SearchAttributeUpdate,
+    TypedSearchAttributes,
+)
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -56,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         HoldRefs,
         HoldRequest,
         HoldStatus,
+        Instruction,
         LegState,
         LegView,
         ReserveRequest,
@@ -94,11 +101,87 @@ _CALL_TIMEOUT = timedelta(seconds=60)
 # after this, not after the whole start-to-close timeout.
 _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 _STUCK_RETRY = timedelta(seconds=60)
+_RECORD = timedelta(milliseconds=1)
+
+
+def search_attributes(
+    instruction: Instruction,
+    *,
+    status: TradeStatus,
+    parties: list[str],
+    deadline: datetime | None,
+) -> list[SearchAttributeUpdate[Any]]:
+    """The search attributes of a trade: what the Web UI and ``dvp list`` filter on."""
+    updates: list[SearchAttributeUpdate[Any]] = [
+        STATUS.value_set(status.value),
+        TRADE_ID.value_set(instruction.trade_id),
+        PARTIES.value_set(parties),
+        ASSETS.value_set(sorted({leg.asset for leg in instruction.legs})),
+    ]
+    if deadline is not None:
+        updates.append(DEADLINE.value_set(deadline))
+    return updates
+
+
+def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes:
+    """What a client sets when it starts a trade, so the workflow need not upsert them."""
+    updates = search_attributes(
+        instruction, status=TradeStatus.PENDING, parties=sorted(instruction.parties()), deadline=instruction.deadline
+    )
+    return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
 
 
 def workflow_id_for(trade_id: str) -> str:
     """The workflow id of a trade: one trade id, one workflow, ever."""
     return f"trade-{trade_id}"
+
+
+def ledger_call(
+    request: SettlementRequest,
+    ledger: str,
+    activity: Callable[..., Any] | str,
+    argument: Any,
+    *,
+    schedule_to_close: timedelta | None,
+    result_type: type | None = None,
+) -> Awaitable[Any]:
+    """One call to one ledger: a local activity, or an activity on the ledger's queue.
+
+    ``schedule_to_close`` None retries forever (commits and releases after the
+    decision). Local is safe because every ledger call is idempotent on its hold
+    keys (a local activity is retried, and re-run after a worker dies, like any
+    other) and because the commit decision is in the history before any local
+    commit runs (``record_decision``).
+    """
+    argument = argument.model_copy(update={"ledger": ledger})
+    options: dict[str, Any] = {"start_to_close_timeout": _CALL_TIMEOUT, "result_type": result_type}
+    if schedule_to_close is None:
+        options["retry_policy"] = _RETRY_FOREVER
+    else:
+        options |= {"schedule_to_close_timeout": schedule_to_close, "retry_policy": _RETRY}
+    if ledger in request.local_ledgers:
+        return workflow.execute_local_activity(activity, argument, **options)
+    return workflow.execute_activity(
+        activity,
+        argument,
+        task_queue=request.ledger_queues[ledger],
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
+        **options,
+    )
+
+
+async def record_decision(request: SettlementRequest) -> None:
+    """Make sure the commit decision is in the history before any commit runs.
+
+    A remote activity is scheduled by completing the workflow task, which records
+    everything decided so far. A local activity's result, though, reaches the
+    history only with the workflow task that ran it, and the SDK keeps that task
+    open while local activities run. So when a commit will be local, a timer ends
+    the task first: a worker that dies mid-commit is then replaced by one that
+    replays the decision and commits, never by one that decides again.
+    """
+    if request.local_ledgers:
+        await workflow.sleep(_RECORD)
 
 
 class _Abort(Exception):
@@ -134,13 +217,16 @@ class SettlementWorkflow:
         self._policy_known = False
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
+        # search attribute name -> value as last set (at start by the client, then by us)
+        self._published: dict[str, Any] = {
+            pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
+        }
 
     # ----------------------------------------------------------------- run
 
     @workflow.run
     async def run(self, request: SettlementRequest) -> TradeView:
         self._event("submitted", f"deadline {self._deadline.isoformat()}")
-        self._upsert_all()
         try:
             await self._settle()
         except _Abort as abort:
@@ -150,6 +236,7 @@ class SettlementWorkflow:
             self._event("cancel requested through Temporal")
             await self._shielded(self._compensate())
             self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
+        self._publish()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self._view()
@@ -160,7 +247,7 @@ class SettlementWorkflow:
         await self._await_approvals()
         await self._reserve_all()
         await self._prepare()
-        self._decide()
+        await self._decide()
         await self._shielded(self._commit_all())
         self._set_status(TradeStatus.SETTLED)
 
@@ -189,7 +276,6 @@ class SettlementWorkflow:
             self._errors = sorted(problems, key=lambda p: p.field)
             raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
         self._event("accounts validated")
-        workflow.upsert_search_attributes([PARTIES.value_set(self._parties())])
 
     async def _screen(self) -> None:
         result: ScreenResult = await workflow.execute_local_activity_method(
@@ -254,11 +340,13 @@ class SettlementWorkflow:
         if workflow.now() >= self._deadline:
             raise _Abort(TradeStatus.EXPIRED, "every leg was held, but only after the deadline")
 
-    def _decide(self) -> None:
+    async def _decide(self) -> None:
         # The point of no return: from here on, only commits.
         self._decided = True
         self._event("commit decision recorded", "every leg held and pinned")
         self._set_status(TradeStatus.COMMITTING)
+        self._publish()
+        await record_decision(self._request)
 
     async def _commit_all(self) -> None:
         remaining = list(range(len(self._hold_ids)))
@@ -269,6 +357,7 @@ class SettlementWorkflow:
                 )
             except ActivityError as err:
                 self._event("commit failed, retrying", _cause(err))
+                self._publish()
                 await workflow.sleep(_STUCK_RETRY)
                 continue
             for i, outcome in outcomes.items():
@@ -286,6 +375,7 @@ class SettlementWorkflow:
                 )
             except ActivityError as err:
                 self._event("release failed, retrying", _cause(err))
+                self._publish()
                 await workflow.sleep(_STUCK_RETRY)
                 continue
             for i, outcome in outcomes.items():
@@ -392,6 +482,7 @@ class SettlementWorkflow:
         remaining = until - workflow.now()
         if remaining <= timedelta(0) or condition():
             return
+        self._publish()
         with contextlib.suppress(TimeoutError):
             await workflow.wait_condition(condition, timeout=remaining)
 
@@ -412,19 +503,11 @@ class SettlementWorkflow:
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        options: dict[str, Any] = {
-            "task_queue": self._request.ledger_queues[ledger],
-            "heartbeat_timeout": _HEARTBEAT_TIMEOUT,
-        }
-        if forever:
-            options |= {"start_to_close_timeout": _CALL_TIMEOUT, "retry_policy": _RETRY_FOREVER}
-        else:
-            options |= {
-                "start_to_close_timeout": _CALL_TIMEOUT,
-                "schedule_to_close_timeout": self._remaining(),
-                "retry_policy": _RETRY,
-            }
-        return workflow.execute_activity_method(activity, argument, **options)
+        # Before the decision a call is bounded by the deadline; after it, retried forever.
+        limit = None if forever else self._remaining()
+        if ledger not in self._request.local_ledgers:
+            self._publish()  # scheduling a remote activity ends the workflow task
+        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
 
     async def _per_ledger(
         self,
@@ -514,18 +597,28 @@ class SettlementWorkflow:
         self._status = status
         self._reason = reason
         self._event(f"status {status.value}", reason)
-        workflow.upsert_search_attributes([STATUS.value_set(status.value)])
 
-    def _upsert_all(self) -> None:
-        workflow.upsert_search_attributes(
-            [
-                STATUS.value_set(self._status.value),
-                TRADE_ID.value_set(self._instruction.trade_id),
-                PARTIES.value_set(self._parties()),
-                ASSETS.value_set(sorted({leg.asset for leg in self._instruction.legs})),
-                DEADLINE.value_set(self._deadline),
-            ]
+    def _publish(self) -> None:
+        """Bring the search attributes up to date, in one upsert of what changed.
+
+        Called where the workflow task may end (a wait, a timer, a remote activity)
+        and at the end: the statuses a trade passes through within one task would be
+        visible to no one, and each upsert is a history event and a visibility write.
+        """
+        wanted = search_attributes(
+            self._instruction,
+            status=self._status,
+            parties=self._parties(),
+            deadline=self._deadline,
         )
+        changed = [
+            update
+            for update in wanted
+            if self._published.get(update.key.name) != update.value
+        ]
+        if changed:
+            workflow.upsert_search_attributes(changed)
+            self._published.update({update.key.name: update.value for update in changed})
 
     def _view(self) -> TradeView:
         legs = [
