@@ -44,7 +44,8 @@ FIGURES = [
     ("ratios", "ceiling_cpu_per_trade_cpu"),
     ("rss_peak_mb", "server"),
     ("history_per_workflow", "trades", "workflow_tasks"),
-    ("history_per_workflow", "trades", "activity_tasks"),
+    # the default: ledger calls as local activities (their activity_tasks count is 0)
+    ("history_per_workflow", "trades", "local_activities"),
 ]
 
 

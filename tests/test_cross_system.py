@@ -221,7 +221,7 @@ async def test_bank_down_between_reserve_and_commit_settles_chain_and_bank_once(
                     "the chain leg is committed",
                 )
                 assert (await engine.client.status("X-fault")).status is TradeStatus.COMMITTING
-                await failed_commit(engine, "X-fault")
+                await failed_commit(cash, "X-fault#1")
                 assert bank_state.get_hold("X-fault#1").status is HoldStatus.OPEN
 
                 await asyncio.to_thread(service.start)  # same port, same database
