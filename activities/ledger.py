@@ -11,12 +11,15 @@ activity, local or not, has the effect of one.
 A ``LedgerError`` that retrying cannot cure becomes a non-retryable
 ``ApplicationError`` whose ``type`` is the error's stable code. A short reservation
 (``InsufficientFunds``) is not an error at all: it is an outcome, and the workflow
-decides whether to recycle.
+decides whether to recycle. Asked to (``report_available``), ``reserve`` also says
+what a short hold's account has available, in the same call, so a partial trade can
+size its next fill without another round trip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -58,6 +61,13 @@ def _each(
         except LedgerError as exc:
             raise _application_error(exc) from exc
     return HoldOutcomes(outcomes=outcomes)
+
+
+def _available(ledger: Ledger, account: str) -> Decimal:
+    try:
+        return ledger.account(account).available
+    except LedgerError as exc:
+        raise _application_error(exc) from exc
 
 
 class LedgerActivities:
@@ -122,7 +132,16 @@ class LedgerActivities:
                 h.hold_id, h.account, h.to_account, h.asset, h.amount, h.expires_at, h.trade_id, h.hashlock
             )
 
-        return _each(list(by_id), place, (InsufficientFunds,))
+        result = _each(list(by_id), place, (InsufficientFunds,))
+        if not request.report_available:
+            return result
+        short = {o.hold_id: _available(ledger, by_id[o.hold_id].account) for o in result.outcomes if not o.ok}
+        return HoldOutcomes(
+            outcomes=[
+                o.model_copy(update={"available": short[o.hold_id]}) if o.hold_id in short else o
+                for o in result.outcomes
+            ]
+        )
 
     @activity.defn(name="ledger.pin")
     def pin(self, request: HoldRefs) -> HoldOutcomes:

@@ -53,12 +53,14 @@ from ._models import (
     AccountSpec,
     Amount,
     FieldError,
+    FillView,
     Hold,
     HoldStatus,
     Instruction,
     Leg,
     LegState,
     LegView,
+    Partial,
     SeedFile,
     TimelineEvent,
     TradeStatus,
@@ -85,6 +87,7 @@ from ._netting import (
     SettleRequest,
     TradeOutcome,
 )
+from ._partial import FillRule, minor_unit
 
 __all__ = [
     "AccountPosition",
@@ -125,6 +128,8 @@ __all__ = [
     "DuplicateTrade",
     "DvpError",
     "FieldError",
+    "FillRule",
+    "FillView",
     "Hold",
     "HoldNotOpen",
     "HoldOutcome",
@@ -143,6 +148,7 @@ __all__ = [
     "Leg",
     "LegState",
     "LegView",
+    "Partial",
     "RequestRejected",
     "ReserveRequest",
     "RolesConfig",
@@ -161,5 +167,6 @@ __all__ = [
     "UnknownHold",
     "default_config",
     "load_config",
+    "minor_unit",
     "parse_config",
 ]

@@ -25,6 +25,7 @@ class SettlementRequest(_Model):
     # LedgerConfig.local_activities); the others through their task queues.
     local_ledgers: list[str] = Field(default_factory=list)
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+    precisions: dict[str, int] = Field(default_factory=dict)  # asset -> decimals, for partial fills
 
 
 class AccountCheck(_Model):
@@ -57,6 +58,7 @@ class HoldRequest(_Model):
 class ReserveRequest(_Model):
     holds: list[HoldRequest]
     ledger: str = ""
+    report_available: bool = False  # a short hold's outcome then says what is available
 
 
 class HoldOutcome(_Model):
@@ -67,6 +69,7 @@ class HoldOutcome(_Model):
     code: str = ""  # a LedgerError code when not ok
     detail: str = ""
     hold: Hold | None = None
+    available: Amount | None = None  # of a short hold's account, if the request asked
 
 
 class HoldOutcomes(_Model):

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -87,13 +88,45 @@ class Leg(_Model):
         return self
 
 
+class Partial(_Model):
+    """Allows a trade to settle in parts (T2S-style partial settlement).
+
+    ``legs[0]`` delivers the quantity and ``legs[1]`` pays for it. A fill must be at
+    least ``min_fill`` (a fraction of ``legs[0].amount``, e.g. ``"0.25"``) or
+    ``min_quantity`` (in ``legs[0]``'s asset), unless it is the whole remainder; give
+    at most one of them (neither: any fill).
+    """
+
+    min_fill: Amount | None = None
+    min_quantity: Amount | None = None
+
+    @field_validator("min_fill")
+    @classmethod
+    def _fraction(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and not 0 < value <= 1:
+            got = format(value, "f")
+            raise ValueError(f'must be a fraction above 0 and at most 1 such as "0.25", got {got}')
+        return value
+
+    @field_validator("min_quantity")
+    @classmethod
+    def _quantity_positive(cls, value: Decimal | None) -> Decimal | None:
+        return None if value is None else _positive(value)
+
+    @model_validator(mode="after")
+    def _one_minimum(self) -> Partial:
+        if self.min_fill is not None and self.min_quantity is not None:
+            raise ValueError("give 'min_fill' or 'min_quantity', not both")
+        return self
+
+
 class Instruction(_Model):
     """A settlement instruction: every leg settles or none does.
 
     ``settle_within`` (ISO 8601 duration, counted from submission) or ``deadline``
     (ISO 8601 instant) bounds the time the trade may take; with neither, the
     configured default applies. ``approvers`` must all approve before anything is
-    reserved.
+    reserved. ``partial`` lets a simple two-leg DvP settle in parts (see ``Partial``).
     """
 
     trade_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -101,6 +134,7 @@ class Instruction(_Model):
     settle_within: timedelta | None = None
     deadline: AwareDatetime | None = None
     approvers: list[str] = Field(default_factory=list)
+    partial: Partial | None = None
 
     @field_validator("settle_within")
     @classmethod
@@ -118,6 +152,25 @@ class Instruction(_Model):
             raise ValueError("an approver is listed twice")
         return value
 
+    @field_validator("partial")
+    @classmethod
+    def _partial_is_simple_dvp(cls, value: Partial | None, info: ValidationInfo) -> Partial | None:
+        legs: list[Leg] | None = info.data.get("legs")
+        if value is None or legs is None:
+            return value
+        if len(legs) != 2 or legs[0].asset == legs[1].asset:
+            raise ValueError(
+                "partial settlement needs a simple two-leg DvP (legs[0] delivers one asset, "
+                f"legs[1] pays in another); this trade has {len(legs)} legs in "
+                f"{len({leg.asset for leg in legs})} asset(s)"
+            )
+        if value.min_quantity is not None and value.min_quantity > legs[0].amount:
+            raise ValueError(
+                f"min_quantity {format(value.min_quantity, 'f')} exceeds the quantity of legs[0] "
+                f"({format(legs[0].amount, 'f')})"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_time_limit(self) -> Instruction:
         if self.settle_within is not None and self.deadline is not None:
@@ -126,7 +179,9 @@ class Instruction(_Model):
 
     def fingerprint(self) -> str:
         """A digest of the content, to tell a resubmission from a different trade."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # without "partial" when absent, so an instruction's fingerprint is what it was before
+        content = self.model_dump(mode="json", exclude={"partial"} if self.partial is None else None)
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def parties(self) -> list[str]:
@@ -143,7 +198,9 @@ class TradeStatus(StrEnum):
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     RESERVING = "RESERVING"
     COMMITTING = "COMMITTING"
+    PARTIALLY_SETTLED = "PARTIALLY_SETTLED"  # some fills settled; the rest is open and recycling
     SETTLED = "SETTLED"
+    SETTLED_PARTIAL = "SETTLED_PARTIAL"  # ended with some fills settled and the rest released
     CANCELLED = "CANCELLED"
     REJECTED = "REJECTED"
     EXPIRED = "EXPIRED"
@@ -153,7 +210,13 @@ class TradeStatus(StrEnum):
         return self in _TERMINAL
 
 
-_TERMINAL = {TradeStatus.SETTLED, TradeStatus.CANCELLED, TradeStatus.REJECTED, TradeStatus.EXPIRED}
+_TERMINAL = {
+    TradeStatus.SETTLED,
+    TradeStatus.SETTLED_PARTIAL,
+    TradeStatus.CANCELLED,
+    TradeStatus.REJECTED,
+    TradeStatus.EXPIRED,
+}
 
 
 class LegState(StrEnum):
@@ -174,6 +237,16 @@ class LegView(_Model):
     hold_id: str
     state: LegState
     detail: str = ""
+
+
+class FillView(_Model):
+    """One settled fill of a partial trade: ``quantity`` of legs[0] against ``amount`` of legs[1]."""
+
+    number: int
+    quantity: Amount
+    amount: Amount
+    hold_ids: list[str]
+    settled_at: datetime
 
 
 class TimelineEvent(_Model):
@@ -203,6 +276,7 @@ class TradeView(_Model):
     timeline: list[TimelineEvent] = Field(default_factory=list)
     errors: list[FieldError] = Field(default_factory=list)
     fingerprint: str = ""
+    fills: list[FillView] = Field(default_factory=list)  # partial trades only
 
 
 class HoldStatus(StrEnum):

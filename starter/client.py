@@ -69,6 +69,9 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
     for i, leg in enumerate(instruction.legs):
         check_ledger(config, f"legs[{i}].ledger", leg.ledger)
         check_precision(config, f"legs[{i}].amount", leg.asset, leg.amount)
+    if instruction.partial is not None and instruction.partial.min_quantity is not None:
+        delivery = instruction.legs[0]
+        check_precision(config, "partial.min_quantity", delivery.asset, instruction.partial.min_quantity)
     if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
         raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
     return instruction
@@ -106,6 +109,7 @@ class SettlementClient:
             ledger_queues={name: self.config.ledger_queue(name) for name in sorted(ledgers)},
             local_ledgers=[name for name in self.config.local_ledgers() if name in ledgers],
             settlement=self.config.settlement,
+            precisions={leg.asset: self.config.precision(leg.asset) for leg in instruction.legs},
         )
 
     async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:
@@ -184,7 +188,7 @@ class SettlementClient:
             raise
 
     async def wait(self, trade_id: str, timeout: float | None = None) -> TradeView:
-        """Wait until the trade ends (SETTLED, CANCELLED, REJECTED or EXPIRED)."""
+        """Wait until the trade ends (SETTLED, SETTLED_PARTIAL, CANCELLED, REJECTED or EXPIRED)."""
         handle = self._handle(trade_id)
         try:
             return await asyncio.wait_for(handle.result(), timeout)

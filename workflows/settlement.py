@@ -27,6 +27,19 @@ honoured only before the decision. Compensations (releases) are registered befor
 the reservation they undo, run last-in first-out, are shielded from cancellation and
 are retried until they succeed; each release is idempotent on the hold's key, and
 releasing a key that was never placed records it so a late reservation is refused.
+
+Partial settlement (an instruction with ``partial``) repeats the reserve -> pin ->
+decide -> commit path once per fill, each fill with its own hold keys
+``<trade>#<leg>.<n>``, so each fill is atomic on its own:
+
+    RESERVING ── reserve the whole rest; if a leg is short, its outcome says what is
+                 available, and if a smaller fill is acceptable (``FillRule``), the
+                 holds of this size are released and that fill reserved instead
+              ── pin, decide, commit the fill
+    PARTIALLY_SETTLED ── the rest stays open and recycles until the deadline
+                                                        ▼
+    SETTLED (everything filled) or SETTLED_PARTIAL (the rest released at the deadline
+    or on cancel; a trade that filled nothing ends EXPIRED or CANCELLED as before)
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -57,6 +71,8 @@ with workflow.unsafe.imports_passed_through():
         CheckAccountsRequest,
         Decision,
         FieldError,
+        FillRule,
+        FillView,
         HoldOutcome,
         HoldOutcomes,
         HoldRefs,
@@ -206,7 +222,14 @@ class SettlementWorkflow:
         self._status = TradeStatus.PENDING
         self._reason = ""
         self._errors: list[FieldError] = []
-        self._hold_ids = [f"{instruction.trade_id}#{i}" for i in range(len(instruction.legs))]
+        # What the current reservation attempt holds: the whole trade, or one fill of a
+        # partial trade (``_rule`` is None for a trade that settles only whole).
+        self._rule = _fill_rule(request)
+        self._attempt = 1
+        self._amounts = [leg.amount for leg in instruction.legs]
+        self._settled = [Decimal(0)] * len(instruction.legs)
+        self._fills: list[FillView] = []
+        self._hold_ids = [self._hold_id(i) for i in range(len(instruction.legs))]
         self._leg_states = [LegState.PENDING] * len(instruction.legs)
         self._leg_details = [""] * len(instruction.legs)
         self._timeline: list[TimelineEvent] = []
@@ -231,11 +254,11 @@ class SettlementWorkflow:
             await self._settle()
         except _Abort as abort:
             await self._shielded(self._compensate())
-            self._set_status(abort.status, abort.reason)
+            self._end_unsettled(abort.status, abort.reason)
         except asyncio.CancelledError:
             self._event("cancel requested through Temporal")
             await self._shielded(self._compensate())
-            self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
+            self._end_unsettled(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
         self._publish()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
@@ -245,10 +268,13 @@ class SettlementWorkflow:
         await self._validate()
         await self._screen()
         await self._await_approvals()
-        await self._reserve_all()
-        await self._prepare()
-        await self._decide()
-        await self._shielded(self._commit_all())
+        while True:
+            await self._reserve_all()
+            await self._prepare()
+            await self._decide()
+            await self._shielded(self._commit_all())
+            if not self._rest_open():
+                break
         self._set_status(TradeStatus.SETTLED)
 
     # --------------------------------------------------------------- steps
@@ -272,6 +298,8 @@ class SettlementWorkflow:
         for result in results.values():
             self._owners.update(result.owners)
             problems.extend(result.problems)
+        if not problems and self._rule is not None:
+            problems.extend(self._partial_problems())
         if problems:
             self._errors = sorted(problems, key=lambda p: p.field)
             raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
@@ -301,7 +329,8 @@ class SettlementWorkflow:
             raise _Abort(TradeStatus.EXPIRED, f"no approval from {', '.join(missing)} before the deadline")
 
     async def _reserve_all(self) -> None:
-        self._set_status(TradeStatus.RESERVING)
+        if not self._fills:
+            self._set_status(TradeStatus.RESERVING)
         interval = self._request.settlement.recycle_interval
         expires_at = self._deadline + self._request.settlement.hold_backstop
         while True:
@@ -313,12 +342,18 @@ class SettlementWorkflow:
             outcomes = await self._holds_call(
                 pending,
                 LedgerActivities.reserve,
-                lambda items: ReserveRequest(holds=[self._hold_request(i, expires_at) for i in items]),
+                lambda items: ReserveRequest(
+                    holds=[self._hold_request(i, expires_at) for i in items],
+                    report_available=self._rule is not None,
+                ),
             )
             for i, outcome in outcomes.items():
                 self._record_reservation(i, outcome)
             if all(state is LegState.HELD for state in self._leg_states):
                 return
+            if (fill := self._smaller_fill(outcomes)) is not None:
+                await self._resize(fill)
+                continue
             if workflow.now() >= self._deadline:
                 raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: {self._shortfall()}")
             await self._wait_until(
@@ -343,7 +378,10 @@ class SettlementWorkflow:
     async def _decide(self) -> None:
         # The point of no return: from here on, only commits.
         self._decided = True
-        self._event("commit decision recorded", "every leg held and pinned")
+        detail = "every leg held and pinned"
+        if self._rule is not None:
+            detail = f"fill {len(self._fills) + 1}: {detail}"
+        self._event("commit decision recorded", detail)
         self._set_status(TradeStatus.COMMITTING)
         self._publish()
         await record_decision(self._request)
@@ -387,6 +425,99 @@ class SettlementWorkflow:
                     self._event(f"leg {i} could not be released", outcome.detail)
             to_release = []
         self._compensations.clear()
+
+    # ----------------------------------------------------- partial fills
+
+    def _partial_problems(self) -> list[FieldError]:
+        delivery, payment = self._instruction.legs
+        owner = self._owners.get
+        if owner(delivery.from_) == owner(payment.to) and owner(delivery.to) == owner(payment.from_):
+            return []
+        message = (
+            "partial settlement needs a simple DvP: the owner of legs[0].from must be paid by "
+            "legs[1] and the owner of legs[0].to must pay it"
+        )
+        return [FieldError(field="partial", message=message)]
+
+    def _smaller_fill(self, outcomes: dict[int, HoldOutcome]) -> Decimal | None:
+        """A fill smaller than the one tried that every leg can cover now, if acceptable."""
+        if self._rule is None:
+            return None
+
+        def available(i: int) -> Decimal | None:  # None: the leg is held, it does not limit
+            if self._leg_states[i] is LegState.HELD:
+                return None
+            outcome = outcomes.get(i)
+            return outcome.available if outcome and outcome.available is not None else Decimal(0)
+
+        settled, tried = self._settled[0], self._amounts[0]
+        fill = self._rule.largest_fill(settled, tried, available(0), available(1))
+        if fill >= tried or not self._rule.acceptable(settled, fill):
+            return None
+        return fill
+
+    async def _resize(self, fill: Decimal) -> None:
+        # A hold cannot shrink: release this attempt's holds, then reserve the fill
+        # under new keys. Not shielded: a cancel meanwhile releases everything anyway.
+        leg = self._instruction.legs[0]
+        self._event(
+            f"fill of {format(fill, 'f')} {leg.asset} possible",
+            f"short: {self._shortfall()}; releasing the larger holds",
+        )
+        await self._compensate()
+        self._next_attempt(fill)
+
+    def _rest_open(self) -> bool:
+        """After a commit: record a partial trade's fill; True while a rest remains to settle."""
+        if self._rule is None:
+            return False
+        self._settled = [s + a for s, a in zip(self._settled, self._amounts, strict=True)]
+        number = len(self._fills) + 1
+        self._fills.append(
+            FillView(
+                number=number,
+                quantity=self._amounts[0],
+                amount=self._amounts[1],
+                hold_ids=list(self._hold_ids),
+                settled_at=workflow.now(),
+            )
+        )
+        legs = self._instruction.legs
+        self._event(
+            f"fill {number} settled",
+            f"{format(self._amounts[0], 'f')} {legs[0].asset} against "
+            f"{format(self._amounts[1], 'f')} {legs[1].asset}; {self._filled()}",
+        )
+        rest = legs[0].amount - self._settled[0]
+        if rest == 0:
+            return False
+        self._set_status(TradeStatus.PARTIALLY_SETTLED, f"{self._filled()}; the rest recycles")
+        self._next_attempt(rest)
+        return True
+
+    def _next_attempt(self, quantity: Decimal) -> None:
+        assert self._rule is not None
+        self._attempt += 1
+        self._amounts = [quantity, self._rule.payment_for(self._settled[0], quantity)]
+        self._hold_ids = [self._hold_id(i) for i in range(len(self._hold_ids))]
+        self._leg_states = [LegState.PENDING] * len(self._hold_ids)
+        self._leg_details = [""] * len(self._hold_ids)
+        self._compensations.clear()
+        self._decided = False
+
+    def _filled(self) -> str:
+        leg = self._instruction.legs[0]
+        return f"{format(self._settled[0], 'f')} of {format(leg.amount, 'f')} {leg.asset} settled"
+
+    def _end_unsettled(self, status: TradeStatus, reason: str) -> None:
+        """End without settling (the rest of) the trade; one that filled some ends SETTLED_PARTIAL."""
+        if self._fills:
+            status, reason = TradeStatus.SETTLED_PARTIAL, f"{self._filled()}, the rest released: {reason}"
+        self._set_status(status, reason)
+
+    def _hold_id(self, i: int) -> str:
+        key = f"{self._instruction.trade_id}#{i}"
+        return key if self._rule is None else f"{key}.{self._attempt}"
 
     # ------------------------------------------------------------ handlers
 
@@ -556,7 +687,7 @@ class SettlementWorkflow:
             account=leg.from_,
             to_account=leg.to,
             asset=leg.asset,
-            amount=leg.amount,
+            amount=self._amounts[i],
             expires_at=expires_at,
             trade_id=self._instruction.trade_id,
         )
@@ -583,7 +714,7 @@ class SettlementWorkflow:
 
     def _describe_leg(self, i: int) -> str:
         leg = self._instruction.legs[i]
-        return f"{format(leg.amount, 'f')} {leg.asset} {leg.from_} -> {leg.to} on {leg.ledger}"
+        return f"{format(self._amounts[i], 'f')} {leg.asset} {leg.from_} -> {leg.to} on {leg.ledger}"
 
     def _parties(self) -> list[str]:
         parties = dict.fromkeys(self._instruction.parties())
@@ -647,7 +778,27 @@ class SettlementWorkflow:
             timeline=self._timeline,
             errors=self._errors,
             fingerprint=self._request.fingerprint,
+            fills=self._fills,
         )
+
+
+def _fill_rule(request: SettlementRequest) -> FillRule | None:
+    partial = request.instruction.partial
+    if partial is None:
+        return None
+    delivery, payment = request.instruction.legs
+
+    def precision(asset: str, amount: Decimal) -> int:  # the client sends the configured one
+        return request.precisions.get(asset, max(0, -int(amount.as_tuple().exponent)))
+
+    return FillRule(
+        delivery.amount,
+        payment.amount,
+        precision(delivery.asset, delivery.amount),
+        precision(payment.asset, payment.amount),
+        min_fill=partial.min_fill,
+        min_quantity=partial.min_quantity,
+    )
 
 
 def _cause(err: BaseException) -> str:
