@@ -128,7 +128,19 @@ def trade_text(view: TradeView) -> str:
         [(e.at.strftime("%H:%M:%S.%f")[:-3], e.event, e.detail) for e in view.timeline],
         ["time", "event", "detail"],
     )
-    return "\n".join(head) + "\n\n" + legs + "\n\n" + timeline
+    return "\n\n".join(["\n".join(head), legs, *fills_text(view), timeline])
+
+
+def fills_text(view: TradeView) -> list[str]:
+    """The fills of a partial trade, if it has any."""
+    if not view.fills:
+        return []
+    delivery, payment = view.legs[0], view.legs[1]
+    rows = [
+        (f.number, f.quantity, f.amount, f.settled_at.strftime("%H:%M:%S.%f")[:-3], ", ".join(f.hold_ids))
+        for f in view.fills
+    ]
+    return [table(rows, ["fill", delivery.asset, payment.asset, "settled", "holds"], right=(1, 2))]
 
 
 def emit_json(data: Any) -> None:

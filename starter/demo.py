@@ -1,7 +1,7 @@
 """``dvp demo``: the seed document's scenarios, end to end, on a real Temporal server.
 
 Starts the embedded Temporal dev server (file-backed, under ``.dvp/demo/``) and a
-worker process, seeds two SQLite ledgers, settles five trades side by side, and
+worker process, seeds two SQLite ledgers, settles six trades side by side, and
 prints each outcome against the one the seed documents call for, with the balances
 before and after. Exits 0 only if every outcome matches and the ledgers balance.
 """
@@ -35,11 +35,15 @@ ACCOUNTS = [
     {"ledger": "securities", "id": "dave-sec", "asset": "BOND-2030", "owner": "dave", "balance": "50"},
     {"ledger": "securities", "id": "erin-sec", "asset": "BOND-2030", "owner": "erin", "balance": "0"},
     {"ledger": "securities", "id": "mallory-sec", "asset": "BOND-2030", "owner": "mallory", "balance": "500"},
+    {"ledger": "securities", "id": "frank-sec", "asset": "BOND-2030", "owner": "frank", "balance": "60"},
+    {"ledger": "securities", "id": "grace-sec", "asset": "BOND-2030", "owner": "grace", "balance": "0"},
     {"ledger": "cash", "id": "alice-cash", "asset": "EUR", "owner": "alice", "balance": "100000.00"},
     {"ledger": "cash", "id": "bob-cash", "asset": "EUR", "owner": "bob", "balance": "0.00"},
     {"ledger": "cash", "id": "dave-cash", "asset": "EUR", "owner": "dave", "balance": "0.00"},
     {"ledger": "cash", "id": "erin-cash", "asset": "EUR", "owner": "erin", "balance": "30000.00"},
     {"ledger": "cash", "id": "mallory-cash", "asset": "EUR", "owner": "mallory", "balance": "0.00"},
+    {"ledger": "cash", "id": "frank-cash", "asset": "EUR", "owner": "frank", "balance": "0.00"},
+    {"ledger": "cash", "id": "grace-cash", "asset": "EUR", "owner": "grace", "balance": "10000.00"},
     # the netting batch's participants
     *(
         {"ledger": ledger, "id": f"{who}-{kind}", "asset": asset, "owner": who, "balance": balance}
@@ -122,6 +126,15 @@ async def _notary_approves(client: SettlementClient, trade_id: str) -> list[str]
     return notes
 
 
+async def _first_fill(client: SettlementClient, trade_id: str) -> list[str]:
+    await _until(client, trade_id, lambda v: v.status is TradeStatus.PARTIALLY_SETTLED)
+    view = await client.status(trade_id)
+    return [
+        f"fill {f.number}: {f.quantity} BOND-2030 against {f.amount} EUR, the rest recycling"
+        for f in view.fills
+    ]
+
+
 async def _until(client: SettlementClient, trade_id: str, condition: Callable[[TradeView], bool]) -> None:
     for _ in range(300):
         view = await client.status(trade_id)
@@ -149,6 +162,20 @@ def scenarios(run: str) -> list[Scenario]:
             _dvp(f"{run}-notary", "bob", "erin", "50", "4975.00", approvers=["notary"]),
             TradeStatus.SETTLED,
             _notary_approves,
+        ),
+        Scenario(
+            "seller short, partial allowed: 60 of 100 settle",
+            _dvp(
+                f"{run}-partial",
+                "frank",
+                "grace",
+                "100",
+                "9950.00",
+                settle_within="PT6S",
+                partial={"min_fill": "0.25"},
+            ),
+            TradeStatus.SETTLED_PARTIAL,
+            _first_fill,
         ),
         Scenario(
             "sanctioned party refused",
@@ -202,9 +229,12 @@ def _expected_balances(
 ) -> dict[tuple[str, str], Decimal]:
     expected = {(b.ledger, b.account): b.balance for b in before}
     for view in settled:
-        for leg in view.legs:
-            expected[(leg.ledger, leg.from_)] -= leg.amount
-            expected[(leg.ledger, leg.to)] += leg.amount
+        # a partial trade moved what its fills settled; any other, its legs in full
+        moved = [[f.quantity, f.amount] for f in view.fills] or [[leg.amount for leg in view.legs]]
+        for amounts in moved:
+            for leg, amount in zip(view.legs, amounts, strict=True):
+                expected[(leg.ledger, leg.from_)] -= amount
+                expected[(leg.ledger, leg.to)] += amount
     return expected
 
 
@@ -257,7 +287,7 @@ async def _play(client: SettlementClient, scenario: Scenario) -> tuple[TradeView
     await client.submit(scenario.instruction)
     notes = await scenario.act(client, trade_id) if scenario.act else []
     final = await client.wait(trade_id, timeout=120)
-    print(f"  {final.trade_id:<28} {final.status.value:<10} {scenario.name}", flush=True)
+    print(f"  {final.trade_id:<28} {final.status.value:<15} {scenario.name}", flush=True)
     return final, notes
 
 
@@ -327,7 +357,8 @@ def run_demo(keep: bool = False) -> int:
         print("\nBalances after")
         print(balances_table(after))
 
-        expected = _expected_balances(before, [v for v in views if v.status is TradeStatus.SETTLED])
+        moved = (TradeStatus.SETTLED, TradeStatus.SETTLED_PARTIAL)
+        expected = _expected_balances(before, [v for v in views if v.status in moved])
         for trade in batch_settled:
             for leg in trade["legs"]:
                 expected[(leg["ledger"], leg["from"])] -= Decimal(leg["amount"])
@@ -351,6 +382,7 @@ def run_demo(keep: bool = False) -> int:
         if server.ui_url:
             print(f"\nWeb UI: {server.ui_url}/namespaces/default/workflows")
             print('  search, e.g.:  DvpStatus = "SETTLED"     DvpParties = "alice"     DvpStatus = "EXPIRED"')
+            print('                 DvpStatus = "SETTLED_PARTIAL"')
         print(
             f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)"
         )

@@ -8,7 +8,9 @@ first, without a server.
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from domain import FillRule, InvalidInstruction, TradeStatus, TradeView
 
 from ._fixtures_settlement import Engine
+from .test_cli import config_file, dvp
 
 
 def partial_dvp(
@@ -164,7 +167,9 @@ async def test_short_seller_settles_sixty_then_the_rest_once_funded(settlement: 
     settlement.assert_invariants()
 
 
-async def test_unfilled_rest_is_released_at_the_deadline(settlement: Engine) -> None:
+async def test_unfilled_rest_is_released_at_the_deadline(
+    settlement: Engine, temporal_server: Any, tmp_path: Path
+) -> None:
     open_frank(settlement, "60")
     before = settlement.balances()
 
@@ -185,6 +190,23 @@ async def test_unfilled_rest_is_released_at_the_deadline(settlement: Engine) -> 
     assert settlement.balances() == {k: v + moved.get(k, Decimal(0)) for k, v in before.items()}
     assert settlement.open_holds() == []
     settlement.assert_invariants()
+
+    # what `dvp status` and a search on the DvpStatus attribute (the Web UI's) show
+    config = config_file(settlement, temporal_server.address, tmp_path)
+    as_json = await dvp(config, "status", "P-deadline", "--json")
+    as_text = await dvp(config, "status", "P-deadline")
+    assert as_json.returncode == 0, as_json.stderr
+    shown = json.loads(as_json.stdout)
+    assert shown["status"] == "SETTLED_PARTIAL"
+    assert [(f["number"], f["quantity"], f["amount"]) for f in shown["fills"]] == [(1, "60", "5970.00")]
+    assert "SETTLED_PARTIAL" in as_text.stdout
+    assert "P-deadline#0.2, P-deadline#1.2" in as_text.stdout  # the fill's row names its holds
+    for _ in range(50):  # visibility is eventually consistent
+        listed = [v.trade_id for v in await settlement.client.list(status=TradeStatus.SETTLED_PARTIAL)]
+        if "P-deadline" in listed:
+            break
+        await asyncio.sleep(0.2)
+    assert "P-deadline" in listed
 
 
 async def test_seller_below_the_minimum_fill_settles_nothing(settlement: Engine) -> None:
