@@ -1,6 +1,6 @@
 """Record the settlement workflow histories that ``tests/test_replay.py`` replays.
 
-    .venv/bin/python -m tests.record_histories [--out tests/histories]
+    .venv/bin/python -m tests.record_histories [--out tests/histories] [--only NAME ...]
 
 Starts its own dev server, an in-process worker and fresh SQLite ledgers in a
 temporary directory, runs one trade per scenario below, and writes each finished
@@ -117,6 +117,14 @@ async def settled_queued(engine: Engine) -> str:
     return "R-settled-queued"
 
 
+async def settled_partial(engine: Engine) -> str:
+    """Carol sells 600 bonds in parts but holds 500: 500 settle, the rest is released at the deadline."""
+    trade = dvp("R-settled-partial", bonds="600", cash="59700.00", settle_within="PT3S")
+    trade["legs"][0]["from"], trade["legs"][1]["to"] = "carol-sec", "carol-cash"
+    await engine.client.submit({**trade, "partial": {"min_fill": "0.5"}})
+    return "R-settled-partial"
+
+
 SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "settled": (settled, TradeStatus.SETTLED),
     "expired": (expired, TradeStatus.EXPIRED),
@@ -124,6 +132,7 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "cancelled_through_temporal": (cancelled_through_temporal, TradeStatus.CANCELLED),
     "approval": (approval, TradeStatus.SETTLED),
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
+    "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
 }
 
 
@@ -133,15 +142,19 @@ QUEUED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatu
 }
 
 
-async def record(out: Path) -> list[Path]:
+async def record(out: Path, only: list[str] | None = None) -> list[Path]:
     written: list[Path] = []
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
         client = await server.connect()
         for queued, scenarios in ((False, SCENARIOS), (True, QUEUED_SCENARIOS)):
             base = Path(tmp) / ("queued" if queued else "local")
             base.mkdir()
-            config = make_config(sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=not queued)
-            written += await _record(client, config, scenarios, out)
+            config = make_config(
+                sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=not queued
+            )
+            chosen = {name: s for name, s in scenarios.items() if not only or name in only}
+            if chosen:
+                written += await _record(client, config, chosen, out)
     return written
 
 
@@ -177,9 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=HISTORIES, help=f"directory to write to (default {HISTORIES})"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted({**SCENARIOS, **QUEUED_SCENARIOS}),
+        help="record only this scenario (repeatable)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    asyncio.run(record(args.out))
+    asyncio.run(record(args.out, args.only))
     return 0
 
 

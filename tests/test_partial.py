@@ -288,3 +288,19 @@ async def test_partial_is_refused_for_anything_but_a_simple_dvp(settlement: Engi
     assert refused.value.field == "partial"
     assert settlement.balances() == before
     assert settlement.open_holds() == []
+
+
+async def test_cancel_after_a_fill_releases_the_rest_and_keeps_the_fill(settlement: Engine) -> None:
+    open_frank(settlement, "60")
+    await settlement.client.submit(partial_dvp("P-cancel"))
+    await wait_for_status(settlement, "P-cancel", TradeStatus.PARTIALLY_SETTLED)
+
+    await settlement.client.cancel("P-cancel", "alice", reason="enough")
+    final = await settlement.client.wait("P-cancel")
+
+    assert final.status is TradeStatus.SETTLED_PARTIAL
+    assert "the rest released: cancelled by alice: enough" in final.reason
+    assert fills(final) == [("60", "5970.00")]
+    assert settlement.balance("cash", "alice-cash") == Decimal("100000.00") - Decimal("5970.00")
+    assert settlement.open_holds() == []
+    settlement.assert_invariants()
