@@ -1,7 +1,28 @@
-"""Workflows: deterministic orchestration of settlements."""
+"""Workflows: deterministic orchestration of settlements.
 
-from .netting import NettingBatchWorkflow, batch_workflow_id
-from .settlement import SEARCH_ATTRIBUTES, SettlementWorkflow, initial_search_attributes, workflow_id_for
+The names below are loaded on first use (PEP 562), not when the package is imported:
+the workflow sandbox imports a workflow's module, and with it this package, afresh
+for every new workflow it runs, and a trade should not pay for importing the netting
+batch workflow (or a batch for the trade saga) each time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .netting import NettingBatchWorkflow, batch_workflow_id
+    from .settlement import SEARCH_ATTRIBUTES, SettlementWorkflow, initial_search_attributes, workflow_id_for
+
+_HOMES = {
+    "SEARCH_ATTRIBUTES": ".settlement",
+    "SettlementWorkflow": ".settlement",
+    "initial_search_attributes": ".settlement",
+    "workflow_id_for": ".settlement",
+    "NettingBatchWorkflow": ".netting",
+    "batch_workflow_id": ".netting",
+}
 
 __all__ = [
     "SEARCH_ATTRIBUTES",
@@ -11,3 +32,9 @@ __all__ = [
     "initial_search_attributes",
     "workflow_id_for",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)
