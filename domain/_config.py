@@ -47,13 +47,15 @@ ISO_4217_MINOR_UNITS: dict[str, int] = {
     "XOF": 0,
     "XPF": 0,
 }
-ISO_4217_TWO_DECIMALS = frozenset(  # fmt: skip
+# fmt: off
+ISO_4217_TWO_DECIMALS = frozenset(
     [
         "AED", "AUD", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EUR", "GBP", "HKD", "HUF", "IDR",
         "ILS", "INR", "MXN", "MYR", "NOK", "NZD", "PHP", "PLN", "RON", "RUB", "SAR", "SEK", "SGD",
         "THB", "TRY", "TWD", "USD", "ZAR",
     ]
 )
+# fmt: on
 
 DEFAULT_DIR = Path(".dvp")
 

@@ -187,4 +187,3 @@ def render(netting: dict[str, Any]) -> list[str]:
         )
     lines.append(f"  measured: {netting['measure']}")
     return lines
-

@@ -711,7 +711,10 @@ async def _environment(options: BenchOptions, address: str, namespace: str, embe
             else "unknown (external server)"
         ),
         "server_config": (
-            [f"{k}={v}" for k, v in {**DYNAMIC_CONFIG, **dict(i.split("=", 1) for i in options.server_config)}.items()]
+            [
+                f"{k}={v}"
+                for k, v in {**DYNAMIC_CONFIG, **dict(i.split("=", 1) for i in options.server_config)}.items()
+            ]
             if embedded
             else None
         ),

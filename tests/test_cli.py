@@ -46,8 +46,13 @@ def trade(trade_id: str, cash: str = "9950.00") -> dict[str, Any]:
     return {
         "trade_id": trade_id,
         "legs": [
-            {"ledger": "securities", "asset": "BOND-2030", "from": "bob-sec", "to": "alice-sec",
-             "amount": "100"},
+            {
+                "ledger": "securities",
+                "asset": "BOND-2030",
+                "from": "bob-sec",
+                "to": "alice-sec",
+                "amount": "100",
+            },
             {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
         ],
         "settle_within": "PT30S",

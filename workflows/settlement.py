@@ -142,7 +142,10 @@ def search_attributes(
 def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes:
     """What a client sets when it starts a trade, so the workflow need not upsert them."""
     updates = search_attributes(
-        instruction, status=TradeStatus.PENDING, parties=sorted(instruction.parties()), deadline=instruction.deadline
+        instruction,
+        status=TradeStatus.PENDING,
+        parties=sorted(instruction.parties()),
+        deadline=instruction.deadline,
     )
     return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
 
@@ -742,11 +745,7 @@ class SettlementWorkflow:
             parties=self._parties(),
             deadline=self._deadline,
         )
-        changed = [
-            update
-            for update in wanted
-            if self._published.get(update.key.name) != update.value
-        ]
+        changed = [update for update in wanted if self._published.get(update.key.name) != update.value]
         if changed:
             workflow.upsert_search_attributes(changed)
             self._published.update({update.key.name: update.value for update in changed})
