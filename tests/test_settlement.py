@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from adapters.sql import SqlLedger
-from domain import DuplicateTrade, Hold, InvalidInstruction, RequestRejected, TradeStatus, TradeView
+from domain import (
+    DuplicateTrade,
+    Hold,
+    InvalidInstruction,
+    LedgerError,
+    RequestRejected,
+    TradeStatus,
+    TradeView,
+)
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 
@@ -197,6 +205,81 @@ async def test_cancel_after_the_commit_decision_is_rejected(
     finally:
         gated.gate.set()
         gated.close()
+
+
+class RefusingLedger(SqlLedger):
+    """The real SQL ledger, whose first ``refusals`` commits fail with an error no retry cures."""
+
+    def __init__(self, *args: Any, refusals: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusals = refusals
+
+    def commit_hold(self, hold_id: str, preimage: str | None = None) -> Hold:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise LedgerError(f"commit of {hold_id} refused: the ledger is closed for the night")
+        return super().commit_hold(hold_id, preimage)
+
+
+async def test_a_commit_that_keeps_failing_shows_committing_and_settles_once_it_works(
+    temporal_client: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """After the decision a failing commit is never given up: the failure is in the
+    timeline, the trade is listed as COMMITTING (search attribute) while it lasts, and
+    it settles, each leg once, when the ledger accepts the commit."""
+    urls = sqlite_urls(tmp_path)
+    config = make_config(urls, task_queue_prefix)
+    refusing = RefusingLedger("cash", urls["cash"], refusals=2)
+    try:
+        async with run_engine(temporal_client, config, instances={"cash": refusing}) as engine:
+            await engine.client.submit(dvp("T-stuck"))
+            for _ in range(200):
+                listed = await engine.client.list(status=TradeStatus.COMMITTING)
+                if any(view.trade_id == "T-stuck" for view in listed):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("T-stuck was never listed as COMMITTING")
+            final = await engine.client.wait("T-stuck", timeout=60)
+
+            assert final.status is TradeStatus.SETTLED, final.reason
+            failures = [e for e in final.timeline if e.event == "commit failed, retrying"]
+            assert len(failures) == 2 and "closed for the night" in failures[0].detail
+            assert engine.balance("cash", "bob-cash") == Decimal("9950.00")
+            assert engine.balance("securities", "alice-sec") == Decimal("100")
+            assert engine.open_holds() == []
+            engine.assert_invariants()
+    finally:
+        refusing.close()
+
+
+class RefusingReservations(SqlLedger):
+    """The real SQL ledger, refusing every hold with an error no retry cures."""
+
+    def place_hold(self, hold_id: str, *args: Any, **kwargs: Any) -> Hold:
+        raise LedgerError(f"hold {hold_id} refused: account frozen by the bank")
+
+
+async def test_a_ledger_refusing_a_reservation_rejects_the_trade_and_releases_the_rest(
+    temporal_client: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    urls = sqlite_urls(tmp_path)
+    config = make_config(urls, task_queue_prefix)
+    refusing = RefusingReservations("cash", urls["cash"])
+    try:
+        async with run_engine(temporal_client, config, instances={"cash": refusing}) as engine:
+            before = engine.balances()
+            await engine.client.submit(dvp("T-frozen"))
+            final = await engine.client.wait("T-frozen", timeout=60)
+
+            assert final.status is TradeStatus.REJECTED
+            assert "account frozen by the bank" in final.reason
+            assert [leg.state.value for leg in final.legs] == ["RELEASED", "RELEASED"]
+            assert engine.balances() == before
+            assert engine.open_holds() == []
+            engine.assert_invariants()
+    finally:
+        refusing.close()
 
 
 async def test_wrong_approver_is_rejected_and_the_notary_lets_it_settle(settlement: Engine) -> None:

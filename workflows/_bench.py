@@ -26,7 +26,7 @@ from temporalio import workflow
 
 # The settlement workflow's own ledger calls, imported rather than copied so that the
 # reference cannot drift from the real thing.
-from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, ledger_call, record_decision
+from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, ledger_call, record_decision
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
@@ -111,7 +111,7 @@ class CeilingWorkflow:
                 ledger,
                 name,
                 argument,
-                schedule_to_close=_SCHEDULE_TO_CLOSE if name != "bench.commit" else None,
+                schedule_to_close=_SCHEDULE_TO_CLOSE if name != "bench.commit" else _STUCK_AFTER,
                 result_type=result_type,
             )
 

@@ -59,7 +59,7 @@ from temporalio.common import (
     SearchAttributeUpdate,
     TypedSearchAttributes,
 )
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
@@ -109,14 +109,18 @@ SEARCH_ATTRIBUTES = {
 """The search attributes the server must have registered, name -> type."""
 
 # Before the decision every ledger call is bounded by the deadline (schedule-to-close);
-# after it, commits and releases are retried without limit.
+# after it, commits and releases are called again and again (_STUCK_AFTER, below).
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
-_RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 _CALL_TIMEOUT = timedelta(seconds=60)
 # Ledger activities heartbeat once per hold, so a worker that died mid-call is noticed
 # after this, not after the whole start-to-close timeout.
 _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-_STUCK_RETRY = timedelta(seconds=60)
+# After the decision a commit (or, after an abort, a release) is retried without end:
+# each call retries for _STUCK_AFTER, then the workflow records the failure, makes its
+# status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
+_STUCK_AFTER = timedelta(seconds=30)
+_STUCK_RETRY = timedelta(seconds=5)
+_STUCK_RETRY_MAX = timedelta(minutes=10)
 _RECORD = timedelta(milliseconds=1)
 
 
@@ -161,23 +165,23 @@ def ledger_call(
     activity: Callable[..., Any] | str,
     argument: Any,
     *,
-    schedule_to_close: timedelta | None,
+    schedule_to_close: timedelta,
     result_type: type | None = None,
 ) -> Awaitable[Any]:
     """One call to one ledger: a local activity, or an activity on the ledger's queue.
 
-    ``schedule_to_close`` None retries forever (commits and releases after the
-    decision). Local is safe because every ledger call is idempotent on its hold
-    keys (a local activity is retried, and re-run after a worker dies, like any
-    other) and because the commit decision is in the history before any local
-    commit runs (``record_decision``).
+    It is retried until ``schedule_to_close`` has passed. Local is safe because
+    every ledger call is idempotent on its hold keys (a local activity is retried,
+    and re-run after a worker dies, like any other) and because the commit decision
+    is in the history before any local commit runs (``record_decision``).
     """
     argument = argument.model_copy(update={"ledger": ledger})
-    options: dict[str, Any] = {"start_to_close_timeout": _CALL_TIMEOUT, "result_type": result_type}
-    if schedule_to_close is None:
-        options["retry_policy"] = _RETRY_FOREVER
-    else:
-        options |= {"schedule_to_close_timeout": schedule_to_close, "retry_policy": _RETRY}
+    options: dict[str, Any] = {
+        "start_to_close_timeout": _CALL_TIMEOUT,
+        "schedule_to_close_timeout": schedule_to_close,
+        "retry_policy": _RETRY,
+        "result_type": result_type,
+    }
     if ledger in request.local_ledgers:
         return workflow.execute_local_activity(activity, argument, **options)
     return workflow.execute_activity(
@@ -386,20 +390,21 @@ class SettlementWorkflow:
             detail = f"fill {len(self._fills) + 1}: {detail}"
         self._event("commit decision recorded", detail)
         self._set_status(TradeStatus.COMMITTING)
-        self._publish()
+        # Not published here: a trade whose commits succeed at once goes from its last
+        # published status to SETTLED in one upsert; one whose commits keep failing
+        # publishes COMMITTING in _stuck, and a remote commit publishes when scheduled.
         await record_decision(self._request)
 
     async def _commit_all(self) -> None:
         remaining = list(range(len(self._hold_ids)))
+        pause = _STUCK_RETRY
         while remaining:
             try:
                 outcomes = await self._holds_call(
                     remaining, LedgerActivities.commit, lambda items: self._refs(items), forever=True
                 )
-            except ActivityError as err:
-                self._event("commit failed, retrying", _cause(err))
-                self._publish()
-                await workflow.sleep(_STUCK_RETRY)
+            except FailureError as err:
+                pause = await self._stuck("commit failed, retrying", err, pause)
                 continue
             for i, outcome in outcomes.items():
                 if outcome.ok:
@@ -409,15 +414,14 @@ class SettlementWorkflow:
 
     async def _compensate(self) -> None:
         to_release = list(reversed(self._compensations))
+        pause = _STUCK_RETRY
         while to_release:
             try:
                 outcomes = await self._holds_call(
                     to_release, LedgerActivities.release, lambda items: self._refs(items), forever=True
                 )
-            except ActivityError as err:
-                self._event("release failed, retrying", _cause(err))
-                self._publish()
-                await workflow.sleep(_STUCK_RETRY)
+            except FailureError as err:
+                pause = await self._stuck("release failed, retrying", err, pause)
                 continue
             for i, outcome in outcomes.items():
                 if outcome.ok:
@@ -598,6 +602,13 @@ class SettlementWorkflow:
 
     # ------------------------------------------------------------- helpers
 
+    async def _stuck(self, what: str, err: FailureError, pause: timedelta) -> timedelta:
+        """A call that must succeed has failed for a while: say so, wait, return the next pause."""
+        self._event(what, _cause(err))
+        self._publish()  # an operator looking for stuck trades sees this one's status
+        await workflow.sleep(pause)
+        return min(pause * 2, _STUCK_RETRY_MAX)
+
     def _rejected(self, what: str, reason: str) -> Decision:
         self._event(f"{what} rejected", reason)
         return Decision(accepted=False, reason=reason)
@@ -637,8 +648,9 @@ class SettlementWorkflow:
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        # Before the decision a call is bounded by the deadline; after it, retried forever.
-        limit = None if forever else self._remaining()
+        # Before the decision a call is bounded by the deadline; after it, by _STUCK_AFTER
+        # and then called again (see _stuck) for as long as it takes.
+        limit = _STUCK_AFTER if forever else self._remaining()
         if ledger not in self._request.local_ledgers:
             self._publish()  # scheduling a remote activity ends the workflow task
         return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
@@ -653,7 +665,7 @@ class SettlementWorkflow:
         ledgers = sorted(items)
         try:
             results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
-        except ActivityError as err:
+        except FailureError as err:  # an ActivityError, or a local activity's own failure
             if not abort_on_error:
                 raise
             raise self._abort_for(err) from err
@@ -677,8 +689,9 @@ class SettlementWorkflow:
         index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
         return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
 
-    def _abort_for(self, err: ActivityError) -> _Abort:
-        cause = err.cause
+    def _abort_for(self, err: FailureError) -> _Abort:
+        # A remote activity's failure wraps the ledger's error; a local one's may be it.
+        cause = err.cause if isinstance(err, ActivityError) else err
         if isinstance(cause, ApplicationError) and cause.non_retryable:
             return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
         return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({_cause(err)})")
