@@ -97,6 +97,8 @@ async def run_worker(
                 ],
                 activity_executor=executor,
                 max_concurrent_local_activities=ACTIVITY_THREADS,
+                # the commits of local ledgers, handed back to this worker eagerly
+                max_concurrent_activities=ACTIVITY_THREADS,
                 # hand a dead worker's cached workflows to another worker quickly
                 sticky_queue_schedule_to_start_timeout=timedelta(seconds=3),
             )

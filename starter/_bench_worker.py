@@ -6,7 +6,7 @@ Runs ``worker.run_worker`` (settlement workflows and every configured ledger's
 activities, exactly as ``dvp worker``) and, beside it in the same process, the
 workflows of ``workflows/_bench.py`` with activities that do nothing, laid out like
 the real ones: the workflows (with the local ``screen`` and the no-op ledger
-activities, for the ceiling's local ledger calls) on ``<prefix>-bench``, each
+activities, for the ceiling's ledger calls of local ledgers) on ``<prefix>-bench``, each
 ledger's no-op activities on ``<prefix>-bench-ledger-<name>`` (for the naive saga,
 and the ceiling's queued ledger calls), sync activities on a thread pool of the
 same size.
@@ -106,7 +106,7 @@ async def run_bench_workers(config: Config, client: Client, stop: asyncio.Event)
             activities=[screen, *noop.all()],
             activity_executor=executor,
             max_concurrent_local_activities=ACTIVITY_THREADS,
-            no_remote_activities=True,
+            max_concurrent_activities=ACTIVITY_THREADS,
             sticky_queue_schedule_to_start_timeout=STICKY_TIMEOUT,
         )
     ]

@@ -1,6 +1,6 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
-    dvp bench [-n 100] [-c 20] [--workers 1,2] [--rounds 2] [--idle 10] [--warmup 10]
+    dvp bench [-n 300] [-c 20] [--workers 1,2] [--rounds 3] [--idle 10] [--warmup 10]
               [--server-storage file|memory] [--ledger sqlite|postgres] [--ledger-calls local|queue]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
               [--netting N] [--json] [--output FILE]
@@ -112,12 +112,12 @@ class BenchFailed(DvpError):
 class BenchOptions:
     """What ``dvp bench`` runs; the CLI flags map one to one."""
 
-    trades: int = 100
+    trades: int = 300
     concurrency: int = 20
     workers: list[int] = field(default_factory=lambda: [1, 2])
     idle: int = 10
     warmup: int = 10
-    rounds: int = 2
+    rounds: int = 3
     server_storage: str = "file"
     ledger: str = "sqlite"
     ledger_calls: str = "local"  # each ledger's local_activities setting: local or queue

@@ -54,14 +54,16 @@ LOG_TAIL_LINES = 40
 # Dynamic config of every server DevServer starts (``--dynamic-config-value``). The
 # dev server's defaults suit a laptop idling, not settlement: its history service
 # reads each task queue at most 20 times a second, so at low load every task waits
-# ~40 ms for the next read; and a timer may fire up to a second late, which would
-# delay every commit behind the settlement workflow's decision-record timer (see
-# workflows/settlement.py, record_decision). A deployment sets the same keys in its
+# ~40 ms for the next read; a timer may fire up to a second late (a trade recycling a
+# short leg waits on timers); and activities are not handed back eagerly to the worker
+# that schedules them, as the settlement workflow's commits of local ledgers expect
+# (workflows/settlement.py, ledger_call). A deployment sets the same keys in its
 # server's dynamic config.
 DYNAMIC_CONFIG: dict[str, str] = {
     "history.transferProcessorMaxPollRPS": "1000",
     "history.transferProcessorMaxPollHostRPS": "1000",
     "history.timerProcessorMaxTimeShift": '"10ms"',
+    "system.enableActivityEagerExecution": "true",
 }
 
 

@@ -7,8 +7,9 @@ every leg committed, or EXPIRED/CANCELLED with every leg released (or never
 reserved), never half, and that the ledgers' balances are exactly the seeded ones
 plus the settled legs.
 
-Ledger calls run as local activities of the settlement worker by default (the
-first test), or through each ledger's task queue (``local_activities = false``,
+Ledger calls run in the settlement worker by default (local activities, commits as
+eagerly dispatched activities on its own queue: the first test), or through each
+ledger's task queue (``local_activities = false``,
 the other two, whose ledger activities run in another process). A killed worker's
 workflow tasks and local activities pass to the next worker once the sticky queue's
 3 s schedule-to-start timeout or the workflow task's 10 s timeout runs out; a queued

@@ -3,8 +3,8 @@
 ``CeilingWorkflow`` has exactly the activity structure of a settled trade: per ledger
 one ``check_accounts`` (ledgers in parallel), one local ``screen``, then per ledger
 ``reserve``, ``pin`` and ``commit`` (each stage ledgers in parallel), with the same
-arguments, timeouts, retry policies, local-or-queued dispatch and decision record
-(it calls the settlement workflow's own ``ledger_call`` and ``record_decision``).
+arguments, timeouts, retry policies and local-or-queued dispatch (it calls the
+settlement workflow's own ``ledger_call``, commits marked ``decided``).
 Its activities do nothing, so its rate is the engine's ceiling for this shape on
 this server and these workers.
 
@@ -26,7 +26,7 @@ from temporalio import workflow
 
 # The settlement workflow's own ledger calls, imported rather than copied so that the
 # reference cannot drift from the real thing.
-from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, ledger_call, record_decision
+from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, ledger_call
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
@@ -106,12 +106,14 @@ class CeilingWorkflow:
             )
 
         def call(ledger: str, name: str, argument: Any, result_type: type) -> Any:
+            commit = name == "bench.commit"
             return ledger_call(
                 request,
                 ledger,
                 name,
                 argument,
-                schedule_to_close=_SCHEDULE_TO_CLOSE if name != "bench.commit" else _STUCK_AFTER,
+                schedule_to_close=_STUCK_AFTER if commit else _SCHEDULE_TO_CLOSE,
+                decided=commit,
                 result_type=result_type,
             )
 
@@ -127,8 +129,6 @@ class CeilingWorkflow:
         )
         await asyncio.gather(*(call(lg, "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers))
         for stage in ("bench.pin", "bench.commit"):
-            if stage == "bench.commit":
-                await record_decision(request)
             await asyncio.gather(
                 *(
                     call(lg, stage, HoldRefs(hold_ids=_hold_ids(request, by_ledger[lg])), HoldOutcomes)

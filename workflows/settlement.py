@@ -121,7 +121,6 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 _STUCK_AFTER = timedelta(seconds=30)
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
-_RECORD = timedelta(milliseconds=1)
 
 
 def search_attributes(
@@ -166,14 +165,25 @@ def ledger_call(
     argument: Any,
     *,
     schedule_to_close: timedelta,
+    decided: bool = False,
     result_type: type | None = None,
 ) -> Awaitable[Any]:
-    """One call to one ledger: a local activity, or an activity on the ledger's queue.
+    """One call to one ledger, retried until ``schedule_to_close`` has passed.
 
-    It is retried until ``schedule_to_close`` has passed. Local is safe because
-    every ledger call is idempotent on its hold keys (a local activity is retried,
-    and re-run after a worker dies, like any other) and because the commit decision
-    is in the history before any local commit runs (``record_decision``).
+    A ledger with ``local_activities`` is called in the settlement worker itself:
+    before the commit decision as a local activity (no task through the server);
+    once ``decided``, as an ordinary activity on the settlement task queue, which the
+    server hands straight back to the worker that scheduled it (eager dispatch). The
+    difference matters: a local activity's result reaches the history only with the
+    workflow task that ran it, and the SDK keeps that task open while local
+    activities run, so a commit run as one could move money before the decision is
+    recorded, and a worker that died then would be replaced by one that replays from
+    before the decision and might decide otherwise. Scheduling an ordinary activity
+    completes the workflow task, which records the decision, the reservations and
+    the pins first. Every call is idempotent on its hold keys, so re-running one
+    (a retry, a worker that died) has the effect of once.
+
+    Any other ledger is called through an activity on its own task queue.
     """
     argument = argument.model_copy(update={"ledger": ledger})
     options: dict[str, Any] = {
@@ -182,29 +192,12 @@ def ledger_call(
         "retry_policy": _RETRY,
         "result_type": result_type,
     }
-    if ledger in request.local_ledgers:
+    if ledger in request.local_ledgers and not decided:
         return workflow.execute_local_activity(activity, argument, **options)
+    queue = request.settlement_queue if ledger in request.local_ledgers else request.ledger_queues[ledger]
     return workflow.execute_activity(
-        activity,
-        argument,
-        task_queue=request.ledger_queues[ledger],
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
-        **options,
+        activity, argument, task_queue=queue, heartbeat_timeout=_HEARTBEAT_TIMEOUT, **options
     )
-
-
-async def record_decision(request: SettlementRequest) -> None:
-    """Make sure the commit decision is in the history before any commit runs.
-
-    A remote activity is scheduled by completing the workflow task, which records
-    everything decided so far. A local activity's result, though, reaches the
-    history only with the workflow task that ran it, and the SDK keeps that task
-    open while local activities run. So when a commit will be local, a timer ends
-    the task first: a worker that dies mid-commit is then replaced by one that
-    replays the decision and commits, never by one that decides again.
-    """
-    if request.local_ledgers:
-        await workflow.sleep(_RECORD)
 
 
 class _Abort(Exception):
@@ -278,7 +271,7 @@ class SettlementWorkflow:
         while True:
             await self._reserve_all()
             await self._prepare()
-            await self._decide()
+            self._decide()
             await self._shielded(self._commit_all())
             if not self._rest_open():
                 break
@@ -382,7 +375,7 @@ class SettlementWorkflow:
         if workflow.now() >= self._deadline:
             raise _Abort(TradeStatus.EXPIRED, "every leg was held, but only after the deadline")
 
-    async def _decide(self) -> None:
+    def _decide(self) -> None:
         # The point of no return: from here on, only commits.
         self._decided = True
         detail = "every leg held and pinned"
@@ -392,8 +385,8 @@ class SettlementWorkflow:
         self._set_status(TradeStatus.COMMITTING)
         # Not published here: a trade whose commits succeed at once goes from its last
         # published status to SETTLED in one upsert; one whose commits keep failing
-        # publishes COMMITTING in _stuck, and a remote commit publishes when scheduled.
-        await record_decision(self._request)
+        # publishes COMMITTING in _stuck. The decision itself is recorded when the
+        # commits are scheduled (see ledger_call).
 
     async def _commit_all(self) -> None:
         remaining = list(range(len(self._hold_ids)))
@@ -652,8 +645,10 @@ class SettlementWorkflow:
         # and then called again (see _stuck) for as long as it takes.
         limit = _STUCK_AFTER if forever else self._remaining()
         if ledger not in self._request.local_ledgers:
-            self._publish()  # scheduling a remote activity ends the workflow task
-        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
+            self._publish()  # the call goes through the server: show where the trade stands
+        return ledger_call(
+            self._request, ledger, activity, argument, schedule_to_close=limit, decided=self._decided
+        )
 
     async def _per_ledger(
         self,
