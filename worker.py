@@ -34,7 +34,7 @@ from adapters import Ledger, open_ledger
 from adapters.batches import BatchStore
 from domain import Config, DvpError, load_config
 from starter.devserver import connect_client, exit_without_teardown
-from workflows import NettingBatchWorkflow, SettlementWorkflow
+from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
 log = logging.getLogger("dvp.worker")
 
@@ -89,7 +89,7 @@ async def run_worker(
             Worker(
                 client,
                 task_queue=config.settlement_queue(),
-                workflows=[SettlementWorkflow, NettingBatchWorkflow],
+                workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 activities=[
                     SettlementActivities(config).screen,
                     *BatchActivities(store).all(),

@@ -28,6 +28,7 @@ from adapters import Ledger
 from domain import (
     CheckAccountsRequest,
     CheckAccountsResult,
+    ClaimRequest,
     FieldError,
     Hold,
     HoldNotOpen,
@@ -153,6 +154,26 @@ class LedgerActivities:
         """Commit each hold (transfer to its beneficiary)."""
         return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, ())
 
+    @activity.defn(name="ledger.claim")
+    def claim(self, request: ClaimRequest) -> HoldOutcomes:
+        """Commit each hashlocked hold with the preimage; a refusal (timelock passed, already
+        released, wrong preimage) is reported, not raised."""
+        ledger = self._ledger(request.ledger)
+        heartbeat = not activity.info().is_local
+        outcomes = []
+        for hold_id in request.hold_ids:
+            if heartbeat:
+                activity.heartbeat(hold_id)
+            try:
+                hold = ledger.commit_hold(hold_id, request.preimage)
+            except LedgerError as exc:
+                if exc.retryable:
+                    raise _application_error(exc) from exc
+                outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
+                continue
+            outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=hold))
+        return HoldOutcomes(outcomes=outcomes)
+
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused."""
@@ -160,4 +181,4 @@ class LedgerActivities:
 
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""
-        return [self.check_accounts, self.reserve, self.pin, self.commit, self.release]
+        return [self.check_accounts, self.reserve, self.pin, self.commit, self.claim, self.release]

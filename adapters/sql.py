@@ -22,6 +22,9 @@ Invariants, each enforced by the database and not only by this module:
 * ``hold_id`` is the idempotency key (PRIMARY KEY of ``holds``). Releasing an unknown
   key writes a tombstone: a ``released`` row with no account and amount 0 (a CHECK
   allows such rows only when released), so a late ``place_hold`` places nothing.
+* A hold placed with a ``hashlock`` commits only with its preimage
+  (``sha256(preimage) == hashlock``) and, like the chain escrow's ``claim``, only
+  before its ``expires_at`` (its timelock); after that it can only be released.
 
 ``verify()`` re-derives the cached figures from the journal and the holds and lists
 every invariant violation it finds (an empty list means the ledger is consistent).
@@ -767,8 +770,9 @@ class SqlLedger(Ledger):
 
     def commit_hold(self, hold_id: str, preimage: str | None = None) -> Hold:
         def work(conn: Connection) -> Hold:
+            now = datetime.now(UTC)
             for _ in range(ATTEMPTS):
-                row = conn.execute(self._commit, {"k": hold_id, "now": datetime.now(UTC)}).first()
+                row = conn.execute(self._commit, {"k": hold_id, "now": now}).first()
                 if row is not None:
                     break
                 resolved = self._resolved(conn, hold_id, "committed")
@@ -778,6 +782,9 @@ class SqlLedger(Ledger):
                 raise LedgerUnavailable(f"hold {hold_id!r} keeps changing under contention; retry")
             if row.hashlock is not None and not _preimage_matches(preimage, row.hashlock):
                 raise LedgerError(f"hold {hold_id!r}: the preimage does not match the hashlock")
+            if row.hashlock is not None and row.expires_at is not None and row.expires_at <= now:
+                # a hashlock's timelock, as on the chain: once it passed the hold can only refund
+                raise LedgerError(f"hold {hold_id!r}: its timelock passed at {row.expires_at.isoformat()}")
             for acct in _sorted_pair(row.account, row.to_account):
                 stmt = self._debit_held if acct == row.account else self._credit
                 conn.execute(stmt, {"acct": acct, "amt": row.amount})

@@ -99,6 +99,25 @@ class CancelMessage(_Model):
     reason: str = ""
 
 
+class ClaimMessage(_Model):
+    """Claim an HTLC trade's leg with the secret: 32 bytes in hex whose SHA-256 is the hashlock.
+
+    ``leg`` is the leg to claim; by default the payment leg (``legs[1]``) if it is
+    still open, else the other.
+    """
+
+    preimage: str = Field(min_length=1)
+    leg: int | None = None
+
+
+class ClaimRequest(_Model):
+    """Commit hashlocked holds with the preimage (an activity's input)."""
+
+    hold_ids: list[str]
+    preimage: str
+    ledger: str = ""  # which ledger, for a worker that serves several
+
+
 class Decision(_Model):
     accepted: bool
     reason: str = ""

@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -56,6 +56,10 @@ def _positive(amount: Decimal) -> Decimal:
     if amount <= 0:
         raise ValueError(f"must be positive, got {format(amount, 'f')}")
     return amount
+
+
+Protocol = Literal["escrow", "htlc"]
+"""How a trade settles: ``escrow`` (the orchestrated saga) or ``htlc`` (hashed timelocks)."""
 
 
 class _Model(BaseModel):
@@ -127,6 +131,14 @@ class Instruction(_Model):
     (ISO 8601 instant) bounds the time the trade may take; with neither, the
     configured default applies. ``approvers`` must all approve before anything is
     reserved. ``partial`` lets a simple two-leg DvP settle in parts (see ``Partial``).
+
+    ``protocol`` is ``escrow`` (the default: the orchestrated saga) or ``htlc``: a
+    two-leg swap locked by ``hashlock`` (SHA-256 of a 32-byte secret, hex) where
+    ``legs[0]`` (the delivery by the party holding the secret) refunds at
+    ``deadline + claim_window`` and ``legs[1]`` (the payment to that party) at the
+    deadline. ``claim_window`` defaults to the time from submission to the
+    deadline; ``auto_claim`` (default true) lets the engine claim the other leg
+    with the preimage revealed by the first claim. See ``workflows/htlc.py``.
     """
 
     trade_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -135,6 +147,11 @@ class Instruction(_Model):
     deadline: AwareDatetime | None = None
     approvers: list[str] = Field(default_factory=list)
     partial: Partial | None = None
+    # Settlement protocol (see workflows/htlc.py for "htlc"); the HTLC terms apply to it only.
+    protocol: Protocol = Field(default="escrow", validate_default=True)
+    hashlock: str | None = Field(default=None, validate_default=True)
+    claim_window: timedelta | None = None
+    auto_claim: bool | None = None
 
     @field_validator("settle_within")
     @classmethod
@@ -171,6 +188,42 @@ class Instruction(_Model):
             )
         return value
 
+    @field_validator("protocol")
+    @classmethod
+    def _protocol_fits(cls, value: Protocol, info: ValidationInfo) -> Protocol:
+        if value == "htlc":
+            legs = info.data.get("legs")
+            if legs is not None and len(legs) != 2:
+                raise ValueError(f"htlc needs a two-leg DvP (a delivery and a payment), not {len(legs)} legs")
+            if info.data.get("approvers"):
+                raise ValueError(
+                    "htlc takes no approvers: the hashlock and the timelocks are the only conditions"
+                )
+            if info.data.get("partial") is not None:
+                raise ValueError("htlc settles both legs whole: partial applies to protocol escrow only")
+        return value
+
+    @field_validator("hashlock")
+    @classmethod
+    def _hashlock_fits(cls, value: str | None, info: ValidationInfo) -> str | None:
+        htlc = info.data.get("protocol") == "htlc"
+        if value is None:
+            if htlc:
+                raise ValueError("is required with protocol htlc: the SHA-256 of the secret, 64 hex digits")
+            return None
+        if not htlc and "protocol" in info.data:
+            raise ValueError("applies only to protocol htlc")
+        return normalise_sha256(value, "a SHA-256 digest")
+
+    @field_validator("claim_window", "auto_claim")
+    @classmethod
+    def _htlc_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("protocol", "htlc") != "htlc":
+            raise ValueError("applies only to protocol htlc")
+        if isinstance(value, timedelta) and value <= timedelta(0):
+            raise ValueError("must be a positive ISO 8601 duration such as PT30S")
+        return value
+
     @model_validator(mode="after")
     def _one_time_limit(self) -> Instruction:
         if self.settle_within is not None and self.deadline is not None:
@@ -178,10 +231,16 @@ class Instruction(_Model):
         return self
 
     def fingerprint(self) -> str:
-        """A digest of the content, to tell a resubmission from a different trade."""
-        # without "partial" when absent, so an instruction's fingerprint is what it was before
-        content = self.model_dump(mode="json", exclude={"partial"} if self.partial is None else None)
-        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        """A digest of the content, to tell a resubmission from a different trade.
+
+        Fields added after the first version are left out while they hold their
+        default, so an instruction that does not use them keeps its digest.
+        """
+        unused = {
+            name for name in _LATER_FIELDS if getattr(self, name) == Instruction.model_fields[name].default
+        }
+        data = self.model_dump(mode="json", exclude=unused)
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def parties(self) -> list[str]:
@@ -193,10 +252,22 @@ class Instruction(_Model):
         return list(seen)
 
 
+_LATER_FIELDS = ("partial", "protocol", "hashlock", "claim_window", "auto_claim")
+
+
+def normalise_sha256(value: str, what: str) -> str:
+    """32 bytes in hex (``0x`` optional), as 64 lowercase hex digits; ``ValueError`` otherwise."""
+    digits = value.strip().lower().removeprefix("0x")
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise ValueError(f"must be {what} in 64 hex digits, got {value!r}")
+    return digits
+
+
 class TradeStatus(StrEnum):
     PENDING = "PENDING"
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     RESERVING = "RESERVING"
+    AWAITING_CLAIM = "AWAITING_CLAIM"  # htlc: both legs locked, waiting for the preimage
     COMMITTING = "COMMITTING"
     PARTIALLY_SETTLED = "PARTIALLY_SETTLED"  # some fills settled; the rest is open and recycling
     SETTLED = "SETTLED"
@@ -204,6 +275,7 @@ class TradeStatus(StrEnum):
     CANCELLED = "CANCELLED"
     REJECTED = "REJECTED"
     EXPIRED = "EXPIRED"
+    ONE_SIDED = "ONE_SIDED"  # htlc only: one leg claimed, the other refunded at its timelock
 
     @property
     def terminal(self) -> bool:
@@ -216,6 +288,7 @@ _TERMINAL = {
     TradeStatus.CANCELLED,
     TradeStatus.REJECTED,
     TradeStatus.EXPIRED,
+    TradeStatus.ONE_SIDED,
 }
 
 

@@ -296,6 +296,15 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_claim(args: argparse.Namespace) -> int:
+    view = await (await _client(args)).claim(args.trade_id, args.preimage, args.leg)
+    if args.json:
+        emit_json(trade_json(view))
+    else:
+        print(trade_text(view))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.cross_system:
         from starter.demo_cross import run_cross_demo
@@ -372,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trade_id")
     p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
     p.add_argument("--reason", help="recorded in the trade's timeline")
+
+    p = command("claim", cmd_claim, "claim a leg of an htlc trade with the secret (the hashlock's preimage)")
+    p.add_argument("trade_id")
+    p.add_argument(
+        "--preimage", required=True, help="the secret: 32 bytes in hex whose SHA-256 is the hashlock"
+    )
+    p.add_argument("--leg", type=int, help="the leg to claim (default: legs[1], the payment, while open)")
+    p.add_argument("--json", action="store_true")
 
     from starter import bank, batch, bench, chain
 

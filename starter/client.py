@@ -1,4 +1,4 @@
-"""``SettlementClient``: submit, watch, approve and cancel settlements from Python.
+"""``SettlementClient``: submit, watch, approve, cancel and claim settlements from Python.
 
     async with await SettlementClient.connect() as dvp:
         view = await dvp.submit({"trade_id": "T-1", "legs": [...], "settle_within": "PT30S"})
@@ -8,6 +8,10 @@ Instructions are checked here first (shape, ledgers, precision, deadline) so a
 malformed one is refused before anything starts; the workflow then checks the
 accounts on each ledger, and ``submit`` waits for that by default, so an unknown
 account is refused at once too. Both raise ``InvalidInstruction`` naming the field.
+
+An instruction with ``"protocol": "htlc"`` runs the HTLC workflow instead of the
+escrow saga, under the same workflow id, so ``status``, ``wait`` and ``list`` treat
+both alike; ``claim`` hands it the secret.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from domain import (
     ApprovalMessage,
     CancelMessage,
+    ClaimMessage,
     Config,
     Decision,
     DuplicateTrade,
@@ -44,8 +49,9 @@ from domain import (
     TradeStatus,
     TradeView,
     load_config,
+    normalise_sha256,
 )
-from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
+from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
 
 from ._checks import check_ledger, check_precision, invalid_from
 from .devserver import connect_client
@@ -122,6 +128,8 @@ class SettlementClient:
         """
         instruction = parse_instruction(data, self.config)
         request = self.settlement_request(instruction)
+        # the protocol picks the workflow; both answer the same updates and queries
+        workflow_class: Any = HtlcWorkflow if instruction.protocol == "htlc" else SettlementWorkflow
         # one workflow per trade id, ever: a running one is joined, a closed one refused
         start_options: dict[str, Any] = {
             "id": workflow_id_for(instruction.trade_id),
@@ -133,14 +141,14 @@ class SettlementClient:
         try:
             if wait_accepted:
                 view = await self.client.execute_update_with_start_workflow(
-                    SettlementWorkflow.submit,
+                    workflow_class.submit,
                     SubmitCheck(fingerprint=request.fingerprint),
                     start_workflow_operation=WithStartWorkflowOperation(
-                        SettlementWorkflow.run, request, **start_options
+                        workflow_class.run, request, **start_options
                     ),
                 )
             else:
-                await self.client.start_workflow(SettlementWorkflow.run, request, **start_options)
+                await self.client.start_workflow(workflow_class.run, request, **start_options)
                 return await self._same_or_duplicate(instruction.trade_id, request.fingerprint)
         except WorkflowAlreadyStartedError:
             view = await self._same_or_duplicate(instruction.trade_id, request.fingerprint)
@@ -188,7 +196,7 @@ class SettlementClient:
             raise
 
     async def wait(self, trade_id: str, timeout: float | None = None) -> TradeView:
-        """Wait until the trade ends (SETTLED, SETTLED_PARTIAL, CANCELLED, REJECTED or EXPIRED)."""
+        """Wait until the trade ends (SETTLED, SETTLED_PARTIAL, CANCELLED, REJECTED, EXPIRED; ONE_SIDED for htlc)."""
         handle = self._handle(trade_id)
         try:
             return await asyncio.wait_for(handle.result(), timeout)
@@ -205,6 +213,33 @@ class SettlementClient:
         """Cancel as ``party``; raises ``RequestRejected`` with the reason if refused."""
         message = CancelMessage(party=party, reason=reason)
         return await self._decide(trade_id, SettlementWorkflow.cancel_update, message)
+
+    async def claim(self, trade_id: str, preimage: str, leg: int | None = None) -> TradeView:
+        """Claim a leg of an HTLC trade with the secret whose SHA-256 is its hashlock.
+
+        ``leg`` defaults to the payment leg (``legs[1]``) while it is open. Returns
+        the view once the claim, and the claim of the other leg it lets the engine
+        make (``auto_claim``), ended. A malformed preimage raises ``InvalidInstruction``;
+        a wrong one, or a leg that cannot be claimed now, ``RequestRejected``; in both
+        cases nothing changes and the preimage is not recorded.
+        """
+        try:
+            normalise_sha256(preimage, "a 32-byte secret")
+        except ValueError as exc:
+            raise InvalidInstruction("preimage", str(exc)) from None
+        handle = self._handle(trade_id)
+        try:
+            view: TradeView = await handle.execute_update(
+                HtlcWorkflow.claim, ClaimMessage(preimage=preimage, leg=leg)
+            )
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                view = await self.status(trade_id)
+                raise RequestRejected(f"trade is already {view.status.value}") from None
+            raise
+        except WorkflowUpdateFailedError as exc:
+            raise RequestRejected(str(exc.cause or exc)) from None
+        return view
 
     async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
         handle = self._handle(trade_id)
@@ -224,7 +259,7 @@ class SettlementClient:
 
     async def list(self, status: TradeStatus | str | None = None, limit: int = 1000) -> list[TradeView]:
         """Trades, newest first, optionally only those in ``status`` (without timelines)."""
-        query = 'WorkflowType = "Settlement"'
+        query = 'WorkflowType IN ("Settlement", "Htlc")'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
         trade_ids: list[str] = []

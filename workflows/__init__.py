@@ -12,10 +12,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .htlc import HtlcWorkflow
     from .netting import NettingBatchWorkflow, batch_workflow_id
     from .settlement import SEARCH_ATTRIBUTES, SettlementWorkflow, initial_search_attributes, workflow_id_for
 
 _HOMES = {
+    "HtlcWorkflow": ".htlc",
     "SEARCH_ATTRIBUTES": ".settlement",
     "SettlementWorkflow": ".settlement",
     "initial_search_attributes": ".settlement",
@@ -26,6 +28,7 @@ _HOMES = {
 
 __all__ = [
     "SEARCH_ATTRIBUTES",
+    "HtlcWorkflow",
     "NettingBatchWorkflow",
     "SettlementWorkflow",
     "batch_workflow_id",
