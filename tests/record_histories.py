@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import sys
 import tempfile
 import uuid
@@ -125,6 +126,48 @@ async def settled_partial(engine: Engine) -> str:
     return "R-settled-partial"
 
 
+SECRET = bytes(range(32)).hex()  # a fixed secret: the histories are fixtures, not secrets
+
+
+def htlc(trade_id: str, **extra: Any) -> dict[str, Any]:
+    """The same DvP under the HTLC protocol, locked by ``SECRET``'s SHA-256."""
+    hashlock = hashlib.sha256(bytes.fromhex(SECRET)).hexdigest()
+    return dvp(trade_id, protocol="htlc", hashlock=hashlock, **extra)
+
+
+async def _locked(engine: Engine, trade_id: str) -> None:
+    await _until(engine, trade_id, lambda e: len([h for h in e.open_holds() if h.trade_id == trade_id]) == 2)
+    for _ in range(200):
+        if (await engine.client.status(trade_id)).status is TradeStatus.AWAITING_CLAIM:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{trade_id}: never awaited a claim")
+
+
+async def htlc_settled(engine: Engine) -> str:
+    """Bob claims the cash with the secret; the engine claims the bonds for alice with it."""
+    await engine.client.submit(htlc("R-htlc-settled"))
+    await _locked(engine, "R-htlc-settled")
+    await engine.client.claim("R-htlc-settled", SECRET)
+    return "R-htlc-settled"
+
+
+async def htlc_expired(engine: Engine) -> str:
+    """Nobody claims: each leg refunds at its timelock."""
+    await engine.client.submit(htlc("R-htlc-expired", settle_within="PT2S", claim_window="PT1S"))
+    return "R-htlc-expired"
+
+
+async def htlc_one_sided(engine: Engine) -> str:
+    """Without auto_claim, bob claims the cash and alice never claims the bonds."""
+    await engine.client.submit(
+        htlc("R-htlc-one-sided", settle_within="PT10S", claim_window="PT1S", auto_claim=False)
+    )
+    await _locked(engine, "R-htlc-one-sided")
+    await engine.client.claim("R-htlc-one-sided", SECRET)
+    return "R-htlc-one-sided"
+
+
 SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "settled": (settled, TradeStatus.SETTLED),
     "expired": (expired, TradeStatus.EXPIRED),
@@ -133,6 +176,9 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "approval": (approval, TradeStatus.SETTLED),
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
     "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
+    "htlc_settled": (htlc_settled, TradeStatus.SETTLED),
+    "htlc_expired": (htlc_expired, TradeStatus.EXPIRED),
+    "htlc_one_sided": (htlc_one_sided, TradeStatus.ONE_SIDED),
 }
 
 

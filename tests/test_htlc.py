@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import threading
 from datetime import UTC, datetime, timedelta
@@ -336,3 +337,23 @@ def test_sql_ledger_enforces_the_hashlock_and_the_timelock(tmp_path: Path) -> No
         assert ledger.verify() == []
     finally:
         ledger.close()
+
+
+async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server: Any, tmp_path: Path) -> None:
+    from .test_cli import config_file, dvp
+
+    preimage, hashlock = new_secret()
+    config = config_file(settlement, temporal_server.address, tmp_path)
+    await settlement.client.submit(htlc("H-cli", hashlock))
+    await wait_for_status(settlement, "H-cli", TradeStatus.AWAITING_CLAIM)
+
+    malformed = await dvp(config, "claim", "H-cli", "--preimage", "xyz")
+    wrong = await dvp(config, "claim", "H-cli", "--preimage", new_secret()[0])
+    right = await dvp(config, "claim", "H-cli", "--preimage", preimage, "--json")
+    listed = await dvp(config, "list", "--status", "SETTLED", "--json")
+
+    assert malformed.returncode == 2 and "preimage: must be a 32-byte secret" in malformed.stderr
+    assert wrong.returncode == 1 and "does not match the trade's hashlock" in wrong.stderr
+    assert right.returncode == 0, right.stderr
+    assert [leg["state"] for leg in json.loads(right.stdout)["legs"]] == ["COMMITTED", "COMMITTED"]
+    assert "H-cli" in [v["trade_id"] for v in json.loads(listed.stdout)]

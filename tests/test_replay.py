@@ -1,6 +1,6 @@
 """Replay the recorded settlement histories against the current workflow code.
 
-A change to ``workflows/settlement.py`` that would break a trade already running
+A change to ``workflows/settlement.py`` or ``workflows/htlc.py`` that would break a trade already running
 (a reordered activity, a new timer, a changed condition) fails here as a
 non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
@@ -18,7 +18,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from domain import TradeStatus, TradeView
-from workflows import SettlementWorkflow
+from workflows import HtlcWorkflow, SettlementWorkflow
 
 HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
 
@@ -44,7 +44,7 @@ def test_histories_are_present() -> None:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays_without_nondeterminism(path: Path) -> None:
-    replayer = Replayer(workflows=[SettlementWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=[SettlementWorkflow, HtlcWorkflow], data_converter=pydantic_data_converter)
 
     result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
 

@@ -346,11 +346,12 @@ class HtlcWorkflow:
             self._set_status(TradeStatus.EXPIRED, "no claim before the timelocks: both legs refunded")
         else:
             (c,), (r,) = claimed, refunded
+            legs = self._instruction.legs
+            winner, loser = self._owners.get(legs[c].to, "?"), self._owners.get(legs[c].from_, "?")
             self._set_status(
                 TradeStatus.ONE_SIDED,
-                f"leg {c} claimed but leg {r} refunded at its timelock: "
-                f"{self._owners.get(self._instruction.legs[c].to, '?')} received leg {c} "
-                f"and got leg {r} back",
+                f"leg {c} claimed, leg {r} refunded at its timelock: {winner} received leg {c} "
+                f"and kept leg {r}; {loser} delivered leg {c} for nothing",
             )
 
     # ------------------------------------------------------------ handlers
