@@ -9,6 +9,8 @@ before and after. Exits 0 only if every outcome matches and the ledgers balance.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 import shutil
 import signal
 import subprocess
@@ -143,7 +145,29 @@ async def _until(client: SettlementClient, trade_id: str, condition: Callable[[T
         await asyncio.sleep(0.1)
 
 
+def _htlc(trade_id: str) -> tuple[dict[str, Any], Callable[[SettlementClient, str], Awaitable[list[str]]]]:
+    """Bob sells alice 20 bonds under a hashed timelock; only bob knows the secret."""
+    secret = secrets.token_bytes(32)
+    instruction = _dvp(
+        trade_id,
+        "bob",
+        "alice",
+        "20",
+        "1990.00",
+        protocol="htlc",
+        hashlock=hashlib.sha256(secret).hexdigest(),
+    )
+
+    async def bob_claims(client: SettlementClient, trade_id: str) -> list[str]:
+        await _until(client, trade_id, lambda v: v.status is TradeStatus.AWAITING_CLAIM)
+        await client.claim(trade_id, secret.hex())
+        return ["bob claimed the cash with the secret; the engine claimed the bonds for alice with it"]
+
+    return instruction, bob_claims
+
+
 def scenarios(run: str) -> list[Scenario]:
+    htlc_instruction, htlc_act = _htlc(f"{run}-htlc")
     return [
         Scenario("simple DvP", _dvp(f"{run}-simple", "bob", "alice", "100", "9950.00"), TradeStatus.SETTLED),
         Scenario(
@@ -182,6 +206,7 @@ def scenarios(run: str) -> list[Scenario]:
             _dvp(f"{run}-sanctioned", "mallory", "alice", "10", "995.00"),
             TradeStatus.REJECTED,
         ),
+        Scenario("hashed timelock (HTLC) swap", htlc_instruction, TradeStatus.SETTLED, htlc_act),
     ]
 
 
