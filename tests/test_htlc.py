@@ -347,13 +347,20 @@ async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server:
     await settlement.client.submit(htlc("H-cli", hashlock))
     await wait_for_status(settlement, "H-cli", TradeStatus.AWAITING_CLAIM)
 
+    for _ in range(300):  # visibility is eventually consistent
+        listed = await settlement.client.list(status="AWAITING_CLAIM")
+        if "H-cli" in [v.trade_id for v in listed]:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("H-cli never listed as AWAITING_CLAIM")
+
     malformed = await dvp(config, "claim", "H-cli", "--preimage", "xyz")
     wrong = await dvp(config, "claim", "H-cli", "--preimage", new_secret()[0])
     right = await dvp(config, "claim", "H-cli", "--preimage", preimage, "--json")
-    listed = await dvp(config, "list", "--status", "SETTLED", "--json")
 
     assert malformed.returncode == 2 and "preimage: must be a 32-byte secret" in malformed.stderr
     assert wrong.returncode == 1 and "does not match the trade's hashlock" in wrong.stderr
     assert right.returncode == 0, right.stderr
     assert [leg["state"] for leg in json.loads(right.stdout)["legs"]] == ["COMMITTED", "COMMITTED"]
-    assert "H-cli" in [v["trade_id"] for v in json.loads(listed.stdout)]
+    assert (await settlement.client.status("H-cli")).status is TradeStatus.SETTLED
