@@ -116,6 +116,7 @@ class HtlcWorkflow:
         instruction = request.instruction
         now = workflow.now()
         self._request = request
+        self._remote = request.model_copy(update={"local_ledgers": []})
         self._instruction = instruction
         self._deadline: datetime = instruction.deadline or now + (
             instruction.settle_within or request.settlement.default_settle_within
@@ -466,7 +467,9 @@ class HtlcWorkflow:
     ) -> Any:
         """One ledger call (local or on the ledger's queue): bounded by ``until``, else retried forever."""
         limit = None if until is None else max(until - workflow.now(), timedelta(seconds=1))
-        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
+        # Always on the ledger's queue: a claim must be able to run out its time limit
+        # (up to the timelock) without holding the workflow task open.
+        return ledger_call(self._remote, ledger, activity, argument, schedule_to_close=limit)
 
     def _hold_request(self, i: int) -> HoldRequest:
         leg = self._instruction.legs[i]
