@@ -196,7 +196,7 @@ class SettlementClient:
             raise
 
     async def wait(self, trade_id: str, timeout: float | None = None) -> TradeView:
-        """Wait until the trade ends (SETTLED, SETTLED_PARTIAL, CANCELLED, REJECTED, EXPIRED; ONE_SIDED for htlc)."""
+        """Wait until the trade ends: SETTLED, SETTLED_PARTIAL, CANCELLED, REJECTED, EXPIRED or ONE_SIDED."""
         handle = self._handle(trade_id)
         try:
             return await asyncio.wait_for(handle.result(), timeout)

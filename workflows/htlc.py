@@ -49,7 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     import hashlib
@@ -85,13 +85,10 @@ with workflow.unsafe.imports_passed_through():
 
     from .settlement import (
         _CALL_TIMEOUT,
-        ASSETS,
-        DEADLINE,
-        PARTIES,
-        STATUS,
-        TRADE_ID,
+        _STUCK_AFTER,
         _cause,
         ledger_call,
+        search_attributes,
     )
 
 T = TypeVar("T")
@@ -136,6 +133,10 @@ class HtlcWorkflow:
         self._locking: list[int] = []  # legs whose lock may have been placed: release on abort
         self._preimage: str | None = None
         self._requested: list[int] = []  # legs to claim with the preimage, in order
+        # search attribute name -> value as last set (at start by the client, then by us)
+        self._published: dict[str, Any] = {
+            pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
+        }
 
     # ----------------------------------------------------------------- run
 
@@ -143,7 +144,6 @@ class HtlcWorkflow:
     async def run(self, request: SettlementRequest) -> TradeView:
         when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
         self._event("submitted", f"protocol htlc; timelocks: {when}")
-        self._upsert_all()
         try:
             await self._validate()
             await self._screen()
@@ -160,6 +160,7 @@ class HtlcWorkflow:
             # From here the hashlock and the timelocks decide; a cancel request is ignored.
             await self._shielded(self._claim_or_refund())
             self._finish()
+        self._publish()
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self._view()
 
@@ -179,12 +180,15 @@ class HtlcWorkflow:
             results = await asyncio.gather(
                 *(
                     self._call(
-                        ledger, LedgerActivities.check_accounts, CheckAccountsRequest(checks=checks[ledger])
+                        ledger,
+                        LedgerActivities.check_accounts,
+                        CheckAccountsRequest(checks=checks[ledger]),
+                        until=self._deadline,
                     )
                     for ledger in ledgers
                 )
             )
-        except ActivityError as err:
+        except FailureError as err:
             raise _abort_for(err) from err
         problems: list[FieldError] = []
         for result in results:
@@ -196,7 +200,6 @@ class HtlcWorkflow:
             self._errors = sorted(problems, key=lambda p: p.field)
             raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
         self._event("accounts validated", "the legs are a swap between two parties")
-        workflow.upsert_search_attributes([PARTIES.value_set(self._parties())])
 
     def _swap_problems(self) -> list[FieldError]:
         delivery, payment = self._instruction.legs
@@ -236,7 +239,7 @@ class HtlcWorkflow:
                         ReserveRequest(holds=[self._hold_request(i)]),
                         until=self._deadline,
                     )
-                except ActivityError as err:
+                except FailureError as err:
                     raise _abort_for(err) from err
                 (outcome,) = outcomes.outcomes
                 if outcome.ok and outcome.hold is not None and outcome.hold.status is HoldStatus.OPEN:
@@ -254,6 +257,7 @@ class HtlcWorkflow:
                 self._details[i] = outcome.detail
                 if workflow.now() >= self._deadline:
                     raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: leg {i} ({outcome.detail})")
+                self._publish()
                 await workflow.sleep(min(interval, self._deadline - workflow.now()))
                 interval = min(interval * 2, self._request.settlement.max_recycle_interval)
 
@@ -282,7 +286,7 @@ class HtlcWorkflow:
                 ClaimRequest(hold_ids=[self._hold_ids[i]], preimage=preimage),
                 until=self._timelocks[i],
             )
-        except ActivityError as err:
+        except FailureError as err:
             # The ledger did not answer before the timelock; the refund finds out what it did.
             self._requested.remove(i)
             self._event(f"claim of leg {i} did not complete before its timelock", _cause(err))
@@ -322,11 +326,15 @@ class HtlcWorkflow:
         while True:
             try:
                 outcomes: HoldOutcomes = await self._call(
-                    self._ledger(i), LedgerActivities.release, HoldRefs(hold_ids=[self._hold_ids[i]])
+                    self._ledger(i),
+                    LedgerActivities.release,
+                    HoldRefs(hold_ids=[self._hold_ids[i]]),
+                    until=workflow.now() + _STUCK_AFTER,
                 )
                 return outcomes.outcomes[0]
-            except ActivityError as err:
+            except FailureError as err:
                 self._event(f"release of leg {i} failed, retrying", _cause(err))
+                self._publish()
                 await workflow.sleep(timedelta(seconds=60))
 
     async def _release_locked(self) -> None:
@@ -462,13 +470,13 @@ class HtlcWorkflow:
     def _ledger(self, i: int) -> str:
         return self._instruction.legs[i].ledger
 
-    def _call(
-        self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, until: datetime | None = None
-    ) -> Any:
-        """One ledger call (local or on the ledger's queue): bounded by ``until``, else retried forever."""
-        limit = None if until is None else max(until - workflow.now(), timedelta(seconds=1))
+    def _call(self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, until: datetime) -> Any:
+        """One ledger call on the ledger's queue, retried until ``until`` (at least 1 s from now)."""
+        limit = max(until - workflow.now(), timedelta(seconds=1))
         # Always on the ledger's queue: a claim must be able to run out its time limit
-        # (up to the timelock) without holding the workflow task open.
+        # (up to the timelock) without holding the workflow task open. Scheduling a
+        # remote activity ends the workflow task: publish what changed first.
+        self._publish()
         return ledger_call(self._remote, ledger, activity, argument, schedule_to_close=limit)
 
     def _hold_request(self, i: int) -> HoldRequest:
@@ -488,6 +496,7 @@ class HtlcWorkflow:
         remaining = until - workflow.now()
         if remaining <= timedelta(0) or condition():
             return
+        self._publish()
         with contextlib.suppress(TimeoutError):
             await workflow.wait_condition(condition, timeout=remaining)
 
@@ -519,18 +528,20 @@ class HtlcWorkflow:
         self._status = status
         self._reason = reason
         self._event(f"status {status.value}", reason)
-        workflow.upsert_search_attributes([STATUS.value_set(status.value)])
 
-    def _upsert_all(self) -> None:
-        workflow.upsert_search_attributes(
-            [
-                STATUS.value_set(self._status.value),
-                TRADE_ID.value_set(self._instruction.trade_id),
-                PARTIES.value_set(self._parties()),
-                ASSETS.value_set(sorted({leg.asset for leg in self._instruction.legs})),
-                DEADLINE.value_set(self._deadline),
-            ]
+    def _publish(self) -> None:
+        """Bring the search attributes up to date in one upsert of what changed.
+
+        Called where the workflow task may end (a remote activity, a timer, a wait)
+        and at the end, as the escrow saga does: the client set them at start.
+        """
+        wanted = search_attributes(
+            self._instruction, status=self._status, parties=self._parties(), deadline=self._deadline
         )
+        changed = [update for update in wanted if self._published.get(update.key.name) != update.value]
+        if changed:
+            workflow.upsert_search_attributes(changed)
+            self._published.update({update.key.name: update.value for update in changed})
 
     def _view(self) -> TradeView:
         legs = [
@@ -564,8 +575,8 @@ def _rejection(reason: str) -> ApplicationError:
     return ApplicationError(reason, type="ClaimRejected", non_retryable=True)
 
 
-def _abort_for(err: ActivityError) -> _Abort:
-    cause = err.cause
+def _abort_for(err: FailureError) -> _Abort:
+    cause = err.cause if isinstance(err, ActivityError) else err
     if isinstance(cause, ApplicationError) and cause.non_retryable:
         return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
     return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({_cause(err)})")
