@@ -345,6 +345,12 @@ async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server:
     preimage, hashlock = new_secret()
     config = config_file(settlement, temporal_server.address, tmp_path)
     await settlement.client.submit(htlc("H-cli", hashlock))
+    # the client sets the search attributes at start, as for an escrow trade
+    started = await settlement.client.client.get_workflow_handle(workflow_id_for("H-cli")).describe()
+    attributes = {pair.key.name: pair.value for pair in started.typed_search_attributes}
+    assert attributes["DvpTradeId"] == "H-cli"
+    assert attributes["DvpAssets"] == ["BOND-2030", "EUR"]
+    assert {"alice-cash", "bob-sec"} <= set(attributes["DvpParties"])
     await wait_for_status(settlement, "H-cli", TradeStatus.AWAITING_CLAIM)
 
     for _ in range(300):  # visibility is eventually consistent
@@ -354,6 +360,12 @@ async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server:
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("H-cli never listed as AWAITING_CLAIM")
+
+    listed_json = await dvp(config, "list", "--status", "AWAITING_CLAIM", "--json")
+    listed_text = await dvp(config, "list", "--status", "AWAITING_CLAIM")
+    assert listed_json.returncode == 0, listed_json.stderr
+    assert "H-cli" in [t["trade_id"] for t in json.loads(listed_json.stdout)]
+    assert listed_text.returncode == 0 and "H-cli" in listed_text.stdout
 
     malformed = await dvp(config, "claim", "H-cli", "--preimage", "xyz")
     wrong = await dvp(config, "claim", "H-cli", "--preimage", new_secret()[0])
