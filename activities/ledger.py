@@ -29,6 +29,7 @@ from domain import (
     CheckAccountsRequest,
     CheckAccountsResult,
     ClaimRequest,
+    CommitBatch,
     FieldError,
     Hold,
     HoldNotOpen,
@@ -174,6 +175,14 @@ class LedgerActivities:
             outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=hold))
         return HoldOutcomes(outcomes=outcomes)
 
+    @activity.defn(name="ledger.commit_local")
+    def commit_local(self, request: CommitBatch) -> HoldOutcomes:
+        """Commit a trade's holds on several ledgers this worker serves, in one activity."""
+        outcomes: list[HoldOutcome] = []
+        for refs in request.items:
+            outcomes += _each(refs.hold_ids, self._ledger(refs.ledger).commit_hold, ()).outcomes
+        return HoldOutcomes(outcomes=outcomes)
+
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused."""
@@ -181,4 +190,12 @@ class LedgerActivities:
 
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""
-        return [self.check_accounts, self.reserve, self.pin, self.commit, self.claim, self.release]
+        return [
+            self.check_accounts,
+            self.reserve,
+            self.pin,
+            self.commit,
+            self.commit_local,
+            self.claim,
+            self.release,
+        ]

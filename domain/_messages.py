@@ -81,6 +81,12 @@ class HoldRefs(_Model):
     ledger: str = ""
 
 
+class CommitBatch(_Model):
+    """The commits of a trade on several ledgers (each ``HoldRefs`` names its ledger)."""
+
+    items: list[HoldRefs]
+
+
 class ScreenRequest(_Model):
     parties: list[str]
 

@@ -29,6 +29,7 @@ from temporalio.worker import Worker
 from domain import (
     CheckAccountsRequest,
     CheckAccountsResult,
+    CommitBatch,
     Config,
     HoldOutcome,
     HoldOutcomes,
@@ -85,8 +86,12 @@ class NoopActivities:
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         return _outcomes(request.hold_ids)
 
+    @activity.defn(name="bench.commit_local")
+    def commit_local(self, request: CommitBatch) -> HoldOutcomes:
+        return _outcomes([hold_id for refs in request.items for hold_id in refs.hold_ids])
+
     def all(self) -> list[Callable[..., object]]:
-        return [self.check_accounts, self.reserve, self.pin, self.commit]
+        return [self.check_accounts, self.reserve, self.pin, self.commit, self.commit_local]
 
 
 @activity.defn(name="bench.screen")

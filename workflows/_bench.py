@@ -4,7 +4,7 @@
 one ``check_accounts`` (ledgers in parallel), one local ``screen``, then per ledger
 ``reserve``, ``pin`` and ``commit`` (each stage ledgers in parallel), with the same
 arguments, timeouts, retry policies and local-or-queued dispatch (it calls the
-settlement workflow's own ``ledger_call``, commits marked ``decided``).
+settlement workflow's own ``ledger_call`` and ``commit_locally``).
 Its activities do nothing, so its rate is the engine's ceiling for this shape on
 this server and these workers.
 
@@ -26,7 +26,7 @@ from temporalio import workflow
 
 # The settlement workflow's own ledger calls, imported rather than copied so that the
 # reference cannot drift from the real thing.
-from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, ledger_call
+from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, commit_locally, ledger_call
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
@@ -106,16 +106,12 @@ class CeilingWorkflow:
             )
 
         def call(ledger: str, name: str, argument: Any, result_type: type) -> Any:
-            commit = name == "bench.commit"
             return ledger_call(
-                request,
-                ledger,
-                name,
-                argument,
-                schedule_to_close=_STUCK_AFTER if commit else _SCHEDULE_TO_CLOSE,
-                decided=commit,
-                result_type=result_type,
+                request, ledger, name, argument, schedule_to_close=_SCHEDULE_TO_CLOSE, result_type=result_type
             )
+
+        def refs(ledger: str) -> HoldRefs:
+            return HoldRefs(hold_ids=_hold_ids(request, by_ledger[ledger]), ledger=ledger)
 
         await asyncio.gather(
             *(call(lg, "bench.check_accounts", checks(lg), CheckAccountsResult) for lg in ledgers)
@@ -128,13 +124,35 @@ class CeilingWorkflow:
             start_to_close_timeout=_CALL_TIMEOUT,
         )
         await asyncio.gather(*(call(lg, "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers))
-        for stage in ("bench.pin", "bench.commit"):
-            await asyncio.gather(
-                *(
-                    call(lg, stage, HoldRefs(hold_ids=_hold_ids(request, by_ledger[lg])), HoldOutcomes)
-                    for lg in ledgers
-                )
+        await asyncio.gather(*(call(lg, "bench.pin", refs(lg), HoldOutcomes) for lg in ledgers))
+        # The commits as the trade makes them: the local ledgers' in one ordinary
+        # activity, each other ledger's on its queue.
+        local = [lg for lg in ledgers if lg in request.local_ledgers]
+        commits = [
+            ledger_call(
+                request,
+                lg,
+                "bench.commit",
+                refs(lg),
+                schedule_to_close=_STUCK_AFTER,
+                result_type=HoldOutcomes,
             )
+            for lg in ledgers
+            if lg not in local
+        ] + (
+            [
+                commit_locally(
+                    request,
+                    [refs(lg) for lg in local],
+                    "bench.commit_local",
+                    schedule_to_close=_STUCK_AFTER,
+                    result_type=HoldOutcomes,
+                )
+            ]
+            if local
+            else []
+        )
+        await asyncio.gather(*commits)
         return "done"
 
 

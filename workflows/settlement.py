@@ -69,6 +69,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalMessage,
         CancelMessage,
         CheckAccountsRequest,
+        CommitBatch,
         Decision,
         FieldError,
         FillRule,
@@ -119,6 +120,7 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # each call retries for _STUCK_AFTER, then the workflow records the failure, makes its
 # status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
 _STUCK_AFTER = timedelta(seconds=30)
+_LOCAL = "*local"  # the key of a trade's commits on its local ledgers, made in one activity
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
 
@@ -165,25 +167,16 @@ def ledger_call(
     argument: Any,
     *,
     schedule_to_close: timedelta,
-    decided: bool = False,
     result_type: type | None = None,
 ) -> Awaitable[Any]:
-    """One call to one ledger, retried until ``schedule_to_close`` has passed.
+    """One call to one ledger before the commit decision, retried until ``schedule_to_close``.
 
-    A ledger with ``local_activities`` is called in the settlement worker itself:
-    before the commit decision as a local activity (no task through the server);
-    once ``decided``, as an ordinary activity on the settlement task queue, which the
-    server hands straight back to the worker that scheduled it (eager dispatch). The
-    difference matters: a local activity's result reaches the history only with the
-    workflow task that ran it, and the SDK keeps that task open while local
-    activities run, so a commit run as one could move money before the decision is
-    recorded, and a worker that died then would be replaced by one that replays from
-    before the decision and might decide otherwise. Scheduling an ordinary activity
-    completes the workflow task, which records the decision, the reservations and
-    the pins first. Every call is idempotent on its hold keys, so re-running one
-    (a retry, a worker that died) has the effect of once.
-
-    Any other ledger is called through an activity on its own task queue.
+    A ledger with ``local_activities`` is called in the settlement worker itself, as
+    a local activity: no task goes through the server. That is safe because every
+    ledger call is idempotent on its hold keys, so re-running one (a retry, a worker
+    that died) has the effect of once; the commits are the exception (see
+    ``commit_locally``). Any other ledger is called through an activity on its own
+    task queue.
     """
     argument = argument.model_copy(update={"ledger": ledger})
     options: dict[str, Any] = {
@@ -192,11 +185,46 @@ def ledger_call(
         "retry_policy": _RETRY,
         "result_type": result_type,
     }
-    if ledger in request.local_ledgers and not decided:
+    if ledger in request.local_ledgers:
         return workflow.execute_local_activity(activity, argument, **options)
-    queue = request.settlement_queue if ledger in request.local_ledgers else request.ledger_queues[ledger]
     return workflow.execute_activity(
-        activity, argument, task_queue=queue, heartbeat_timeout=_HEARTBEAT_TIMEOUT, **options
+        activity,
+        argument,
+        task_queue=request.ledger_queues[ledger],
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
+        **options,
+    )
+
+
+def commit_locally(
+    request: SettlementRequest,
+    refs: list[HoldRefs],
+    activity: Callable[..., Any] | str,
+    *,
+    schedule_to_close: timedelta,
+    result_type: type | None = None,
+) -> Awaitable[Any]:
+    """The commits on every local ledger of a trade: one ordinary activity.
+
+    Not a local activity: a local activity's result reaches the history only with
+    the workflow task that ran it, and the SDK keeps that task open while local
+    activities run, so a commit run as one could move money before the decision is
+    recorded, and a worker that died then would be replaced by one that replays from
+    before the decision and might decide otherwise. Scheduling an ordinary activity
+    completes the workflow task, which records the reservations, the pins and the
+    decision first. It runs on the settlement task queue, where the server hands it
+    straight back to the worker that scheduled it (eager dispatch), and it is one
+    activity for all the local ledgers, so one task and one result to record.
+    """
+    return workflow.execute_activity(
+        activity,
+        CommitBatch(items=refs),
+        task_queue=request.settlement_queue,
+        start_to_close_timeout=_CALL_TIMEOUT,
+        schedule_to_close_timeout=schedule_to_close,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
+        retry_policy=_RETRY,
+        result_type=result_type,
     )
 
 
@@ -646,9 +674,7 @@ class SettlementWorkflow:
         limit = _STUCK_AFTER if forever else self._remaining()
         if ledger not in self._request.local_ledgers:
             self._publish()  # the call goes through the server: show where the trade stands
-        return ledger_call(
-            self._request, ledger, activity, argument, schedule_to_close=limit, decided=self._decided
-        )
+        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
 
     async def _per_ledger(
         self,
@@ -677,10 +703,20 @@ class SettlementWorkflow:
         for i in legs:
             by_ledger.setdefault(self._instruction.legs[i].ledger, []).append(i)
 
-        async def one(ledger: str, items: list[int]) -> HoldOutcomes:
+        # After the decision (only commits then) the local ledgers' commits go together.
+        local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
+        batch: dict[str, list[Any]] = {}
+        if local:
+            batch = {_LOCAL: [argument(by_ledger.pop(lg)).model_copy(update={"ledger": lg}) for lg in local]}
+
+        async def one(ledger: str, items: list[Any]) -> HoldOutcomes:
+            if ledger == _LOCAL:
+                return await commit_locally(
+                    self._request, items, LedgerActivities.commit_local, schedule_to_close=_STUCK_AFTER
+                )
             return await self._ledger_call(ledger, activity, argument(items), forever=forever)
 
-        results = await self._per_ledger(by_ledger, one, abort_on_error=not forever)
+        results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
         index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
         return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
 
