@@ -51,6 +51,8 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
+from ._saga import cause, shielded, upsert_changed
+
 with workflow.unsafe.imports_passed_through():
     import hashlib
 
@@ -86,7 +88,6 @@ with workflow.unsafe.imports_passed_through():
     from .settlement import (
         _CALL_TIMEOUT,
         _STUCK_AFTER,
-        _cause,
         ledger_call,
         search_attributes,
     )
@@ -289,7 +290,7 @@ class HtlcWorkflow:
         except FailureError as err:
             # The ledger did not answer before the timelock; the refund finds out what it did.
             self._requested.remove(i)
-            self._event(f"claim of leg {i} did not complete before its timelock", _cause(err))
+            self._event(f"claim of leg {i} did not complete before its timelock", cause(err))
             return
         (outcome,) = outcomes.outcomes
         if outcome.ok:
@@ -333,7 +334,7 @@ class HtlcWorkflow:
                 )
                 return outcomes.outcomes[0]
             except FailureError as err:
-                self._event(f"release of leg {i} failed, retrying", _cause(err))
+                self._event(f"release of leg {i} failed, retrying", cause(err))
                 self._publish()
                 await workflow.sleep(timedelta(seconds=60))
 
@@ -502,14 +503,10 @@ class HtlcWorkflow:
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run to completion even if the workflow is cancelled meanwhile."""
-        task = asyncio.ensure_future(coroutine)
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    return task.result()
-                self._event("cancel request ignored", "the hashlock and the timelocks decide now")
+        return await shielded(
+            coroutine,
+            lambda: self._event("cancel request ignored", "the hashlock and the timelocks decide now"),
+        )
 
     def _describe(self, i: int, back: bool = False) -> str:
         leg = self._instruction.legs[i]
@@ -538,10 +535,7 @@ class HtlcWorkflow:
         wanted = search_attributes(
             self._instruction, status=self._status, parties=self._parties(), deadline=self._deadline
         )
-        changed = [update for update in wanted if self._published.get(update.key.name) != update.value]
-        if changed:
-            workflow.upsert_search_attributes(changed)
-            self._published.update({update.key.name: update.value for update in changed})
+        upsert_changed(self._published, wanted)
 
     def _view(self) -> TradeView:
         legs = [
@@ -579,4 +573,4 @@ def _abort_for(err: FailureError) -> _Abort:
     cause = err.cause if isinstance(err, ActivityError) else err
     if isinstance(cause, ApplicationError) and cause.non_retryable:
         return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
-    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({_cause(err)})")
+    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")

@@ -34,6 +34,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from ._saga import cause, shielded
+
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.netting import BatchActivities, NettingLedgerActivities, clearing_account
@@ -281,7 +283,7 @@ class NettingBatchWorkflow:
                     await self._ledger_call(ledger, NettingLedgerActivities.settle, request, forever=True)
                     break
                 except ActivityError as err:
-                    self._event(f"settling on {ledger} failed, retrying", _cause(err))
+                    self._event(f"settling on {ledger} failed, retrying", cause(err))
                     await workflow.sleep(_STUCK_RETRY)
             self._event(
                 f"settled on {ledger}", f"{len(request.pay_ins)} pay-ins, {len(request.pay_outs)} pay-outs"
@@ -300,7 +302,7 @@ class NettingBatchWorkflow:
                     )
                     break
                 except ActivityError as err:
-                    self._event(f"release on {ledger} failed, retrying", _cause(err))
+                    self._event(f"release on {ledger} failed, retrying", cause(err))
                     await workflow.sleep(_STUCK_RETRY)
             self._event(f"holds released on {ledger}", f"{len(ids)} holds")
         self._holds = {}
@@ -323,7 +325,7 @@ class NettingBatchWorkflow:
                 )
                 break
             except ActivityError as err:
-                self._event("recording the outcome failed, retrying", _cause(err))
+                self._event("recording the outcome failed, retrying", cause(err))
                 await workflow.sleep(_STUCK_RETRY)
         self._settled = count
 
@@ -377,18 +379,14 @@ class NettingBatchWorkflow:
             cause = err.cause
             if isinstance(cause, ApplicationError) and cause.non_retryable:
                 raise _Abort(BatchStatus.EXPIRED, f"refused: {cause.message}") from err
-            raise _Abort(BatchStatus.EXPIRED, f"no answer before the deadline ({_cause(err)})") from err
+            raise _Abort(BatchStatus.EXPIRED, f"no answer before the deadline ({cause(err)})") from err
         return dict(zip(ledgers, results, strict=True))
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.ensure_future(coroutine)
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    return task.result()
-                self._event("cancel request ignored", "compensation or commit in progress")
+        """Run to completion even if the workflow is cancelled meanwhile."""
+        return await shielded(
+            coroutine, lambda: self._event("cancel request ignored", "compensation or commit in progress")
+        )
 
     def _remaining(self) -> timedelta:
         return max(self._deadline - workflow.now(), timedelta(seconds=1))
@@ -419,9 +417,3 @@ class NettingBatchWorkflow:
             timeline=self._timeline,
             fingerprint=self._request.fingerprint,
         )
-
-
-def _cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err) or type(err).__name__

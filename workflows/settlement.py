@@ -61,6 +61,8 @@ from temporalio.common import (
 )
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
+from ._saga import cause, shielded, upsert_changed
+
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.settlement import SettlementActivities
@@ -625,7 +627,7 @@ class SettlementWorkflow:
 
     async def _stuck(self, what: str, err: FailureError, pause: timedelta) -> timedelta:
         """A call that must succeed has failed for a while: say so, wait, return the next pause."""
-        self._event(what, _cause(err))
+        self._event(what, cause(err))
         self._publish()  # an operator looking for stuck trades sees this one's status
         await workflow.sleep(pause)
         return min(pause * 2, _STUCK_RETRY_MAX)
@@ -654,14 +656,9 @@ class SettlementWorkflow:
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run to completion even if the workflow is cancelled meanwhile."""
-        task = asyncio.ensure_future(coroutine)
-        while True:
-            try:
-                return await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if task.done():
-                    return task.result()
-                self._event("cancel request ignored", "compensation or commit in progress")
+        return await shielded(
+            coroutine, lambda: self._event("cancel request ignored", "compensation or commit in progress")
+        )
 
     def _remaining(self) -> timedelta:
         return max(self._deadline - workflow.now(), timedelta(seconds=1))
@@ -725,7 +722,7 @@ class SettlementWorkflow:
         cause = err.cause if isinstance(err, ActivityError) else err
         if isinstance(cause, ApplicationError) and cause.non_retryable:
             return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
-        return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({_cause(err)})")
+        return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
     def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
         leg = self._instruction.legs[i]
@@ -789,10 +786,7 @@ class SettlementWorkflow:
             parties=self._parties(),
             deadline=self._deadline,
         )
-        changed = [update for update in wanted if self._published.get(update.key.name) != update.value]
-        if changed:
-            workflow.upsert_search_attributes(changed)
-            self._published.update({update.key.name: update.value for update in changed})
+        upsert_changed(self._published, wanted)
 
     def _view(self) -> TradeView:
         legs = [
@@ -842,9 +836,3 @@ def _fill_rule(request: SettlementRequest) -> FillRule | None:
         min_fill=partial.min_fill,
         min_quantity=partial.min_quantity,
     )
-
-
-def _cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err) or type(err).__name__
