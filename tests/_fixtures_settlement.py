@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from adapters import Ledger
-from domain import Config, parse_config
+from domain import Config, TradeStatus, TradeView, parse_config
 from starter.client import SettlementClient
 from starter.ledgers import opened, parse_seed, seed
 from worker import run_worker
@@ -52,6 +52,21 @@ def make_config(
             "settlement": {"recycle_interval": "PT0.2S", "max_recycle_interval": "PT1S", **settlement},
         }
     )
+
+
+async def wait_for_status(
+    engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 20
+) -> TradeView:
+    """The trade's view once it reaches ``status``; fails if it ends otherwise or takes too long."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        view = await engine.client.status(trade_id)
+        if view.status is status:
+            return view
+        assert not view.status.terminal, f"{trade_id} ended {view.status}: {view.reason}"
+        assert loop.time() < end, f"{trade_id} still {view.status}"
+        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -109,4 +124,12 @@ async def run_engine(
             await asyncio.wait_for(task, 30)
 
 
-__all__ = ["Engine", "STANDARD_ACCOUNTS", "make_config", "run_engine", "settlement", "sqlite_urls"]
+__all__ = [
+    "Engine",
+    "STANDARD_ACCOUNTS",
+    "make_config",
+    "run_engine",
+    "settlement",
+    "sqlite_urls",
+    "wait_for_status",
+]

@@ -9,6 +9,7 @@ then claims the bonds for alice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
@@ -35,6 +36,7 @@ from domain import (
 from workflows.settlement import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
+from ._fixtures_settlement import wait_for_status as _wait_for_status
 
 
 def new_secret() -> tuple[str, str]:
@@ -63,18 +65,7 @@ def htlc(trade_id: str, hashlock: str, settle_within: str = "PT60S", **extra: An
     }
 
 
-async def wait_for_status(
-    engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 60
-) -> TradeView:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        view = await engine.client.status(trade_id)
-        if view.status is status:
-            return view
-        assert not view.status.terminal, f"{trade_id} ended {view.status}: {view.reason}"
-        assert loop.time() < end, f"{trade_id} still {view.status}"
-        await asyncio.sleep(0.1)
+wait_for_status = functools.partial(_wait_for_status, timeout=60)
 
 
 def event_at(view: TradeView, event: str) -> datetime:

@@ -8,6 +8,7 @@ first, without a server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from domain import FillRule, InvalidInstruction, TradeStatus, TradeView
 
 from ._fixtures_settlement import Engine
+from ._fixtures_settlement import wait_for_status as _wait_for_status
 from .test_cli import config_file, dvp
 
 
@@ -69,18 +71,7 @@ async def deliver(engine: Engine, trade_id: str, seller: str, buyer: str, bonds:
     assert (await engine.client.wait(trade_id)).status is TradeStatus.SETTLED
 
 
-async def wait_for_status(
-    engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 30
-) -> TradeView:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        view = await engine.client.status(trade_id)
-        if view.status is status:
-            return view
-        assert not view.status.terminal, f"{trade_id} ended {view.status}: {view.reason}"
-        assert loop.time() < end, f"{trade_id} still {view.status}"
-        await asyncio.sleep(0.1)
+wait_for_status = functools.partial(_wait_for_status, timeout=30)
 
 
 def fills(view: TradeView) -> list[tuple[str, str]]:

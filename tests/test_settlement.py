@@ -25,7 +25,7 @@ from domain import (
     TradeView,
 )
 
-from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
+from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 
 
 def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) -> dict[str, Any]:
@@ -45,20 +45,6 @@ def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) 
         "settle_within": "PT30S",
         **extra,
     }
-
-
-async def wait_for_status(
-    engine: Engine, trade_id: str, status: TradeStatus, timeout: float = 20
-) -> TradeView:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        view = await engine.client.status(trade_id)
-        if view.status is status:
-            return view
-        assert not view.status.terminal, f"{trade_id} ended {view.status}: {view.reason}"
-        assert loop.time() < end, f"{trade_id} still {view.status}"
-        await asyncio.sleep(0.1)
 
 
 def events(view: TradeView) -> list[str]:
