@@ -570,7 +570,7 @@ def _rejection(reason: str) -> ApplicationError:
 
 
 def _abort_for(err: FailureError) -> _Abort:
-    cause = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(cause, ApplicationError) and cause.non_retryable:
-        return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
+    failure = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(failure, ApplicationError) and failure.non_retryable:
+        return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
     return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")

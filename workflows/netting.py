@@ -376,9 +376,9 @@ class NettingBatchWorkflow:
         try:
             results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
         except ActivityError as err:
-            cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.non_retryable:
-                raise _Abort(BatchStatus.EXPIRED, f"refused: {cause.message}") from err
+            failure = err.cause
+            if isinstance(failure, ApplicationError) and failure.non_retryable:
+                raise _Abort(BatchStatus.EXPIRED, f"refused: {failure.message}") from err
             raise _Abort(BatchStatus.EXPIRED, f"no answer before the deadline ({cause(err)})") from err
         return dict(zip(ledgers, results, strict=True))
 

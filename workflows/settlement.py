@@ -719,9 +719,9 @@ class SettlementWorkflow:
 
     def _abort_for(self, err: FailureError) -> _Abort:
         # A remote activity's failure wraps the ledger's error; a local one's may be it.
-        cause = err.cause if isinstance(err, ActivityError) else err
-        if isinstance(cause, ApplicationError) and cause.non_retryable:
-            return _Abort(TradeStatus.REJECTED, f"ledger refused: {cause.message}")
+        failure = err.cause if isinstance(err, ActivityError) else err
+        if isinstance(failure, ApplicationError) and failure.non_retryable:
+            return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
         return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
     def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
