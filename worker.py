@@ -153,6 +153,25 @@ class _all_running:  # noqa: N801 - used as a context manager name
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+# How long a thread may hold the interpreter lock while another waits for it (Python's
+# default is 5 ms). See tune_process.
+SWITCH_INTERVAL_S = 0.0002
+
+
+def tune_process() -> None:
+    """Settings of a worker process: bytecode cache and the interpreter lock's switch interval.
+
+    Ledger calls run on activity threads, beside the event loop that runs workflow
+    tasks. A database driver releases the interpreter lock for every statement and
+    must take it back afterwards; while the loop is busy, Python makes it wait up to
+    the switch interval each time. With the default 5 ms, a hold's three or four
+    statements waited longer than the rest of the trade took; at 0.2 ms they wait
+    little, and the loop loses no measurable time to the extra switches.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    cache_bytecode()
+
+
 def cache_bytecode() -> None:
     """Let this process reuse compiled bytecode even where writing it is turned off.
 
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger", action="append", help="run only this ledger's activities (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="run ledger activities only")
     args = parser.parse_args(argv)
-    cache_bytecode()
+    tune_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)

@@ -39,7 +39,6 @@ from domain import (
     InsufficientFunds,
     LedgerError,
     ReserveRequest,
-    UnknownAccount,
 )
 
 
@@ -57,7 +56,7 @@ def _each(
         if heartbeat:
             activity.heartbeat(hold_id)
         try:
-            outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=call(hold_id)))
+            outcomes.append(HoldOutcome.of(call(hold_id)))
         except outcome_errors as exc:
             outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
         except LedgerError as exc:
@@ -97,12 +96,15 @@ class LedgerActivities:
     def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
         """Check every account exists and holds the leg's asset; return their owners."""
         ledger = self._ledger(request.ledger)
+        try:
+            facts = ledger.account_facts({check.account for check in request.checks})
+        except LedgerError as exc:
+            raise _application_error(exc) from exc
         owners: dict[str, str] = {}
         problems: list[FieldError] = []
         for check in request.checks:
-            try:
-                account = ledger.account(check.account)
-            except UnknownAccount:
+            account = facts.get(check.account)
+            if account is None:
                 problems.append(
                     FieldError(
                         field=check.field,
@@ -110,8 +112,6 @@ class LedgerActivities:
                     )
                 )
                 continue
-            except LedgerError as exc:
-                raise _application_error(exc) from exc
             if account.asset != check.asset:
                 problems.append(
                     FieldError(
@@ -172,7 +172,7 @@ class LedgerActivities:
                     raise _application_error(exc) from exc
                 outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
                 continue
-            outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=hold))
+            outcomes.append(HoldOutcome.of(hold))
         return HoldOutcomes(outcomes=outcomes)
 
     @activity.defn(name="ledger.commit_local")

@@ -313,7 +313,7 @@ class NettingLedgerActivities:
         try:
             for hold_id in request.pay_ins:
                 activity.heartbeat(hold_id)
-                outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=self._ledger.commit_hold(hold_id)))
+                outcomes.append(HoldOutcome.of(self._ledger.commit_hold(hold_id)))
             for leg in request.pay_outs:
                 hold_id = f"{request.prefix}:out:{leg.account}"
                 activity.heartbeat(hold_id)
@@ -326,7 +326,7 @@ class NettingLedgerActivities:
                     None,
                     request.trade_id,
                 )
-                outcomes.append(HoldOutcome(hold_id=hold_id, ok=True, hold=self._ledger.commit_hold(hold_id)))
+                outcomes.append(HoldOutcome.of(self._ledger.commit_hold(hold_id)))
         except HoldNotOpen as exc:
             # After the decision no hold of the batch may end any other way: a retry cannot help.
             raise ApplicationError(exc.message, type=exc.code, non_retryable=True) from exc

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from domain import ConfigError, LedgerConfig
 
-from ._base import Ledger
+from ._base import AccountFacts, Ledger
 
-__all__ = ["Ledger", "open_ledger"]
+__all__ = ["AccountFacts", "Ledger", "open_ledger"]
 
 
 def open_ledger(name: str, config: LedgerConfig) -> Ledger:

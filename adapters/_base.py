@@ -32,10 +32,19 @@ Methods are synchronous; activities run them on a thread pool.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
-from domain import AccountBalance, Hold
+from domain import AccountBalance, Hold, UnknownAccount
+
+
+class AccountFacts(NamedTuple):
+    """What never changes about an account once it is open."""
+
+    asset: str
+    owner: str
 
 
 class Ledger(ABC):
@@ -58,6 +67,21 @@ class Ledger(ABC):
     @abstractmethod
     def account(self, account: str) -> AccountBalance:
         """The balance of one account; ``UnknownAccount`` if it does not exist."""
+
+    def account_facts(self, accounts: Collection[str]) -> dict[str, AccountFacts]:
+        """The asset and owner of each of ``accounts`` that exists; an unknown one is left out.
+
+        An account's asset and owner never change once it is open, so an adapter may
+        answer from what it has seen before.
+        """
+        facts: dict[str, AccountFacts] = {}
+        for account in accounts:
+            try:
+                balance = self.account(account)
+            except UnknownAccount:
+                continue
+            facts[account] = AccountFacts(balance.asset, balance.owner)
+        return facts
 
     @abstractmethod
     def balances(self) -> list[AccountBalance]:

@@ -31,7 +31,10 @@ every invariant violation it finds (an empty list means the ledger is consistent
 
 Concurrency: one database transaction per operation. On SQLite the database runs in
 WAL mode and every write transaction starts with ``BEGIN IMMEDIATE``, so writers from
-several processes queue on the busy timeout instead of failing on a lock upgrade. On
+several processes queue on the busy timeout instead of failing on a lock upgrade;
+within one process, write transactions take turns on a lock of the ledger's own, so
+they wait for each other without the busy timeout's sleeps (which start at 1 ms,
+several times a write transaction's length). On
 PostgreSQL (READ COMMITTED) the conditional updates take row locks; a transaction
 that touches two accounts updates them in sorted order, and a deadlock or
 serialization failure is retried. Every operation is idempotent, so a retry after a
@@ -43,8 +46,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
@@ -90,7 +94,7 @@ from domain import (
     UnknownHold,
 )
 
-from ._base import Ledger
+from ._base import AccountFacts, Ledger
 
 __all__ = ["SqlLedger", "issuer_id"]
 
@@ -244,6 +248,7 @@ class _Account(NamedTuple):
     """What never changes about an account once it exists (safe to cache)."""
 
     asset: str
+    owner: str
     is_issuer: bool
     precision: int
 
@@ -364,6 +369,7 @@ class SqlLedger(Ledger):
             )
         self._engine: Engine = engine
         self._reader: Engine = engine.execution_options(dvp_read_only=True)
+        self._write_lock = threading.Lock() if self._dialect == "sqlite" else None
         # Immutable facts, cached after the first sight: saves a round trip per hold.
         self._accounts: dict[str, _Account] = {}
         self._precisions: dict[str, int] = {}
@@ -392,7 +398,7 @@ class SqlLedger(Ledger):
         self._ins_journal = J.insert()
         self._sel_precision = select(A.c.precision).where(A.c.code == p("asset"))
         self._sel_meta = (
-            select(AC.c.id, AC.c.asset, AC.c.is_issuer, A.c.precision)
+            select(AC.c.id, AC.c.asset, AC.c.owner, AC.c.is_issuer, A.c.precision)
             .join(A, A.c.code == AC.c.asset)
             .where(AC.c.id.in_(p("ids", expanding=True)))
         )
@@ -460,9 +466,13 @@ class SqlLedger(Ledger):
     def _tx(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
         """Run ``work`` in one transaction, retrying the transient failures it is safe to retry."""
         engine = self._reader if read_only else self._engine
+        lock = None if read_only else self._write_lock
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                with engine.begin() as conn:
+                if lock is None:
+                    with engine.begin() as conn:
+                        return work(conn)
+                with lock, engine.begin() as conn:
                     return work(conn)
             except DBAPIError as exc:
                 if attempt < ATTEMPTS and self._retryable(exc):
@@ -492,7 +502,7 @@ class SqlLedger(Ledger):
         missing = [i for i in wanted if i not in self._accounts]
         if missing:
             for row in conn.execute(self._sel_meta, {"ids": missing}):
-                self._accounts[row.id] = _Account(row.asset, bool(row.is_issuer), row.precision)
+                self._accounts[row.id] = _Account(row.asset, row.owner, bool(row.is_issuer), row.precision)
         return {i: self._accounts[i] for i in wanted if i in self._accounts}
 
     def _hold(self, conn: Connection, row: AnyRow) -> Hold:
@@ -616,6 +626,14 @@ class SqlLedger(Ledger):
         if row is None:
             raise self._unknown_account(account)
         return self._balance(row)
+
+    def account_facts(self, accounts: Collection[str]) -> dict[str, AccountFacts]:
+        # From the cache of immutable facts; one read for the accounts not seen before.
+        wanted = set(accounts)
+        if not wanted <= self._accounts.keys():
+            self._tx(lambda c: self._meta(c, wanted), read_only=True)
+        known = {i: self._accounts[i] for i in wanted if i in self._accounts}
+        return {i: AccountFacts(a.asset, a.owner) for i, a in known.items()}
 
     def balances(self) -> list[AccountBalance]:
         rows = self._tx(lambda c: c.execute(self._sel_all_balances).all(), read_only=True)

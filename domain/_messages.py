@@ -7,11 +7,12 @@ signal, update and query.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ._config import SettlementConfig
-from ._models import Amount, FieldError, Hold, Instruction, _Model
+from ._models import Amount, FieldError, Hold, HoldStatus, Instruction, _Model
 
 
 class SettlementRequest(_Model):
@@ -62,14 +63,46 @@ class ReserveRequest(_Model):
 
 
 class HoldOutcome(_Model):
-    """What happened to one hold: ``ok`` false with ``code`` says why not."""
+    """What happened to one hold: ``ok`` false with ``code`` says why not.
+
+    When ``ok``, ``status`` and ``amount`` are the hold's after the call (amount 0 for
+    a key released before anything was placed under it): all a workflow needs of the
+    hold, so its history does not carry the whole hold once per call.
+    """
 
     hold_id: str
     ok: bool
     code: str = ""  # a LedgerError code when not ok
     detail: str = ""
-    hold: Hold | None = None
+    status: HoldStatus | None = None
+    amount: Amount | None = None
     available: Amount | None = None  # of a short hold's account, if the request asked
+
+    @classmethod
+    def of(cls, hold: Hold) -> HoldOutcome:
+        return cls(hold_id=hold.hold_id, ok=True, status=hold.status, amount=hold.amount)
+
+    @property
+    def open(self) -> bool:
+        """The call succeeded and the hold is open (placed, not yet committed or released)."""
+        return self.ok and self.status is HoldStatus.OPEN
+
+    @property
+    def placed(self) -> bool:
+        """Something was held under the key (not a key released before it was placed)."""
+        return self.amount is not None and self.amount > 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_with_hold(cls, data: Any) -> Any:
+        # Results recorded by earlier versions carried the whole hold: histories of
+        # trades in flight across an upgrade still replay.
+        if isinstance(data, dict) and "hold" in data:
+            data = dict(data)
+            hold = data.pop("hold") or {}
+            data.setdefault("status", hold.get("status"))
+            data.setdefault("amount", hold.get("amount"))
+        return data
 
 
 class HoldOutcomes(_Model):

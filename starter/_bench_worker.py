@@ -40,7 +40,7 @@ from domain import (
     load_config,
 )
 from starter.devserver import connect_client, exit_without_teardown
-from worker import ACTIVITY_THREADS, cache_bytecode, run_worker
+from worker import ACTIVITY_THREADS, run_worker, tune_process
 from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
 # As worker.run_worker configures the settlement workflows' worker.
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="TOML configuration written by dvp bench")
     args = parser.parse_args(argv)
-    cache_bytecode()  # as worker.py does
+    tune_process()  # as worker.py does
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(load_config(args.config)))
     return 0

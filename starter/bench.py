@@ -252,6 +252,27 @@ class _Meters:
             "client": time.process_time(),
         }
 
+    async def quiet(self, window: float = 0.5, busy: float = 0.1, limit: float = 15.0) -> float:
+        """Wait until the server and workers use under ``busy`` of a core; return the seconds waited.
+
+        The server finishes a batch's work after its last workflow closes (visibility
+        writes, task cleanup): without this, the next batch, of another kind, would be
+        measured paying for it.
+        """
+        started = time.monotonic()
+        last = self._busy()
+        while time.monotonic() - started < limit:
+            await asyncio.sleep(window)
+            now = self._busy()
+            if now - last < busy * window:
+                break
+            last = now
+        return time.monotonic() - started
+
+    def _busy(self) -> float:
+        pids = ([self.server_pid] if self.server_pid else []) + self.worker_pids
+        return sum(tree_cpu_seconds(p) for p in pids)
+
     @staticmethod
     def delta(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -498,7 +519,8 @@ class _Phase:
         return done
 
     async def batch(self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters) -> _Batch:
-        """Run one batch; CPU is read around the driving only, not the describes after it."""
+        """Run one batch from a quiet machine; CPU is read around the driving only."""
+        await meters.quiet()
         before = meters.read()
         done = await self.drive(kind, segment, count, concurrency)
         cpu = _Meters.delta(before, meters.read())

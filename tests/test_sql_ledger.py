@@ -284,6 +284,24 @@ def test_holds_need_known_accounts_of_the_same_asset(sql_ledger: SqlLedger) -> N
     assert sql_ledger.verify() == []
 
 
+def test_account_facts_name_asset_and_owner_and_see_accounts_opened_elsewhere(
+    sql_ledger: SqlLedger, ledger_url: str
+) -> None:
+    sql_ledger.open_account("alice-usd", "USD", "alice", D("5.00"), precision=2)
+    sql_ledger.open_account("bob-eur", "EUR", "bob", precision=2)
+
+    facts = sql_ledger.account_facts(["alice-usd", "bob-eur", "carol-usd"])
+    assert facts == {"alice-usd": ("USD", "alice"), "bob-eur": ("EUR", "bob")}
+
+    # An account another process opens after a miss is found: a miss is never cached.
+    other = SqlLedger("cash", ledger_url)
+    try:
+        other.open_account("carol-usd", "USD", "carol", precision=2)
+    finally:
+        other.close()
+    assert sql_ledger.account_facts(["carol-usd"]) == {"carol-usd": ("USD", "carol")}
+
+
 def test_expiry_releases_expired_holds_but_never_pinned_ones(sql_ledger: SqlLedger) -> None:
     seed(sql_ledger, alice="500.00", bob="0")
     now = datetime.now(UTC)

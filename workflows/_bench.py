@@ -86,7 +86,7 @@ class CeilingWorkflow:
                     AccountCheck(field=f"legs[{i}].from", account=legs[i].from_, asset=legs[i].asset),
                     AccountCheck(field=f"legs[{i}].to", account=legs[i].to, asset=legs[i].asset),
                 ]
-            return CheckAccountsRequest(checks=items)
+            return CheckAccountsRequest(checks=items, ledger=ledger)
 
         def reserve(ledger: str) -> ReserveRequest:
             expires_at = workflow.now() + timedelta(hours=1)
@@ -102,7 +102,8 @@ class CeilingWorkflow:
                         trade_id=request.instruction.trade_id,
                     )
                     for i in by_ledger[ledger]
-                ]
+                ],
+                ledger=ledger,
             )
 
         def call(ledger: str, name: str, argument: Any, result_type: type) -> Any:

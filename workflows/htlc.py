@@ -71,7 +71,6 @@ with workflow.unsafe.imports_passed_through():
         HoldOutcomes,
         HoldRefs,
         HoldRequest,
-        HoldStatus,
         LegState,
         LegView,
         ReserveRequest,
@@ -243,7 +242,7 @@ class HtlcWorkflow:
                 except FailureError as err:
                     raise _abort_for(err) from err
                 (outcome,) = outcomes.outcomes
-                if outcome.ok and outcome.hold is not None and outcome.hold.status is HoldStatus.OPEN:
+                if outcome.open:
                     self._states[i] = LegState.HELD
                     self._details[i] = f"hashlocked; refunds at {self._timelocks[i].isoformat()}"
                     self._event(
@@ -342,7 +341,7 @@ class HtlcWorkflow:
         for i in reversed(self._locking):
             outcome = await self._release(i)
             if outcome.ok:
-                placed = outcome.hold is not None and outcome.hold.amount > 0
+                placed = outcome.placed
                 self._states[i] = LegState.RELEASED
                 self._event(f"leg {i} released", "lock returned" if placed else "nothing was locked")
         self._locking.clear()

@@ -52,7 +52,6 @@ with workflow.unsafe.imports_passed_through():
         HoldOutcomes,
         HoldRefs,
         HoldRequest,
-        HoldStatus,
         NetLeg,
         NetPlan,
         NetRequest,
@@ -245,7 +244,7 @@ class NettingBatchWorkflow:
             for outcome in result.outcomes:
                 if not outcome.ok:
                     short.append(outcome.detail)
-                elif outcome.hold is None or outcome.hold.status is not HoldStatus.OPEN:
+                elif not outcome.open:
                     raise _Abort(BatchStatus.EXPIRED, f"hold {outcome.hold_id} was released at the ledger")
         if short:
             self._event("a net debit was short, re-netting", short[0])

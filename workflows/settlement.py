@@ -80,7 +80,6 @@ with workflow.unsafe.imports_passed_through():
         HoldOutcomes,
         HoldRefs,
         HoldRequest,
-        HoldStatus,
         Instruction,
         LegState,
         LegView,
@@ -180,7 +179,8 @@ def ledger_call(
     ``commit_locally``). Any other ledger is called through an activity on its own
     task queue.
     """
-    argument = argument.model_copy(update={"ledger": ledger})
+    if argument.ledger != ledger:
+        argument = argument.model_copy(update={"ledger": ledger})
     options: dict[str, Any] = {
         "start_to_close_timeout": _CALL_TIMEOUT,
         "schedule_to_close_timeout": schedule_to_close,
@@ -321,7 +321,7 @@ class SettlementWorkflow:
         results = await self._per_ledger(
             checks,
             lambda ledger, items: self._ledger_call(
-                ledger, LedgerActivities.check_accounts, CheckAccountsRequest(checks=items)
+                ledger, LedgerActivities.check_accounts, CheckAccountsRequest(checks=items, ledger=ledger)
             ),
         )
         problems: list[FieldError] = []
@@ -372,8 +372,9 @@ class SettlementWorkflow:
             outcomes = await self._holds_call(
                 pending,
                 LedgerActivities.reserve,
-                lambda items: ReserveRequest(
+                lambda ledger, items: ReserveRequest(
                     holds=[self._hold_request(i, expires_at) for i in items],
+                    ledger=ledger,
                     report_available=self._rule is not None,
                 ),
             )
@@ -392,9 +393,7 @@ class SettlementWorkflow:
             interval = min(interval * 2, self._request.settlement.max_recycle_interval)
 
     async def _prepare(self) -> None:
-        outcomes = await self._holds_call(
-            list(range(len(self._hold_ids))), LedgerActivities.pin, lambda items: self._refs(items)
-        )
+        outcomes = await self._holds_call(list(range(len(self._hold_ids))), LedgerActivities.pin, self._refs)
         lost = [i for i, outcome in outcomes.items() if not outcome.ok]
         if lost:
             for i in lost:
@@ -424,7 +423,7 @@ class SettlementWorkflow:
         while remaining:
             try:
                 outcomes = await self._holds_call(
-                    remaining, LedgerActivities.commit, lambda items: self._refs(items), forever=True
+                    remaining, LedgerActivities.commit, self._refs, forever=True
                 )
             except FailureError as err:
                 pause = await self._stuck("commit failed, retrying", err, pause)
@@ -441,7 +440,7 @@ class SettlementWorkflow:
         while to_release:
             try:
                 outcomes = await self._holds_call(
-                    to_release, LedgerActivities.release, lambda items: self._refs(items), forever=True
+                    to_release, LedgerActivities.release, self._refs, forever=True
                 )
             except FailureError as err:
                 pause = await self._stuck("release failed, retrying", err, pause)
@@ -449,7 +448,7 @@ class SettlementWorkflow:
             for i, outcome in outcomes.items():
                 if outcome.ok:
                     self._leg_states[i] = LegState.RELEASED
-                    placed = outcome.hold is not None and outcome.hold.amount > 0
+                    placed = outcome.placed
                     self._event(f"leg {i} released", "hold returned" if placed else "nothing was held")
                 else:
                     self._event(f"leg {i} could not be released", outcome.detail)
@@ -693,9 +692,10 @@ class SettlementWorkflow:
         self,
         legs: list[int],
         activity: Callable[[Any, Any], Any],
-        argument: Callable[[list[int]], Any],
+        argument: Callable[[str, list[int]], Any],
         forever: bool = False,
     ) -> dict[int, HoldOutcome]:
+        """One call per ledger of ``activity`` with ``argument(ledger, legs)``; each leg's outcome."""
         by_ledger: dict[str, list[int]] = {}
         for i in legs:
             by_ledger.setdefault(self._instruction.legs[i].ledger, []).append(i)
@@ -704,14 +704,14 @@ class SettlementWorkflow:
         local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
         batch: dict[str, list[Any]] = {}
         if local:
-            batch = {_LOCAL: [argument(by_ledger.pop(lg)).model_copy(update={"ledger": lg}) for lg in local]}
+            batch = {_LOCAL: [argument(lg, by_ledger.pop(lg)) for lg in local]}
 
         async def one(ledger: str, items: list[Any]) -> HoldOutcomes:
             if ledger == _LOCAL:
                 return await commit_locally(
                     self._request, items, LedgerActivities.commit_local, schedule_to_close=_STUCK_AFTER
                 )
-            return await self._ledger_call(ledger, activity, argument(items), forever=forever)
+            return await self._ledger_call(ledger, activity, argument(ledger, items), forever=forever)
 
         results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
         index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
@@ -736,11 +736,11 @@ class SettlementWorkflow:
             trade_id=self._instruction.trade_id,
         )
 
-    def _refs(self, legs: list[int]) -> HoldRefs:
-        return HoldRefs(hold_ids=[self._hold_ids[i] for i in legs])
+    def _refs(self, ledger: str, legs: list[int]) -> HoldRefs:
+        return HoldRefs(hold_ids=[self._hold_ids[i] for i in legs], ledger=ledger)
 
     def _record_reservation(self, i: int, outcome: HoldOutcome) -> None:
-        if outcome.ok and outcome.hold is not None and outcome.hold.status is HoldStatus.OPEN:
+        if outcome.open:
             self._leg_states[i] = LegState.HELD
             self._leg_details[i] = ""
             self._event(f"leg {i} held", self._describe_leg(i))
