@@ -637,6 +637,11 @@ async def _run_phase(
                     loaded["ceiling"]["cpu_ms_per_item"], trades["cpu_ms_per_item"]
                 ),
             }
+            # Each round's own ratios: how much the machine's speed moved the figures above.
+            result["ratios"]["per_round"] = {
+                "trades_per_ceiling": _round_ratios(batches["trades"], batches["ceiling"]),
+                "trades_per_naive": _round_ratios(batches["trades"], batches["naive"]),
+            }
             result["history_per_workflow"] = {
                 "trades": await phase.history_shape(
                     client.get_workflow_handle(workflow_id_for(f"{run}-loadt0-0"))
@@ -656,6 +661,14 @@ async def _run_phase(
         result["correctness"] = _check(config, phase, before)
         result["task_queue_prefix"] = config.temporal.task_queue_prefix
     return result
+
+
+def _round_ratios(numerators: list[_Batch], denominators: list[_Batch]) -> list[float]:
+    """Rate over rate, round by round (batch ``r`` of one kind against batch ``r`` of the other)."""
+    return [
+        round((len(a.done) / a.wall) / (len(b.done) / b.wall), 3)
+        for a, b in zip(numerators, denominators, strict=True)
+    ]
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -849,10 +862,12 @@ _TABLE: list[tuple[str, str, int]] = [
     ("ceiling/s (no-op trade shape)", "ceiling.rate_per_s", 1),
     ("  idle latency p50 ms", "idle.ceiling.latency_ms.p50", 0),
     ("  trades/s ÷ ceiling/s", "ratios.trades_per_ceiling", 2),
+    ("    in each round", "ratios.per_round.trades_per_ceiling", 2),
     ("  ceiling CPU ÷ trade CPU", "ratios.ceiling_cpu_per_trade_cpu", 2),
     ("naive saga/s (6 sequential no-ops)", "naive.rate_per_s", 1),
     ("  idle latency p50 ms", "idle.naive.latency_ms.p50", 0),
     ("  trades/s ÷ naive/s", "ratios.trades_per_naive", 2),
+    ("    in each round", "ratios.per_round.trades_per_naive", 2),
     ("CPU s, trades under load: server", "trades.cpu_s.server", 2),
     ("  workers", "trades.cpu_s.workers", 2),
     ("  bench client", "trades.cpu_s.client", 2),

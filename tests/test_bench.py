@@ -77,6 +77,9 @@ def test_bench_reports_every_figure(result: dict[str, Any]) -> None:
         value = _get(run, path)
         assert isinstance(value, int | float) and value > 0, f"{'.'.join(path)} = {value!r}"
     assert run["trades"]["count"] == run["trades"]["completed"] == 10
+    rounds = run["ratios"]["per_round"]
+    for name in ("trades_per_ceiling", "trades_per_naive"):
+        assert len(rounds[name]) == 3 and all(r > 0 for r in rounds[name]), (name, rounds[name])
     assert all(mb > 0 for mb in run["rss_peak_mb"]["workers"])
     env = result["environment"]
     for key in ("cores", "python", "temporalio", "temporal_cli", "temporal_server", "sqlite_ledger"):
