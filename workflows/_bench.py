@@ -24,10 +24,6 @@ from typing import Any
 
 from temporalio import workflow
 
-# The settlement workflow's own ledger calls, imported rather than copied so that the
-# reference cannot drift from the real thing.
-from .settlement import _CALL_TIMEOUT, _HEARTBEAT_TIMEOUT, _RETRY, _STUCK_AFTER, commit_locally, ledger_call
-
 with workflow.unsafe.imports_passed_through():
     from domain import (
         AccountCheck,
@@ -40,6 +36,18 @@ with workflow.unsafe.imports_passed_through():
         ScreenRequest,
         ScreenResult,
         SettlementRequest,
+    )
+
+    # The settlement workflow's own ledger calls, imported rather than copied so that
+    # the reference cannot drift from the real thing; passed through, so that a
+    # reference workflow does not import the trade's whole module afresh each time.
+    from .settlement import (
+        _CALL_TIMEOUT,
+        _HEARTBEAT_TIMEOUT,
+        _RETRY,
+        _STUCK_AFTER,
+        commit_locally,
+        ledger_call,
     )
 
 _SCHEDULE_TO_CLOSE = timedelta(minutes=10)

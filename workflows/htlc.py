@@ -51,8 +51,6 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
-from ._saga import cause, shielded, upsert_changed
-
 with workflow.unsafe.imports_passed_through():
     import hashlib
 
@@ -84,6 +82,8 @@ with workflow.unsafe.imports_passed_through():
         normalise_sha256,
     )
 
+    # deterministic helpers: loaded once, not afresh for every workflow
+    from ._saga import cause, shielded, upsert_changed
     from .settlement import (
         _CALL_TIMEOUT,
         _STUCK_AFTER,

@@ -34,8 +34,6 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from ._saga import cause, shielded
-
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.netting import BatchActivities, NettingLedgerActivities, clearing_account
@@ -64,6 +62,9 @@ with workflow.unsafe.imports_passed_through():
         SettleRequest,
         TimelineEvent,
     )
+
+    # deterministic helpers: loaded once, not afresh for every workflow
+    from ._saga import cause, shielded
 
 T = TypeVar("T")
 

@@ -61,8 +61,6 @@ from temporalio.common import (
 )
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
-from ._saga import cause, shielded, upsert_changed
-
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from activities.settlement import SettlementActivities
@@ -92,6 +90,9 @@ with workflow.unsafe.imports_passed_through():
         TradeStatus,
         TradeView,
     )
+
+    # deterministic helpers: loaded once, not afresh for every workflow
+    from ._saga import cause, shielded, upsert_changed
 
 T = TypeVar("T")
 
