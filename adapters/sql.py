@@ -32,9 +32,10 @@ every invariant violation it finds (an empty list means the ledger is consistent
 Concurrency: one database transaction per operation. On SQLite the database runs in
 WAL mode and every write transaction starts with ``BEGIN IMMEDIATE``, so writers from
 several processes queue on the busy timeout instead of failing on a lock upgrade;
-within one process, write transactions take turns on a lock of the ledger's own, so
-they wait for each other without the busy timeout's sleeps (which start at 1 ms,
-several times a write transaction's length). On
+within one process, write transactions take turns on a lock of the ledger's own, on
+one connection, so they wait for each other without the busy timeout's sleeps (which
+start at 1 ms, several times a write transaction's length) and find its page cache
+still valid. On
 PostgreSQL (READ COMMITTED) the conditional updates take row locks; a transaction
 that touches two accounts updates them in sorted order, and a deadlock or
 serialization failure is retried. Every operation is idempotent, so a retry after a
@@ -355,12 +356,22 @@ class SqlLedger(Ledger):
                 **pool,
             )
             _configure_sqlite(engine)
+            # Writers take turns on the ledger's lock, so one connection serves them all,
+            # and its page cache stays valid from one write to the next (a pooled
+            # connection found the pages another one had changed stale, and read them).
+            writer = create_engine(
+                parsed,
+                connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+                pool_size=1,
+                max_overflow=0,
+            )
+            _configure_sqlite(writer)
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         elif self._dialect == "postgresql":
             connect_args = (
                 {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
             )
-            engine = create_engine(parsed, connect_args=connect_args, **pool)
+            engine = writer = create_engine(parsed, connect_args=connect_args, **pool)
             from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
         else:
             raise ConfigError(
@@ -368,6 +379,7 @@ class SqlLedger(Ledger):
                 "use sqlite:///path.db or postgresql+psycopg://..."
             )
         self._engine: Engine = engine
+        self._writer: Engine = writer
         self._reader: Engine = engine.execution_options(dvp_read_only=True)
         self._write_lock = threading.Lock() if self._dialect == "sqlite" else None
         # Immutable facts, cached after the first sight: saves a round trip per hold.
@@ -377,7 +389,7 @@ class SqlLedger(Ledger):
         try:
             self._create_schema()
         except BaseException:
-            engine.dispose()
+            self.close()
             raise
 
     def __repr__(self) -> str:
@@ -465,7 +477,7 @@ class SqlLedger(Ledger):
 
     def _tx(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
         """Run ``work`` in one transaction, retrying the transient failures it is safe to retry."""
-        engine = self._reader if read_only else self._engine
+        engine = self._reader if read_only else self._writer
         lock = None if read_only else self._write_lock
         for attempt in range(1, ATTEMPTS + 1):
             try:
@@ -976,6 +988,7 @@ class SqlLedger(Ledger):
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+        self._writer.dispose()
 
 
 def _configure_sqlite(engine: Engine) -> None:
