@@ -117,7 +117,7 @@ class BenchOptions:
     workers: list[int] = field(default_factory=lambda: [1, 2])
     idle: int = 10
     warmup: int = 10
-    rounds: int = 3
+    rounds: int = 5  # more, shorter batches: what the machine does meanwhile evens out
     server_storage: str = "file"
     ledger: str = "sqlite"
     ledger_calls: str = "local"  # each ledger's local_activities setting: local or queue
