@@ -49,7 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     import hashlib
@@ -70,7 +70,6 @@ with workflow.unsafe.imports_passed_through():
         HoldRefs,
         HoldRequest,
         LegState,
-        LegView,
         ReserveRequest,
         ScreenRequest,
         ScreenResult,
@@ -87,7 +86,10 @@ with workflow.unsafe.imports_passed_through():
     from .settlement import (
         _CALL_TIMEOUT,
         _STUCK_AFTER,
+        _Abort,
+        abort_for,
         ledger_call,
+        leg_views,
         search_attributes,
     )
 
@@ -97,13 +99,6 @@ SECRET_HOLDER_LEG = 0
 """The leg the secret holder delivers; it refunds last (deadline + claim window)."""
 PAYMENT_LEG = 1
 """The leg that pays the secret holder; it refunds at the deadline and is claimed first."""
-
-
-class _Abort(Exception):
-    def __init__(self, status: TradeStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @workflow.defn(name="Htlc")
@@ -189,7 +184,7 @@ class HtlcWorkflow:
                 )
             )
         except FailureError as err:
-            raise _abort_for(err) from err
+            raise abort_for(err) from err
         problems: list[FieldError] = []
         for result in results:
             self._owners.update(result.owners)
@@ -240,7 +235,7 @@ class HtlcWorkflow:
                         until=self._deadline,
                     )
                 except FailureError as err:
-                    raise _abort_for(err) from err
+                    raise abort_for(err) from err
                 (outcome,) = outcomes.outcomes
                 if outcome.open:
                     self._states[i] = LegState.HELD
@@ -537,20 +532,7 @@ class HtlcWorkflow:
         upsert_changed(self._published, wanted)
 
     def _view(self) -> TradeView:
-        legs = [
-            LegView(
-                index=i,
-                ledger=leg.ledger,
-                asset=leg.asset,
-                from_=leg.from_,
-                to=leg.to,
-                amount=leg.amount,
-                hold_id=self._hold_ids[i],
-                state=self._states[i],
-                detail=self._details[i],
-            )
-            for i, leg in enumerate(self._instruction.legs)
-        ]
+        legs = leg_views(self._instruction, self._hold_ids, self._states, self._details)
         return TradeView(
             trade_id=self._instruction.trade_id,
             workflow_id=workflow.info().workflow_id,
@@ -566,10 +548,3 @@ class HtlcWorkflow:
 
 def _rejection(reason: str) -> ApplicationError:
     return ApplicationError(reason, type="ClaimRejected", non_retryable=True)
-
-
-def _abort_for(err: FailureError) -> _Abort:
-    failure = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(failure, ApplicationError) and failure.non_retryable:
-        return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
-    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")

@@ -240,6 +240,35 @@ class _Abort(Exception):
         self.reason = reason
 
 
+def abort_for(err: FailureError) -> _Abort:
+    """How a ledger call that failed before the decision ends a trade."""
+    # A remote activity's failure wraps the ledger's error; a local one's may be it.
+    failure = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(failure, ApplicationError) and failure.non_retryable:
+        return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
+    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
+
+
+def leg_views(
+    instruction: Instruction, hold_ids: list[str], states: list[LegState], details: list[str]
+) -> list[LegView]:
+    """Each leg of a trade as its view shows it."""
+    return [
+        LegView(
+            index=i,
+            ledger=leg.ledger,
+            asset=leg.asset,
+            from_=leg.from_,
+            to=leg.to,
+            amount=leg.amount,
+            hold_id=hold_ids[i],
+            state=states[i],
+            detail=details[i],
+        )
+        for i, leg in enumerate(instruction.legs)
+    ]
+
+
 @workflow.defn(name="Settlement")
 class SettlementWorkflow:
     @workflow.init
@@ -686,7 +715,7 @@ class SettlementWorkflow:
         except FailureError as err:  # an ActivityError, or a local activity's own failure
             if not abort_on_error:
                 raise
-            raise self._abort_for(err) from err
+            raise abort_for(err) from err
         return dict(zip(ledgers, results, strict=True))
 
     async def _holds_call(
@@ -717,13 +746,6 @@ class SettlementWorkflow:
         results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
         index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
         return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
-
-    def _abort_for(self, err: FailureError) -> _Abort:
-        # A remote activity's failure wraps the ledger's error; a local one's may be it.
-        failure = err.cause if isinstance(err, ActivityError) else err
-        if isinstance(failure, ApplicationError) and failure.non_retryable:
-            return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
-        return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
     def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
         leg = self._instruction.legs[i]
@@ -790,20 +812,7 @@ class SettlementWorkflow:
         upsert_changed(self._published, wanted)
 
     def _view(self) -> TradeView:
-        legs = [
-            LegView(
-                index=i,
-                ledger=leg.ledger,
-                asset=leg.asset,
-                from_=leg.from_,
-                to=leg.to,
-                amount=leg.amount,
-                hold_id=self._hold_ids[i],
-                state=self._leg_states[i],
-                detail=self._leg_details[i],
-            )
-            for i, leg in enumerate(self._instruction.legs)
-        ]
+        legs = leg_views(self._instruction, self._hold_ids, self._leg_states, self._leg_details)
         return TradeView(
             trade_id=self._instruction.trade_id,
             workflow_id=workflow.info().workflow_id,
