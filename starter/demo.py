@@ -77,7 +77,10 @@ BATCH = [
 BATCH_REMOVED = ["B7"]  # leo owes 2,487.50 net: his largest purchase goes, the rest is covered
 
 
-def _dvp(trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra: Any) -> dict[str, Any]:
+def dvp_instruction(
+    trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra: Any
+) -> dict[str, Any]:
+    """``seller`` delivers ``bonds`` BOND-2030 to ``buyer`` against ``cash`` EUR (the demo's accounts)."""
     return {
         "trade_id": trade_id,
         "legs": [
@@ -148,7 +151,7 @@ async def _until(client: SettlementClient, trade_id: str, condition: Callable[[T
 def _htlc(trade_id: str) -> tuple[dict[str, Any], Callable[[SettlementClient, str], Awaitable[list[str]]]]:
     """Bob sells alice 20 bonds under a hashed timelock; only bob knows the secret."""
     secret = secrets.token_bytes(32)
-    instruction = _dvp(
+    instruction = dvp_instruction(
         trade_id,
         "bob",
         "alice",
@@ -169,27 +172,31 @@ def _htlc(trade_id: str) -> tuple[dict[str, Any], Callable[[SettlementClient, st
 def scenarios(run: str) -> list[Scenario]:
     htlc_instruction, htlc_act = _htlc(f"{run}-htlc")
     return [
-        Scenario("simple DvP", _dvp(f"{run}-simple", "bob", "alice", "100", "9950.00"), TradeStatus.SETTLED),
+        Scenario(
+            "simple DvP",
+            dvp_instruction(f"{run}-simple", "bob", "alice", "100", "9950.00"),
+            TradeStatus.SETTLED,
+        ),
         Scenario(
             "seller short: recycles, then expires",
-            _dvp(f"{run}-short", "dave", "erin", "200", "19900.00", settle_within="PT4S"),
+            dvp_instruction(f"{run}-short", "dave", "erin", "200", "19900.00", settle_within="PT4S"),
             TradeStatus.EXPIRED,
         ),
         Scenario(
             "buyer cancels before the commit",
-            _dvp(f"{run}-cancel", "dave", "alice", "300", "29850.00"),
+            dvp_instruction(f"{run}-cancel", "dave", "alice", "300", "29850.00"),
             TradeStatus.CANCELLED,
             _buyer_cancels,
         ),
         Scenario(
             "waits for the notary's approval",
-            _dvp(f"{run}-notary", "bob", "erin", "50", "4975.00", approvers=["notary"]),
+            dvp_instruction(f"{run}-notary", "bob", "erin", "50", "4975.00", approvers=["notary"]),
             TradeStatus.SETTLED,
             _notary_approves,
         ),
         Scenario(
             "seller short, partial allowed: 60 of 100 settle",
-            _dvp(
+            dvp_instruction(
                 f"{run}-partial",
                 "frank",
                 "grace",
@@ -203,7 +210,7 @@ def scenarios(run: str) -> list[Scenario]:
         ),
         Scenario(
             "sanctioned party refused",
-            _dvp(f"{run}-sanctioned", "mallory", "alice", "10", "995.00"),
+            dvp_instruction(f"{run}-sanctioned", "mallory", "alice", "10", "995.00"),
             TradeStatus.REJECTED,
         ),
         Scenario("hashed timelock (HTLC) swap", htlc_instruction, TradeStatus.SETTLED, htlc_act),
@@ -267,7 +274,7 @@ async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]
     """One netting batch: its liquidity saving, and leo's unaffordable trade removed."""
     from starter.batch import BatchClient, batch_text
 
-    trades = [_dvp(f"{run}-{t}", s, b, bonds, cash) for t, s, b, bonds, cash in BATCH]
+    trades = [dvp_instruction(f"{run}-{t}", s, b, bonds, cash) for t, s, b, bonds, cash in BATCH]
     for trade in trades:
         del trade["settle_within"]  # a batch has its own time limit
     print(f"\nSettling {len(trades)} trades as one netting batch...", flush=True)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from domain import FillRule, InvalidInstruction, TradeStatus, TradeView
+from starter.demo import dvp_instruction
 
 from ._fixtures_settlement import Engine
 from ._fixtures_settlement import wait_for_status as _wait_for_status
@@ -33,28 +34,8 @@ def partial_dvp(
     **extra: Any,
 ) -> dict[str, Any]:
     """``seller`` delivers ``bonds`` BOND-2030 to ``buyer`` against ``cash`` EUR, in parts if need be."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": f"{seller}-sec",
-                "to": f"{buyer}-sec",
-                "amount": bonds,
-            },
-            {
-                "ledger": "cash",
-                "asset": "EUR",
-                "from": f"{buyer}-cash",
-                "to": f"{seller}-cash",
-                "amount": cash,
-            },
-        ],
-        "settle_within": "PT30S",
-        "partial": {"min_fill": "0.25"} if partial is None else partial,
-        **extra,
-    }
+    partial = {"min_fill": "0.25"} if partial is None else partial
+    return dvp_instruction(trade_id, seller, buyer, bonds, cash, partial=partial, **extra)
 
 
 def open_frank(engine: Engine, bonds: str) -> None:
