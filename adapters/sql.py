@@ -35,7 +35,10 @@ several processes queue on the busy timeout instead of failing on a lock upgrade
 within one process, write transactions take turns on a lock of the ledger's own, on
 one connection, so they wait for each other without the busy timeout's sleeps (which
 start at 1 ms, several times a write transaction's length) and find its page cache
-still valid. On
+still valid. There the common case of placing, pinning, committing and releasing a
+hold runs as hand-written SQL on that connection's driver, bypassing SQLAlchemy's
+execution path (most of these operations' CPU); anything else is rolled back and left
+to the general code, which stays the single source of truth (see ``_on_writer``). On
 PostgreSQL (READ COMMITTED) the conditional updates take row locks; a transaction
 that touches two accounts updates them in sorted order, and a deadlock or
 serialization failure is retried. Every operation is idempotent, so a retry after a
@@ -47,9 +50,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
@@ -242,6 +247,35 @@ AC = AccountRow.__table__  # type: ignore[attr-defined]
 H = HoldRow.__table__  # type: ignore[attr-defined]
 J = JournalRow.__table__  # type: ignore[attr-defined]
 
+# SQLite's fast path (``SqlLedger._on_writer``): the common case of the hot operations, in
+# the sqlite3 driver's own terms. Each statement keeps the condition its general
+# counterpart above relies on (``status = 'open'``, the reservation's available check).
+_FAST_HOLD_COLUMNS = "account, to_account, asset, amount, expires_at, trade_id, hashlock"
+_FAST_INSERT_HOLD = (
+    "INSERT INTO holds (hold_id, account, to_account, asset, amount, status, expires_at,"
+    " trade_id, hashlock, created_at) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)"
+    " ON CONFLICT (hold_id) DO NOTHING"
+)
+_FAST_RESERVE = "UPDATE accounts SET held = held + ?1 WHERE id = ?2 AND (is_issuer OR balance - held >= ?1)"
+_FAST_UNRESERVE = "UPDATE accounts SET held = held - ?1 WHERE id = ?2"
+_FAST_PIN = (
+    f"UPDATE holds SET expires_at = NULL WHERE hold_id = ? AND status = 'open' RETURNING {_FAST_HOLD_COLUMNS}"
+)
+_FAST_RESOLVE = (
+    "UPDATE holds SET status = ?1, resolved_at = ?2 WHERE hold_id = ?3 AND status = 'open'"
+    f" RETURNING {_FAST_HOLD_COLUMNS}"
+)
+# A commit's two account updates in one statement: the payer ?1 pays ?3 out of its held
+# amount, the payee ?2 receives it.
+_FAST_SETTLE = (
+    "UPDATE accounts SET balance = balance + CASE id WHEN ?1 THEN -?3 ELSE ?3 END,"
+    " held = held - CASE id WHEN ?1 THEN ?3 ELSE 0 END WHERE id IN (?1, ?2)"
+)
+_FAST_JOURNAL = (
+    "INSERT INTO journal (ref, hold_id, kind, from_account, to_account, asset, amount, created_at)"
+    " VALUES (?, ?, 'settle', ?, ?, ?, ?, ?)"
+)
+
 # ---------------------------------------------------------------- amounts and rows
 
 
@@ -366,6 +400,13 @@ class SqlLedger(Ledger):
                 max_overflow=0,
             )
             _configure_sqlite(writer)
+            self._writer_driver = _PooledDriver(writer)
+            # The fast path stores and reads datetimes exactly as SQLAlchemy does for the
+            # holds' columns: through the type as the dialect adapts it, whose DATETIME
+            # formats the text (the TypeDecorator's own processor would pass a datetime on).
+            stamp = H.c.created_at.type.dialect_impl(writer.dialect)
+            self._to_sqlite_time = stamp.bind_processor(writer.dialect)
+            self._from_sqlite_time = stamp.result_processor(writer.dialect, None)
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         elif self._dialect == "postgresql":
             connect_args = (
@@ -493,7 +534,76 @@ class SqlLedger(Ledger):
                 raise self._translate(exc) from exc
             except PoolTimeout as exc:
                 raise LedgerUnavailable(f"ledger {self.name!r}: no database connection free: {exc}") from exc
+            except sqlite3.OperationalError as exc:
+                # From the "begin" listener's BEGIN IMMEDIATE, which runs on the driver,
+                # outside SQLAlchemy's wrapping: the busy timeout ran out.
+                raise self._busy(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _busy(self, exc: sqlite3.OperationalError) -> LedgerUnavailable:
+        return LedgerUnavailable(f"ledger {self.name!r}: the database is unavailable: {exc}")
+
+    def _on_writer(self, work: Callable[[sqlite3.Cursor], T | None]) -> T | None:
+        """SQLite's fast path: ``work`` in one write transaction on the writer's driver connection.
+
+        Through SQLAlchemy (compiled statements, result rows, events, the pool) a hold's
+        operation costs several times what SQLite does for it, on the worker's activity
+        threads. So its common case runs here as hand-written SQL, in turn with every other
+        writer on the ledger's lock and its one connection. ``work`` returns ``None`` for a
+        case it leaves to the general path (a key that exists, a hold not open, a
+        reservation refused, facts not cached, ...), and so does this method, after any
+        sqlite3 error too: the transaction is then rolled back, so it had no effect, and the
+        caller runs the general path, which decides every unusual case, retries and
+        translates errors. Running an operation there again is safe even after a COMMIT that
+        failed ambiguously: every operation is idempotent on its hold key.
+        """
+        assert self._write_lock is not None
+        with self._write_lock:
+            db = self._writer_driver.connection
+            if db is None:
+                return None  # the pool has no connection open: the general path opens one
+            try:
+                cursor = db.cursor()
+                # Here, not in the "begin" listener, which only SQLAlchemy's Connection fires.
+                cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                # The busy timeout ran out (another process held the write lock that long);
+                # the general path would only wait as long again.
+                raise self._busy(exc) from exc
+            except sqlite3.Error:
+                return None  # e.g. a connection closed under us: the general path reopens one
+            try:
+                result = work(cursor)
+                if result is not None:
+                    cursor.execute("COMMIT")
+                    return result
+            except sqlite3.Error:
+                pass  # the general path runs it again, and reports an error that persists
+            finally:
+                # What is not committed has no effect (a no-op after COMMIT). Should even this
+                # fail, the general path meets the failure, and the pool replaces the connection.
+                with suppress(sqlite3.Error):
+                    db.rollback()
+        return None
+
+    def _fast_hold(self, hold_id: str, status: HoldStatus, row: tuple[Any, ...]) -> Hold | None:
+        """The ``Hold`` of a ``_FAST_HOLD_COLUMNS`` row; ``None`` if its asset's precision is not cached."""
+        account, to_account, asset, amount, expires_at, trade_id, hashlock = row
+        precision = self._precisions.get(asset)
+        if precision is None:
+            return None
+        return Hold(
+            ledger=self.name,
+            hold_id=hold_id,
+            account=account,
+            to_account=to_account,
+            asset=asset,
+            amount=_to_decimal(amount, precision),
+            status=status,
+            expires_at=self._from_sqlite_time(expires_at),
+            trade_id=trade_id,
+            hashlock=hashlock,
+        )
 
     def _retryable(self, exc: DBAPIError) -> bool:
         if exc.connection_invalidated:
@@ -515,6 +625,7 @@ class SqlLedger(Ledger):
         if missing:
             for row in conn.execute(self._sel_meta, {"ids": missing}):
                 self._accounts[row.id] = _Account(row.asset, row.owner, bool(row.is_issuer), row.precision)
+                self._precisions[row.asset] = row.precision
         return {i: self._accounts[i] for i in wanted if i in self._accounts}
 
     def _hold(self, conn: Connection, row: AnyRow) -> Hold:
@@ -667,8 +778,7 @@ class SqlLedger(Ledger):
         if not hold_id:
             raise LedgerError("hold_id must not be empty")
 
-        def validate(conn: Connection) -> tuple[int, str | None]:
-            known = self._meta(conn, (account, to_account))
+        def validate(known: Mapping[str, _Account]) -> tuple[int, str | None]:
             for acct in (account, to_account):
                 if acct not in known:
                     raise self._unknown_account(acct)
@@ -679,9 +789,56 @@ class SqlLedger(Ledger):
                 raise LedgerError(f"hold {hold_id!r} pays account {account!r} to itself")
             return _positive(amount, asset, known[account].precision), _normalise_hashlock(hashlock)
 
+        def placed(minor: int, lock: str | None) -> Hold:
+            return Hold(
+                ledger=self.name,
+                hold_id=hold_id,
+                account=account,
+                to_account=to_account,
+                asset=asset,
+                amount=_to_decimal(minor, self._accounts[account].precision),
+                status=HoldStatus.OPEN,
+                expires_at=_utc(expires_at),
+                trade_id=trade_id,
+                hashlock=lock,
+            )
+
+        def place(cursor: sqlite3.Cursor, minor: int, lock: str | None) -> Hold | None:
+            to_time = self._to_sqlite_time
+            cursor.execute(
+                _FAST_INSERT_HOLD,
+                (
+                    hold_id,
+                    account,
+                    to_account,
+                    asset,
+                    minor,
+                    to_time(expires_at),
+                    trade_id,
+                    lock,
+                    to_time(datetime.now(UTC)),
+                ),
+            )
+            if cursor.rowcount != 1:
+                return None  # the key exists: a replay, a tombstone or a conflict
+            if cursor.execute(_FAST_RESERVE, (minor, account)).rowcount != 1:
+                return None  # insufficient funds: the general path says how much is available
+            return placed(minor, lock)
+
+        if self._dialect == "sqlite":
+            try:
+                # From the cache alone: an account not in it is not known to be missing.
+                minor, lock = validate(self._accounts)
+            except LedgerError:
+                pass  # the general path looks, and answers a replay before refusing
+            else:
+                hold = self._on_writer(lambda cursor: place(cursor, minor, lock))
+                if hold is not None:
+                    return hold
+
         def work(conn: Connection) -> Hold:
             try:
-                minor, lock = validate(conn)
+                minor, lock = validate(self._meta(conn, (account, to_account)))
             except LedgerError:
                 # A known key answers first: a replay must not fail on a check it passed before.
                 existing = conn.execute(self._sel_hold, {"k": hold_id}).first()
@@ -715,18 +872,7 @@ class SqlLedger(Ledger):
                     f"account {account!r} has {format(_to_decimal(available, scale), 'f')} {asset} "
                     f"available; hold {hold_id!r} requested {format(_to_decimal(minor, scale), 'f')} {asset}"
                 )
-            return Hold(
-                ledger=self.name,
-                hold_id=hold_id,
-                account=account,
-                to_account=to_account,
-                asset=asset,
-                amount=_to_decimal(minor, self._accounts[account].precision),
-                status=HoldStatus.OPEN,
-                expires_at=_utc(expires_at),
-                trade_id=trade_id,
-                hashlock=lock,
-            )
+            return placed(minor, lock)
 
         return self._tx(work)
 
@@ -786,6 +932,13 @@ class SqlLedger(Ledger):
         return self._hold(conn, row)
 
     def pin_hold(self, hold_id: str) -> Hold:
+        def pin(cursor: sqlite3.Cursor) -> Hold | None:
+            row = cursor.execute(_FAST_PIN, (hold_id,)).fetchone()
+            return None if row is None else self._fast_hold(hold_id, HoldStatus.OPEN, row)
+
+        if self._dialect == "sqlite" and (hold := self._on_writer(pin)) is not None:
+            return hold
+
         def work(conn: Connection) -> Hold:
             for _ in range(ATTEMPTS):
                 row = conn.execute(self._pin, {"k": hold_id}).first()
@@ -799,6 +952,22 @@ class SqlLedger(Ledger):
         return self._tx(work)
 
     def commit_hold(self, hold_id: str, preimage: str | None = None) -> Hold:
+        def commit(cursor: sqlite3.Cursor) -> Hold | None:
+            now = self._to_sqlite_time(datetime.now(UTC))
+            row = cursor.execute(_FAST_RESOLVE, ("committed", now, hold_id)).fetchone()
+            if row is None or row[-1] is not None:
+                return None  # not open, or hashlocked: the general path checks the preimage
+            account, to_account, asset, amount = row[:4]
+            if cursor.execute(_FAST_SETTLE, (account, to_account, amount)).rowcount != 2:
+                return None  # not two accounts: the general path refuses it in its own words
+            cursor.execute(
+                _FAST_JOURNAL, (f"hold:{hold_id}", hold_id, account, to_account, asset, amount, now)
+            )
+            return self._fast_hold(hold_id, HoldStatus.COMMITTED, row)
+
+        if self._dialect == "sqlite" and (hold := self._on_writer(commit)) is not None:
+            return hold
+
         def work(conn: Connection) -> Hold:
             now = datetime.now(UTC)
             for _ in range(ATTEMPTS):
@@ -836,6 +1005,17 @@ class SqlLedger(Ledger):
         return self._tx(work)
 
     def release_hold(self, hold_id: str) -> Hold:
+        def release(cursor: sqlite3.Cursor) -> Hold | None:
+            now = self._to_sqlite_time(datetime.now(UTC))
+            row = cursor.execute(_FAST_RESOLVE, ("released", now, hold_id)).fetchone()
+            if row is None:
+                return None  # not open, or an unknown key, which the general path tombstones
+            cursor.execute(_FAST_UNRESERVE, (row[3], row[0]))
+            return self._fast_hold(hold_id, HoldStatus.RELEASED, row)
+
+        if self._dialect == "sqlite" and (hold := self._on_writer(release)) is not None:
+            return hold
+
         def work(conn: Connection) -> Hold:
             now = datetime.now(UTC)
             for _ in range(ATTEMPTS):
@@ -1012,3 +1192,27 @@ def _configure_sqlite(engine: Engine) -> None:
         # On the driver's connection directly: this runs before every transaction, and
         # through SQLAlchemy's execution path it cost as much as a ledger statement.
         conn.connection.driver_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class _PooledDriver:
+    """The driver connection that ``engine``'s pool of one holds open, for the fast path.
+
+    Checking it out of the pool and in again cost about a quarter of a fast operation's
+    CPU, and a connection of the fast path's own would be a second writer connection,
+    which would find the pages the other one wrote stale; so the fast path uses the pool's
+    one while the pool has it open, never while it is checked out (the ledger's lock sees
+    to that: every writer takes it). The pool's events tell which connection that is.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.connection: sqlite3.Connection | None = None
+        event.listen(engine, "connect", self._opened)
+        event.listen(engine, "close", self._gone)  # disposed, invalidated or recycled
+        event.listen(engine, "detach", self._gone)
+
+    def _opened(self, dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        self.connection = dbapi_connection
+
+    def _gone(self, dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        if dbapi_connection is self.connection:
+            self.connection = None

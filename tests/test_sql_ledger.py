@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import queue as queue_module
+import re
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -408,6 +410,243 @@ def test_a_dropped_postgres_connection_is_retried(postgres_url: str) -> None:
 def test_an_unreachable_database_is_unavailable_not_an_error_of_the_caller() -> None:
     with pytest.raises(LedgerUnavailable, match="ledger 'cash': the database is unavailable"):
         SqlLedger("cash", "postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+
+
+# ------------------------------------------------------------ SQLite's fast path
+#
+# On SQLite the common case of place, pin, commit and release runs as hand-written SQL
+# on the driver, and anything else falls back to the general path (PostgreSQL's only
+# one). These tests warm the ledger's cache of account facts, as a worker does, so that
+# the fast path runs, and check it answers exactly as the general path does.
+
+
+def warm(ledger: SqlLedger, **balances: str) -> list[str]:
+    """Seed ``balances`` and cache their facts; then ``general_writes``."""
+    seed(ledger, **balances)
+    ledger.account_facts(balances)
+    return general_writes(ledger)
+
+
+def general_writes(ledger: SqlLedger) -> list[str]:
+    """The operations that run a write transaction of the general path from now on."""
+    general: list[str] = []
+    run = ledger._tx
+
+    def counted(work: Any, *, read_only: bool = False) -> Any:
+        if not read_only:
+            general.append(work.__qualname__.split(".")[1])
+        return run(work, read_only=read_only)
+
+    ledger._tx = counted  # type: ignore[method-assign]
+    return general
+
+
+def on_fast_path(ledger: SqlLedger) -> bool:
+    return ledger._dialect == "sqlite"
+
+
+def test_a_fast_placement_replayed_reserves_once(sql_ledger: SqlLedger) -> None:
+    general = warm(sql_ledger, alice="500.00", bob="0")
+
+    first = sql_ledger.place_hold("k1", "alice", "bob", "USD", D("100"), LATER, trade_id="t")
+    assert general == ([] if on_fast_path(sql_ledger) else ["place_hold"])
+
+    assert sql_ledger.place_hold("k1", "alice", "bob", "USD", D("100.00"), LATER, trade_id="t") == first
+    with pytest.raises(IdempotencyConflict, match="'k1' exists with different terms: amount"):
+        sql_ledger.place_hold("k1", "alice", "bob", "USD", D("99"), LATER, trade_id="t")
+    assert sql_ledger.get_hold("k1") == first
+    assert sql_ledger.account("alice").held == D(100)  # reserved once
+    assert sql_ledger.verify() == []
+
+
+def test_a_fast_placement_short_of_funds_says_who_asked_for_what(sql_ledger: SqlLedger) -> None:
+    warm(sql_ledger, alice="500.00", bob="0")
+    sql_ledger.place_hold("first", "alice", "bob", "USD", D(450), LATER)
+
+    with pytest.raises(InsufficientFunds) as raised:
+        sql_ledger.place_hold("second", "alice", "bob", "USD", D("50.01"), LATER)
+
+    assert raised.value.message == (
+        "account 'alice' has 50.00 USD available; hold 'second' requested 50.01 USD"
+    )
+    with pytest.raises(UnknownHold):
+        sql_ledger.get_hold("second")  # the fast path's insert was rolled back
+    assert sql_ledger.account("alice").held == D(450)
+    assert sql_ledger.verify() == []
+
+
+def test_fast_pins_commits_and_releases_answer_like_the_general_path(sql_ledger: SqlLedger) -> None:
+    general = warm(sql_ledger, alice="500.00", bob="0")
+    placed = sql_ledger.place_hold("paid", "alice", "bob", "USD", D("120.25"), LATER, trade_id="t")
+    sql_ledger.place_hold("refunded", "alice", "bob", "USD", D(30), LATER)
+
+    pinned = sql_ledger.pin_hold("paid")
+    committed = sql_ledger.commit_hold("paid")
+    released = sql_ledger.release_hold("refunded")
+
+    assert pinned == placed.model_copy(update={"expires_at": None})
+    assert committed == pinned.model_copy(update={"status": HoldStatus.COMMITTED})
+    assert (released.status, released.amount, released.expires_at) == (HoldStatus.RELEASED, D(30), LATER)
+    assert [sql_ledger.get_hold(k) for k in ("paid", "refunded")] == [committed, released]
+    assert general == (
+        [] if on_fast_path(sql_ledger) else ["place_hold"] * 2 + ["pin_hold", "commit_hold", "release_hold"]
+    )
+
+    # Replays and resolved holds: the general path answers, as before.
+    assert sql_ledger.commit_hold("paid") == committed
+    assert sql_ledger.pin_hold("paid") == committed
+    assert sql_ledger.release_hold("refunded") == released
+    with pytest.raises(HoldNotOpen, match="'refunded' is already released; it cannot be pinned"):
+        sql_ledger.pin_hold("refunded")
+    with pytest.raises(HoldNotOpen, match="'refunded' is already released; it cannot be committed"):
+        sql_ledger.commit_hold("refunded")
+    with pytest.raises(HoldNotOpen, match="'paid' is already committed; it cannot be released"):
+        sql_ledger.release_hold("paid")
+    with pytest.raises(UnknownHold):
+        sql_ledger.commit_hold("never-placed")
+
+    assert balance(sql_ledger) == {"alice": D("379.75"), "bob": D("120.25"), "issuer:USD": D(-500)}
+    assert available(sql_ledger)["alice"] == D("379.75")
+    assert sql_ledger.open_holds() == []
+    assert sql_ledger.verify() == []
+
+
+def test_a_fast_placed_hashlocked_hold_commits_only_with_the_preimage(sql_ledger: SqlLedger) -> None:
+    general = warm(sql_ledger, alice="500.00", bob="0")
+    secret = bytes(range(32))
+    lock = hashlib.sha256(secret).hexdigest()
+
+    hold = sql_ledger.place_hold("h", "alice", "bob", "USD", D(100), LATER, hashlock="0x" + lock.upper())
+    assert hold.hashlock == lock
+    assert sql_ledger.pin_hold("h").hashlock == lock
+    assert general == ([] if on_fast_path(sql_ledger) else ["place_hold", "pin_hold"])
+
+    for wrong in (None, "00" * 32):
+        with pytest.raises(LedgerError, match="preimage does not match the hashlock"):
+            sql_ledger.commit_hold("h", wrong)
+    assert sql_ledger.get_hold("h").status is HoldStatus.OPEN
+    assert sql_ledger.account("alice").held == D(100)
+
+    assert sql_ledger.commit_hold("h", secret.hex()).status is HoldStatus.COMMITTED
+    assert balance(sql_ledger)["bob"] == D(100)
+    assert sql_ledger.verify() == []
+
+
+def test_expiry_sees_fast_placed_holds(sql_ledger: SqlLedger) -> None:
+    warm(sql_ledger, alice="500.00", bob="0")
+    now = datetime.now(UTC)
+    due = now - timedelta(microseconds=1)
+    sql_ledger.place_hold("due", "alice", "bob", "USD", D(100), due)
+    sql_ledger.place_hold("running", "alice", "bob", "USD", D(100), now + timedelta(hours=1))
+    sql_ledger.place_hold(
+        "naive", "alice", "bob", "USD", D(100), (now + timedelta(hours=2)).replace(tzinfo=None)
+    )
+
+    assert sql_ledger.get_hold("due").expires_at == due  # to the microsecond, in UTC
+    assert sql_ledger.get_hold("naive").expires_at == now + timedelta(hours=2)  # naive is UTC
+    assert [h.hold_id for h in sql_ledger.open_holds()] == ["due", "running", "naive"]
+    assert [h.hold_id for h in sql_ledger.expire_holds(now)] == ["due"]
+    assert [h.hold_id for h in sql_ledger.expire_holds(now + timedelta(hours=1))] == ["running"]
+    assert available(sql_ledger)["alice"] == D(400)
+    assert sql_ledger.verify() == []
+
+
+def test_a_refused_fast_commit_changes_nothing(sql_ledger: SqlLedger) -> None:
+    """The database's own checks still hold: the fast path rolls back, the general path reports."""
+    warm(sql_ledger, alice="1.01")
+    max_balance = D(2**63 - 1).scaleb(-2)  # BIGINT's largest, in cents
+    sql_ledger.open_account("bob", "USD", "bob", max_balance - D("1.00"), precision=2)
+    sql_ledger.account_facts(["bob"])
+    sql_ledger.place_hold("h", "alice", "bob", "USD", D("1.01"), LATER)
+    before = sql_ledger.balances()
+
+    with pytest.raises(LedgerError, match="ledger 'cash': the database refused the change|out of range"):
+        sql_ledger.commit_hold("h")  # bob's balance would overflow
+
+    assert sql_ledger.get_hold("h").status is HoldStatus.OPEN
+    assert sql_ledger.balances() == before  # (verify() cannot sum the issuer's journal: it overflows)
+
+
+def test_fast_and_general_paths_store_the_same_text(sqlite_url: str) -> None:
+    ledger = SqlLedger("cash", sqlite_url)
+    try:
+        seed(ledger, alice="500.00", bob="0")
+        expires = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: still six digits
+        ledger.place_hold("general", "alice", "bob", "USD", D(10), expires)  # facts not yet cached
+        general = general_writes(ledger)
+        ledger.place_hold("fast", "alice", "bob", "USD", D(10), expires)
+        ledger.release_hold("fast")
+        ledger.release_hold("general")
+        assert general == []
+        engine = create_engine(sqlite_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT hold_id, expires_at, created_at, resolved_at FROM holds ORDER BY hold_id")
+                ).all()
+        finally:
+            engine.dispose()
+    finally:
+        ledger.close()
+
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}"  # SQLAlchemy's, so text order is time order
+    assert [r.expires_at for r in rows] == ["2030-01-02 03:04:05.000000"] * 2
+    for row in rows:
+        assert re.fullmatch(stamp, row.created_at) and re.fullmatch(stamp, row.resolved_at), row
+
+
+def test_the_fast_path_uses_the_one_writer_connection_whichever_it_is(sqlite_url: str) -> None:
+    ledger = SqlLedger("cash", sqlite_url)
+    try:
+        general = warm(ledger, alice="500.00", bob="0")
+
+        def pooled() -> Any:
+            with ledger._writer.connect() as conn:
+                return conn.connection.driver_connection
+
+        assert ledger._writer_driver.connection is pooled()
+        with ledger._writer.connect() as conn:
+            conn.invalidate()  # as after a failure: the pool closes it and opens another
+        ledger.place_hold("a", "alice", "bob", "USD", D(10), LATER)  # the general path reopens
+        ledger.close()  # disposes of the pool; the next write opens a connection again
+        ledger.commit_hold("a")
+        assert general == ["place_hold", "commit_hold"]
+
+        ledger.place_hold("b", "alice", "bob", "USD", D(10), LATER)
+        ledger.commit_hold("b")
+        assert general == ["place_hold", "commit_hold"]  # fast again, on the new connection
+        assert ledger._writer_driver.connection is pooled()
+        assert ledger._writer.pool.checkedin() == 1
+        assert balance(ledger) == {"alice": D(480), "bob": D(20), "issuer:USD": D(-500)}
+        assert ledger.verify() == []
+    finally:
+        ledger.close()
+
+
+def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_unavailable(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("adapters.sql.SQLITE_BUSY_TIMEOUT_S", 0.2)
+    ledger = SqlLedger("cash", sqlite_url)
+    other = sqlite3.connect(make_url(sqlite_url).database, isolation_level=None)
+    try:
+        general = warm(ledger, alice="500.00", bob="0")
+        ledger.place_hold("a", "alice", "bob", "USD", D(10), LATER)
+        other.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the timeout
+        for operation in (
+            lambda: ledger.place_hold("b", "alice", "bob", "USD", D(10), LATER),  # fast path
+            lambda: ledger.open_account("carol", "USD", "carol"),  # general path
+        ):
+            with pytest.raises(LedgerUnavailable, match="ledger 'cash': the database is unavailable"):
+                operation()
+        other.execute("ROLLBACK")
+        ledger.commit_hold("a")
+        assert general == ["open_account"]  # the fast path did not wait a second time
+        assert balance(ledger) == {"alice": D(490), "bob": D(10), "issuer:USD": D(-500)}
+        assert ledger.verify() == []
+    finally:
+        other.close()
+        ledger.close()
 
 
 # --------------------------------------------------------------------- concurrency
