@@ -29,6 +29,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
@@ -40,6 +41,12 @@ from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 log = logging.getLogger("dvp.worker")
 
 ACTIVITY_THREADS = 16
+
+# The trade saga's module, loaded once rather than afresh in the sandbox for every
+# trade (see workflows/_trade.py): deterministic by its own rules, free of state.
+WORKFLOW_RUNNER = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows._trade")
+)
 
 
 async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
@@ -91,6 +98,7 @@ async def run_worker(
                 client,
                 task_queue=config.settlement_queue(),
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
+                workflow_runner=WORKFLOW_RUNNER,
                 activities=[
                     SettlementActivities(config).screen,
                     *BatchActivities(store).all(),

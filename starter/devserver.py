@@ -35,7 +35,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from domain import DvpError
-from workflows.settlement import SEARCH_ATTRIBUTES
+from workflows import SEARCH_ATTRIBUTES
 
 __all__ = [
     "SEARCH_ATTRIBUTES",
@@ -57,7 +57,7 @@ LOG_TAIL_LINES = 40
 # ~40 ms for the next read; a timer may fire up to a second late (a trade recycling a
 # short leg waits on timers); and activities are not handed back eagerly to the worker
 # that schedules them, as the settlement workflow's commits of local ledgers expect
-# (workflows/settlement.py, ledger_call); and its cache of history events holds
+# (workflows/_trade.py, ledger_call); and its cache of history events holds
 # 512 KB, which twenty trades in flight overflow (the bench saw ~3 evictions per trade,
 # each a later read from the database: ~2 ms of server CPU per trade). A deployment
 # sets the same keys in its server's dynamic config.

@@ -25,7 +25,7 @@ from temporalio.client import Client
 
 from domain import Config, RequestRejected, TradeStatus
 from starter.devserver import DevServer
-from workflows.settlement import workflow_id_for
+from workflows import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 

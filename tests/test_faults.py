@@ -51,7 +51,8 @@ from starter.client import SettlementClient
 from starter.devserver import DevServer
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from worker import run_worker
-from workflows.settlement import STATUS, workflow_id_for
+from workflows import workflow_id_for
+from workflows._trade import STATUS
 
 from ._fixtures_settlement import STANDARD_ACCOUNTS
 

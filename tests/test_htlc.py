@@ -33,7 +33,7 @@ from domain import (
     TradeStatus,
     TradeView,
 )
-from workflows.settlement import workflow_id_for
+from workflows import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 from ._fixtures_settlement import wait_for_status as _wait_for_status

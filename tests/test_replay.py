@@ -1,10 +1,15 @@
 """Replay the recorded settlement histories against the current workflow code.
 
-A change to ``workflows/settlement.py`` or ``workflows/htlc.py`` that would break a trade already running
+A change to the trade saga (``workflows/settlement.py``, ``workflows/_trade.py``) or to
+``workflows/htlc.py`` that would break a trade already running
 (a reordered activity, a new timer, a changed condition) fails here as a
 non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
 versioned change.
+
+The replayer runs with the sandbox's default restrictions, so unlike the worker
+(``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
+call there that a workflow must not make (the system clock, I/O) fails here.
 """
 
 from __future__ import annotations

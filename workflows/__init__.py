@@ -12,16 +12,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._trade import SEARCH_ATTRIBUTES, initial_search_attributes, workflow_id_for
     from .htlc import HtlcWorkflow
     from .netting import NettingBatchWorkflow, batch_workflow_id
-    from .settlement import SEARCH_ATTRIBUTES, SettlementWorkflow, initial_search_attributes, workflow_id_for
+    from .settlement import SettlementWorkflow
 
 _HOMES = {
     "HtlcWorkflow": ".htlc",
-    "SEARCH_ATTRIBUTES": ".settlement",
+    "SEARCH_ATTRIBUTES": "._trade",
     "SettlementWorkflow": ".settlement",
-    "initial_search_attributes": ".settlement",
-    "workflow_id_for": ".settlement",
+    "initial_search_attributes": "._trade",
+    "workflow_id_for": "._trade",
     "NettingBatchWorkflow": ".netting",
     "batch_workflow_id": ".netting",
 }

@@ -41,7 +41,7 @@ with workflow.unsafe.imports_passed_through():
     # The settlement workflow's own ledger calls, imported rather than copied so that
     # the reference cannot drift from the real thing; passed through, so that a
     # reference workflow does not import the trade's whole module afresh each time.
-    from .settlement import (
+    from ._trade import (
         _CALL_TIMEOUT,
         _HEARTBEAT_TIMEOUT,
         _RETRY,

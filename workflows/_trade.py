@@ -40,6 +40,16 @@ decide -> commit path once per fill, each fill with its own hold keys
                                                         ▼
     SETTLED (everything filled) or SETTLED_PARTIAL (the rest released at the deadline
     or on cancel; a trade that filled nothing ends EXPIRED or CANCELLED as before)
+
+This module is the saga as plain deterministic Python (``TradeSaga``); its Temporal
+definition, ``SettlementWorkflow`` in ``workflows/settlement.py``, only hands it the
+run and the handlers. The split is for speed: the sandbox imports a workflow's module
+afresh for every workflow it starts, which for this module cost about 2 ms of worker
+CPU per trade, so the worker passes this module through instead (loaded once, see
+``worker.WORKFLOW_RUNNER``). Code here must therefore keep to the workflow rules on
+its own: ``workflow.now()`` and ``workflow.*`` waits only, no I/O, and no state at
+module level. Anything that does not pass it through (the replay tests' ``Replayer``)
+imports it in the sandbox, under the sandbox's checks.
 """
 
 from __future__ import annotations
@@ -269,9 +279,13 @@ def leg_views(
     ]
 
 
-@workflow.defn(name="Settlement")
-class SettlementWorkflow:
-    @workflow.init
+class TradeSaga:
+    """One trade's saga: its state, its steps and what its handlers do.
+
+    ``SettlementWorkflow`` (``workflows/settlement.py``) makes one in its
+    ``@workflow.init`` and hands it its run, its query and its signals and updates.
+    """
+
     def __init__(self, request: SettlementRequest) -> None:
         instruction = request.instruction
         self._request = request
@@ -307,8 +321,7 @@ class SettlementWorkflow:
 
     # ----------------------------------------------------------------- run
 
-    @workflow.run
-    async def run(self, request: SettlementRequest) -> TradeView:
+    async def run(self) -> TradeView:
         self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
             await self._settle()
@@ -322,7 +335,7 @@ class SettlementWorkflow:
         self._publish()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
-        return self._view()
+        return self.view()
 
     async def _settle(self) -> None:
         await self._validate()
@@ -580,18 +593,13 @@ class SettlementWorkflow:
 
     # ------------------------------------------------------------ handlers
 
-    @workflow.query(name="status")
-    def status(self) -> TradeView:
-        return self._view()
-
-    @workflow.update(name="submit")
-    async def submit(self, check: SubmitCheck) -> TradeView:
+    async def submitted(self) -> TradeView:
         """Wait until the trade is validated and screened (or ended); return its view."""
         await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
-        return self._view()
+        return self.view()
 
-    @submit.validator
-    def _validate_submit(self, check: SubmitCheck) -> None:
+    def check_submit(self, check: SubmitCheck) -> None:
+        """Refuse a submission of the same trade id with different content."""
         if check.fingerprint != self._request.fingerprint:
             raise ApplicationError(
                 f"trade {self._instruction.trade_id} already exists with different content",
@@ -599,23 +607,7 @@ class SettlementWorkflow:
                 non_retryable=True,
             )
 
-    @workflow.signal(name="approve")
-    def approve_signal(self, message: ApprovalMessage) -> None:
-        self._approve(message)
-
-    @workflow.update(name="approve_update")
-    def approve_update(self, message: ApprovalMessage) -> Decision:
-        return self._approve(message)
-
-    @workflow.signal(name="cancel")
-    async def cancel_signal(self, message: CancelMessage) -> None:
-        await self._cancel_request(message)
-
-    @workflow.update(name="cancel_update")
-    async def cancel_update(self, message: CancelMessage) -> Decision:
-        return await self._cancel_request(message)
-
-    def _approve(self, message: ApprovalMessage) -> Decision:
+    def approve(self, message: ApprovalMessage) -> Decision:
         party = message.party
         if self._status.terminal:
             return self._rejected(f"approval by {party}", f"trade is already {self._status.value}")
@@ -632,7 +624,7 @@ class SettlementWorkflow:
         self._event(f"approved by {party}")
         return Decision(accepted=True)
 
-    async def _cancel_request(self, message: CancelMessage) -> Decision:
+    async def cancel(self, message: CancelMessage) -> Decision:
         # Who may cancel depends on the accounts' owners and the operators, known
         # once the trade is validated and screened.
         await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
@@ -811,7 +803,7 @@ class SettlementWorkflow:
         )
         upsert_changed(self._published, wanted)
 
-    def _view(self) -> TradeView:
+    def view(self) -> TradeView:
         legs = leg_views(self._instruction, self._hold_ids, self._leg_states, self._leg_details)
         return TradeView(
             trade_id=self._instruction.trade_id,

@@ -83,7 +83,7 @@ with workflow.unsafe.imports_passed_through():
 
     # deterministic helpers: loaded once, not afresh for every workflow
     from ._saga import cause, shielded, upsert_changed
-    from .settlement import (
+    from ._trade import (
         _CALL_TIMEOUT,
         _STUCK_AFTER,
         _Abort,

@@ -1,0 +1,59 @@
+"""The settlement workflow: one durable workflow per trade.
+
+Its saga (the steps, the guarantees, the state diagram) is ``TradeSaga`` in
+``workflows/_trade.py``; this module is only its Temporal definition, which makes
+one saga per workflow and hands it the run, the status query and the signals and
+updates. It is kept this small because the sandbox imports it afresh for every
+trade (see ``workflows/_trade.py`` on why the saga lives apart).
+"""
+
+from __future__ import annotations
+
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from domain import ApprovalMessage, CancelMessage, Decision, SettlementRequest, SubmitCheck, TradeView
+
+# Not passed through here: the worker's runner passes it through (worker.WORKFLOW_RUNNER),
+# any other runner imports it in the sandbox and checks it.
+from ._trade import TradeSaga
+
+
+@workflow.defn(name="Settlement")
+class SettlementWorkflow:
+    @workflow.init
+    def __init__(self, request: SettlementRequest) -> None:
+        self._saga = TradeSaga(request)
+
+    @workflow.run
+    async def run(self, request: SettlementRequest) -> TradeView:
+        return await self._saga.run()
+
+    @workflow.query(name="status")
+    def status(self) -> TradeView:
+        return self._saga.view()
+
+    @workflow.update(name="submit")
+    async def submit(self, check: SubmitCheck) -> TradeView:
+        """Wait until the trade is validated and screened (or ended); return its view."""
+        return await self._saga.submitted()
+
+    @submit.validator
+    def _validate_submit(self, check: SubmitCheck) -> None:
+        self._saga.check_submit(check)
+
+    @workflow.signal(name="approve")
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        self._saga.approve(message)
+
+    @workflow.update(name="approve_update")
+    def approve_update(self, message: ApprovalMessage) -> Decision:
+        return self._saga.approve(message)
+
+    @workflow.signal(name="cancel")
+    async def cancel_signal(self, message: CancelMessage) -> None:
+        await self._saga.cancel(message)
+
+    @workflow.update(name="cancel_update")
+    async def cancel_update(self, message: CancelMessage) -> Decision:
+        return await self._saga.cancel(message)
