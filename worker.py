@@ -42,10 +42,12 @@ log = logging.getLogger("dvp.worker")
 
 ACTIVITY_THREADS = 16
 
-# The trade saga's module, loaded once rather than afresh in the sandbox for every
-# trade (see workflows/_trade.py): deterministic by its own rules, free of state.
+# The trade sagas' modules, loaded once rather than afresh in the sandbox for every
+# trade (see workflows/_trade.py): deterministic by their own rules, free of state.
 WORKFLOW_RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("workflows._trade")
+    restrictions=SandboxRestrictions.default.with_passthrough_modules(
+        "workflows._saga", "workflows._trade", "workflows._htlc"
+    )
 )
 
 

@@ -52,7 +52,7 @@ from starter.devserver import DevServer
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from worker import run_worker
 from workflows import workflow_id_for
-from workflows._trade import STATUS
+from workflows._saga import STATUS
 
 from ._fixtures_settlement import STANDARD_ACCOUNTS
 

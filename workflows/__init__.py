@@ -12,17 +12,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._trade import SEARCH_ATTRIBUTES, initial_search_attributes, workflow_id_for
+    from ._saga import SEARCH_ATTRIBUTES, initial_search_attributes, workflow_id_for
     from .htlc import HtlcWorkflow
     from .netting import NettingBatchWorkflow, batch_workflow_id
     from .settlement import SettlementWorkflow
 
 _HOMES = {
     "HtlcWorkflow": ".htlc",
-    "SEARCH_ATTRIBUTES": "._trade",
+    "SEARCH_ATTRIBUTES": "._saga",
     "SettlementWorkflow": ".settlement",
-    "initial_search_attributes": "._trade",
-    "workflow_id_for": "._trade",
+    "initial_search_attributes": "._saga",
+    "workflow_id_for": "._saga",
     "NettingBatchWorkflow": ".netting",
     "batch_workflow_id": ".netting",
 }

@@ -1,18 +1,92 @@
 """Pieces the saga workflows (trade, HTLC, netting batch) share.
 
-Deterministic and free of side effects at import, like the workflows themselves.
+Deterministic and free of side effects and of state at import, like the workflows
+themselves. The worker passes this module through the sandbox (``worker.WORKFLOW_RUNNER``);
+the trade sagas import it unpassed, so the replay tests check it in the sandbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeUpdate
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    SearchAttributeUpdate,
+    TypedSearchAttributes,
+)
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from domain import (
+        Decision,
+        FieldError,
+        Instruction,
+        LegState,
+        LegView,
+        SettlementRequest,
+        SubmitCheck,
+        TimelineEvent,
+        TradeStatus,
+        TradeView,
+    )
 
 T = TypeVar("T")
+
+STATUS = SearchAttributeKey.for_keyword("DvpStatus")
+TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
+PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
+ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
+DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
+
+SEARCH_ATTRIBUTES = {
+    "DvpStatus": "Keyword",
+    "DvpTradeId": "Keyword",
+    "DvpParties": "KeywordList",
+    "DvpAssets": "KeywordList",
+    "DvpDeadline": "Datetime",
+}
+"""The search attributes the server must have registered, name -> type."""
+
+
+def search_attributes(
+    instruction: Instruction,
+    *,
+    status: TradeStatus,
+    parties: list[str],
+    deadline: datetime | None,
+) -> list[SearchAttributeUpdate[Any]]:
+    """The search attributes of a trade: what the Web UI and ``dvp list`` filter on."""
+    updates: list[SearchAttributeUpdate[Any]] = [
+        STATUS.value_set(status.value),
+        TRADE_ID.value_set(instruction.trade_id),
+        PARTIES.value_set(parties),
+        ASSETS.value_set(sorted({leg.asset for leg in instruction.legs})),
+    ]
+    if deadline is not None:
+        updates.append(DEADLINE.value_set(deadline))
+    return updates
+
+
+def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes:
+    """What a client sets when it starts a trade, so the workflow need not upsert them."""
+    updates = search_attributes(
+        instruction,
+        status=TradeStatus.PENDING,
+        parties=sorted(instruction.parties()),
+        deadline=instruction.deadline,
+    )
+    return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
+
+
+def workflow_id_for(trade_id: str) -> str:
+    """The workflow id of a trade: one trade id, one workflow, ever."""
+    return f"trade-{trade_id}"
 
 
 async def shielded(coroutine: Coroutine[Any, Any, T], on_cancel_ignored: Callable[[], None]) -> T:
@@ -44,3 +118,117 @@ def cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return str(err) or type(err).__name__
+
+
+def leg_views(
+    instruction: Instruction, hold_ids: list[str], states: list[LegState], details: list[str]
+) -> list[LegView]:
+    """Each leg of a trade as its view shows it."""
+    return [
+        LegView(
+            index=i,
+            ledger=leg.ledger,
+            asset=leg.asset,
+            from_=leg.from_,
+            to=leg.to,
+            amount=leg.amount,
+            hold_id=hold_ids[i],
+            state=states[i],
+            detail=details[i],
+        )
+        for i, leg in enumerate(instruction.legs)
+    ]
+
+
+class TradeSagaBase:
+    """What every trade's saga (the escrow saga, the HTLC) keeps, publishes and answers alike.
+
+    Its status and reason, field errors, timeline, the accounts' owners, the
+    search attributes as last published, and whether the compliance policy is known
+    yet (a submission waits for that).
+    """
+
+    def __init__(self, request: SettlementRequest) -> None:
+        instruction = request.instruction
+        self._request = request
+        self._instruction = instruction
+        self._deadline: datetime = instruction.deadline or workflow.now() + (
+            instruction.settle_within or request.settlement.default_settle_within
+        )
+        self._status = TradeStatus.PENDING
+        self._reason = ""
+        self._errors: list[FieldError] = []
+        self._timeline: list[TimelineEvent] = []
+        self._owners: dict[str, str] = {}
+        self._policy_known = False
+        # search attribute name -> value as last set (at start by the client, then by us)
+        self._published: dict[str, Any] = {
+            pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
+        }
+
+    async def screened(self) -> None:
+        """Wait until the trade is validated and screened (its parties known), or ended."""
+        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
+
+    def check_submit(self, check: SubmitCheck) -> None:
+        """Refuse a submission of the same trade id with different content."""
+        if check.fingerprint != self._request.fingerprint:
+            raise ApplicationError(
+                f"trade {self._instruction.trade_id} already exists with different content",
+                type="DuplicateTrade",
+                non_retryable=True,
+            )
+
+    def _rejected(self, what: str, reason: str) -> Decision:
+        self._event(f"{what} rejected", reason)
+        return Decision(accepted=False, reason=reason)
+
+    async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
+        remaining = until - workflow.now()
+        if remaining <= timedelta(0) or condition():
+            return
+        self._publish()
+        with contextlib.suppress(TimeoutError):
+            await workflow.wait_condition(condition, timeout=remaining)
+
+    def _parties(self) -> list[str]:
+        parties = dict.fromkeys(self._instruction.parties())
+        parties.update(dict.fromkeys(self._owners.values()))
+        return sorted(parties)
+
+    def _event(self, event: str, detail: str = "") -> None:
+        self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
+
+    def _set_status(self, status: TradeStatus, reason: str = "") -> None:
+        self._status = status
+        self._reason = reason
+        self._event(f"status {status.value}", reason)
+
+    def _publish(self) -> None:
+        """Bring the search attributes up to date, in one upsert of what changed.
+
+        Called where the workflow task may end (a wait, a timer, a remote activity)
+        and at the end: the statuses a trade passes through within one task would be
+        visible to no one, and each upsert is a history event and a visibility write.
+        """
+        wanted = search_attributes(
+            self._instruction, status=self._status, parties=self._parties(), deadline=self._deadline
+        )
+        upsert_changed(self._published, wanted)
+
+    def _view(
+        self, hold_ids: list[str], states: list[LegState], details: list[str], **more: Any
+    ) -> TradeView:
+        """The trade's view: what every saga shows, its legs, and ``more`` of its own."""
+        return TradeView(
+            trade_id=self._instruction.trade_id,
+            workflow_id=workflow.info().workflow_id,
+            status=self._status,
+            reason=self._reason,
+            deadline=self._deadline,
+            legs=leg_views(self._instruction, hold_ids, states, details),
+            timeline=self._timeline,
+            errors=self._errors,
+            fingerprint=self._request.fingerprint,
+            **more,
+        )

@@ -55,20 +55,13 @@ imports it in the sandbox, under the sandbox's checks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import (
-    RetryPolicy,
-    SearchAttributeKey,
-    SearchAttributePair,
-    SearchAttributeUpdate,
-    TypedSearchAttributes,
-)
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
@@ -88,38 +81,20 @@ with workflow.unsafe.imports_passed_through():
         HoldOutcomes,
         HoldRefs,
         HoldRequest,
-        Instruction,
         LegState,
-        LegView,
         ReserveRequest,
         ScreenRequest,
         ScreenResult,
         SettlementRequest,
-        SubmitCheck,
-        TimelineEvent,
         TradeStatus,
         TradeView,
     )
 
-    # deterministic helpers: loaded once, not afresh for every workflow
-    from ._saga import cause, shielded, upsert_changed
+# Not passed through here, so that the replay tests check it in the sandbox with this
+# module; the worker passes both through (worker.WORKFLOW_RUNNER).
+from ._saga import TradeSagaBase, cause, shielded
 
 T = TypeVar("T")
-
-STATUS = SearchAttributeKey.for_keyword("DvpStatus")
-TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
-PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
-ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
-DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
-
-SEARCH_ATTRIBUTES = {
-    "DvpStatus": "Keyword",
-    "DvpTradeId": "Keyword",
-    "DvpParties": "KeywordList",
-    "DvpAssets": "KeywordList",
-    "DvpDeadline": "Datetime",
-}
-"""The search attributes the server must have registered, name -> type."""
 
 # Before the decision every ledger call is bounded by the deadline (schedule-to-close);
 # after it, commits and releases are called again and again (_STUCK_AFTER, below).
@@ -135,41 +110,6 @@ _STUCK_AFTER = timedelta(seconds=30)
 _LOCAL = "*local"  # the key of a trade's commits on its local ledgers, made in one activity
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
-
-
-def search_attributes(
-    instruction: Instruction,
-    *,
-    status: TradeStatus,
-    parties: list[str],
-    deadline: datetime | None,
-) -> list[SearchAttributeUpdate[Any]]:
-    """The search attributes of a trade: what the Web UI and ``dvp list`` filter on."""
-    updates: list[SearchAttributeUpdate[Any]] = [
-        STATUS.value_set(status.value),
-        TRADE_ID.value_set(instruction.trade_id),
-        PARTIES.value_set(parties),
-        ASSETS.value_set(sorted({leg.asset for leg in instruction.legs})),
-    ]
-    if deadline is not None:
-        updates.append(DEADLINE.value_set(deadline))
-    return updates
-
-
-def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes:
-    """What a client sets when it starts a trade, so the workflow need not upsert them."""
-    updates = search_attributes(
-        instruction,
-        status=TradeStatus.PENDING,
-        parties=sorted(instruction.parties()),
-        deadline=instruction.deadline,
-    )
-    return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
-
-
-def workflow_id_for(trade_id: str) -> str:
-    """The workflow id of a trade: one trade id, one workflow, ever."""
-    return f"trade-{trade_id}"
 
 
 def ledger_call(
@@ -259,27 +199,7 @@ def abort_for(err: FailureError) -> _Abort:
     return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
 
-def leg_views(
-    instruction: Instruction, hold_ids: list[str], states: list[LegState], details: list[str]
-) -> list[LegView]:
-    """Each leg of a trade as its view shows it."""
-    return [
-        LegView(
-            index=i,
-            ledger=leg.ledger,
-            asset=leg.asset,
-            from_=leg.from_,
-            to=leg.to,
-            amount=leg.amount,
-            hold_id=hold_ids[i],
-            state=states[i],
-            detail=details[i],
-        )
-        for i, leg in enumerate(instruction.legs)
-    ]
-
-
-class TradeSaga:
+class TradeSaga(TradeSagaBase):
     """One trade's saga: its state, its steps and what its handlers do.
 
     ``SettlementWorkflow`` (``workflows/settlement.py``) makes one in its
@@ -287,15 +207,8 @@ class TradeSaga:
     """
 
     def __init__(self, request: SettlementRequest) -> None:
+        super().__init__(request)
         instruction = request.instruction
-        self._request = request
-        self._instruction = instruction
-        self._deadline: datetime = instruction.deadline or workflow.now() + (
-            instruction.settle_within or request.settlement.default_settle_within
-        )
-        self._status = TradeStatus.PENDING
-        self._reason = ""
-        self._errors: list[FieldError] = []
         # What the current reservation attempt holds: the whole trade, or one fill of a
         # partial trade (``_rule`` is None for a trade that settles only whole).
         self._rule = _fill_rule(request)
@@ -306,18 +219,11 @@ class TradeSaga:
         self._hold_ids = [self._hold_id(i) for i in range(len(instruction.legs))]
         self._leg_states = [LegState.PENDING] * len(instruction.legs)
         self._leg_details = [""] * len(instruction.legs)
-        self._timeline: list[TimelineEvent] = []
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
-        self._owners: dict[str, str] = {}
         self._operators: list[str] = []
-        self._policy_known = False
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
-        # search attribute name -> value as last set (at start by the client, then by us)
-        self._published: dict[str, Any] = {
-            pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
-        }
 
     # ----------------------------------------------------------------- run
 
@@ -593,20 +499,6 @@ class TradeSaga:
 
     # ------------------------------------------------------------ handlers
 
-    async def submitted(self) -> TradeView:
-        """Wait until the trade is validated and screened (or ended); return its view."""
-        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
-        return self.view()
-
-    def check_submit(self, check: SubmitCheck) -> None:
-        """Refuse a submission of the same trade id with different content."""
-        if check.fingerprint != self._request.fingerprint:
-            raise ApplicationError(
-                f"trade {self._instruction.trade_id} already exists with different content",
-                type="DuplicateTrade",
-                non_retryable=True,
-            )
-
     def approve(self, message: ApprovalMessage) -> Decision:
         party = message.party
         if self._status.terminal:
@@ -627,7 +519,7 @@ class TradeSaga:
     async def cancel(self, message: CancelMessage) -> Decision:
         # Who may cancel depends on the accounts' owners and the operators, known
         # once the trade is validated and screened.
-        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
+        await self.screened()
         party, what = message.party, f"cancel by {message.party}"
         if self._status.terminal:
             return self._rejected(what, f"trade is already {self._status.value}")
@@ -653,10 +545,6 @@ class TradeSaga:
         await workflow.sleep(pause)
         return min(pause * 2, _STUCK_RETRY_MAX)
 
-    def _rejected(self, what: str, reason: str) -> Decision:
-        self._event(f"{what} rejected", reason)
-        return Decision(accepted=False, reason=reason)
-
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None:
             reason = f"cancelled by {self._cancel.party}"
@@ -666,14 +554,6 @@ class TradeSaga:
 
     def _missing_approvals(self) -> list[str]:
         return [a for a in self._instruction.approvers if a not in self._approved]
-
-    async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
-        remaining = until - workflow.now()
-        if remaining <= timedelta(0) or condition():
-            return
-        self._publish()
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(condition, timeout=remaining)
 
     async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run to completion even if the workflow is cancelled meanwhile."""
@@ -775,48 +655,13 @@ class TradeSaga:
         leg = self._instruction.legs[i]
         return f"{format(self._amounts[i], 'f')} {leg.asset} {leg.from_} -> {leg.to} on {leg.ledger}"
 
-    def _parties(self) -> list[str]:
-        parties = dict.fromkeys(self._instruction.parties())
-        parties.update(dict.fromkeys(self._owners.values()))
-        return sorted(parties)
-
-    def _event(self, event: str, detail: str = "") -> None:
-        self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
-
-    def _set_status(self, status: TradeStatus, reason: str = "") -> None:
-        self._status = status
-        self._reason = reason
-        self._event(f"status {status.value}", reason)
-
-    def _publish(self) -> None:
-        """Bring the search attributes up to date, in one upsert of what changed.
-
-        Called where the workflow task may end (a wait, a timer, a remote activity)
-        and at the end: the statuses a trade passes through within one task would be
-        visible to no one, and each upsert is a history event and a visibility write.
-        """
-        wanted = search_attributes(
-            self._instruction,
-            status=self._status,
-            parties=self._parties(),
-            deadline=self._deadline,
-        )
-        upsert_changed(self._published, wanted)
-
     def view(self) -> TradeView:
-        legs = leg_views(self._instruction, self._hold_ids, self._leg_states, self._leg_details)
-        return TradeView(
-            trade_id=self._instruction.trade_id,
-            workflow_id=workflow.info().workflow_id,
-            status=self._status,
-            reason=self._reason,
-            deadline=self._deadline,
+        return self._view(
+            self._hold_ids,
+            self._leg_states,
+            self._leg_details,
             approvers=self._instruction.approvers,
             approved_by=self._approved,
-            legs=legs,
-            timeline=self._timeline,
-            errors=self._errors,
-            fingerprint=self._request.fingerprint,
             fills=self._fills,
         )
 

@@ -1,550 +1,78 @@
-"""The HTLC protocol: a two-leg swap locked by a secret's hash and two timelocks.
+"""The HTLC workflow: a two-leg swap locked by a secret's hash and two timelocks.
 
-    PENDING ── validate accounts (the legs must be a swap) ── compliance screen
-                                                        ▼      (REJECTED: nothing locked)
-    RESERVING ── lock legs[0] (hashlock H, refunds at T0 = deadline + claim window)
-             ── lock legs[1] (hashlock H, refunds at T1 = deadline)
-                                                        ▼      (EXPIRED: a lock failed, the other released)
-    AWAITING_CLAIM ── `claim` with the preimage p, sha256(p) = H:
-                      the claimed leg commits; the preimage is now public and
-                      (auto_claim) the engine claims the other leg with it
-                   ── a leg still open at its timelock refunds (released)
-                                                        ▼
-    SETTLED (both claimed)  ·  EXPIRED (both refunded)  ·  ONE_SIDED (one of each)
-
-Roles. ``legs[0]`` is delivered by the party that holds the secret (the seller);
-``legs[1]`` pays that party. The secret holder claims ``legs[1]`` first, which
-reveals the preimage; the counterparty (or the engine for it, with ``auto_claim``)
-then claims ``legs[0]``. So ``legs[0]`` needs the longer timelock: after the last
-moment the secret holder may claim (T1), the counterparty still has the claim
-window until T0 to use the revealed preimage. Were the order reversed, the secret
-holder could claim at the last moment and leave the counterparty no time.
-
-What enforces it. Each lock is a hold placed at its ledger with ``hashlock = H``
-and ``expires_at`` = its timelock. The ledger commits it only with the preimage
-and only before the timelock (the SQL ledger and the chain escrow both refuse a
-late claim), and the ledger's expiry sweep (or, on chain, anyone) releases it once
-the timelock passed, even with no workflow running: the timelocks are not the
-engine's promise but the ledgers'. The workflow's timers release each leg at its
-timelock as well, and a release that finds the hold committed records the leg as
-claimed at the ledger.
-
-The preimage never enters a workflow payload before the claim: the instruction
-carries only its hash; the preimage arrives in the ``claim`` update, whose
-validator checks it (a wrong one is rejected without entering the history) before
-it is accepted.
-
-Unlike the escrow saga there is no commit decision that makes both legs commit:
-each leg ends on its own, so a claim that never comes (or a ledger that does not
-answer within the claim window) leaves one leg paid and the other refunded:
-ONE_SIDED. Cancelling is refused; the timelocks are the way out.
+Its protocol (the steps, the roles, what the ledgers enforce, the state diagram) is
+``HtlcSaga`` in ``workflows/_htlc.py``; this module is only its Temporal definition,
+which makes one saga per workflow and hands it the run, the status query and the
+signals and updates. It is kept this small because the sandbox imports it afresh for
+every trade (see ``workflows/_trade.py`` on why a saga lives apart).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable, Coroutine
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
-
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
-    import hashlib
-
-    from activities.ledger import LedgerActivities
-    from activities.settlement import SettlementActivities
     from domain import (
-        AccountCheck,
         ApprovalMessage,
         CancelMessage,
-        CheckAccountsRequest,
         ClaimMessage,
-        ClaimRequest,
         Decision,
-        FieldError,
-        HoldOutcome,
-        HoldOutcomes,
-        HoldRefs,
-        HoldRequest,
-        LegState,
-        ReserveRequest,
-        ScreenRequest,
-        ScreenResult,
         SettlementRequest,
         SubmitCheck,
-        TimelineEvent,
-        TradeStatus,
         TradeView,
-        normalise_sha256,
     )
 
-    # deterministic helpers: loaded once, not afresh for every workflow
-    from ._saga import cause, shielded, upsert_changed
-    from ._trade import (
-        _CALL_TIMEOUT,
-        _STUCK_AFTER,
-        _Abort,
-        abort_for,
-        ledger_call,
-        leg_views,
-        search_attributes,
-    )
-
-T = TypeVar("T")
-
-SECRET_HOLDER_LEG = 0
-"""The leg the secret holder delivers; it refunds last (deadline + claim window)."""
-PAYMENT_LEG = 1
-"""The leg that pays the secret holder; it refunds at the deadline and is claimed first."""
+# Not passed through here: the worker's runner passes it through (worker.WORKFLOW_RUNNER),
+# any other runner imports it in the sandbox and checks it.
+from ._htlc import HtlcSaga
 
 
 @workflow.defn(name="Htlc")
 class HtlcWorkflow:
     @workflow.init
     def __init__(self, request: SettlementRequest) -> None:
-        instruction = request.instruction
-        now = workflow.now()
-        self._request = request
-        self._remote = request.model_copy(update={"local_ledgers": []})
-        self._instruction = instruction
-        self._deadline: datetime = instruction.deadline or now + (
-            instruction.settle_within or request.settlement.default_settle_within
-        )
-        window = instruction.claim_window or max(self._deadline - now, timedelta(seconds=1))
-        self._timelocks = [self._deadline + window, self._deadline]
-        self._auto_claim = instruction.auto_claim is not False
-        self._hold_ids = [f"{instruction.trade_id}#{i}" for i in range(len(instruction.legs))]
-        self._states = [LegState.PENDING] * len(instruction.legs)
-        self._details = [""] * len(instruction.legs)
-        self._status = TradeStatus.PENDING
-        self._reason = ""
-        self._errors: list[FieldError] = []
-        self._timeline: list[TimelineEvent] = []
-        self._owners: dict[str, str] = {}
-        self._policy_known = False
-        self._locking: list[int] = []  # legs whose lock may have been placed: release on abort
-        self._preimage: str | None = None
-        self._requested: list[int] = []  # legs to claim with the preimage, in order
-        # search attribute name -> value as last set (at start by the client, then by us)
-        self._published: dict[str, Any] = {
-            pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
-        }
-
-    # ----------------------------------------------------------------- run
+        self._saga = HtlcSaga(request)
 
     @workflow.run
     async def run(self, request: SettlementRequest) -> TradeView:
-        when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
-        self._event("submitted", f"protocol htlc; timelocks: {when}")
-        try:
-            await self._validate()
-            await self._screen()
-            await self._lock_all()
-        except _Abort as abort:
-            await self._shielded(self._release_locked())
-            self._set_status(abort.status, abort.reason)
-        except asyncio.CancelledError:
-            # nothing can have been claimed yet: the locks go back at once
-            self._event("cancel requested through Temporal")
-            await self._shielded(self._release_locked())
-            self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
-        else:
-            # From here the hashlock and the timelocks decide; a cancel request is ignored.
-            await self._shielded(self._claim_or_refund())
-            self._finish()
-        self._publish()
-        await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
-        return self._view()
-
-    # --------------------------------------------------------------- steps
-
-    async def _validate(self) -> None:
-        checks: dict[str, list[AccountCheck]] = {}
-        for i, leg in enumerate(self._instruction.legs):
-            checks.setdefault(leg.ledger, []).extend(
-                [
-                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
-                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
-                ]
-            )
-        ledgers = sorted(checks)
-        try:
-            results = await asyncio.gather(
-                *(
-                    self._call(
-                        ledger,
-                        LedgerActivities.check_accounts,
-                        CheckAccountsRequest(checks=checks[ledger]),
-                        until=self._deadline,
-                    )
-                    for ledger in ledgers
-                )
-            )
-        except FailureError as err:
-            raise abort_for(err) from err
-        problems: list[FieldError] = []
-        for result in results:
-            self._owners.update(result.owners)
-            problems.extend(result.problems)
-        if not problems:
-            problems = self._swap_problems()
-        if problems:
-            self._errors = sorted(problems, key=lambda p: p.field)
-            raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
-        self._event("accounts validated", "the legs are a swap between two parties")
-
-    def _swap_problems(self) -> list[FieldError]:
-        delivery, payment = self._instruction.legs
-        seller, buyer = self._owners[delivery.from_], self._owners[delivery.to]
-        if seller == buyer:
-            return [FieldError(field="legs[0].to", message=f"both accounts of legs[0] belong to {seller}")]
-        if self._owners[payment.from_] != buyer or self._owners[payment.to] != seller:
-            message = (
-                f"htlc needs a swap: legs[1] must pay {seller} (who delivers legs[0]) from {buyer}, "
-                f"but it pays {self._owners[payment.to]} from {self._owners[payment.from_]}"
-            )
-            return [FieldError(field="legs[1]", message=message)]
-        return []
-
-    async def _screen(self) -> None:
-        result: ScreenResult = await workflow.execute_local_activity_method(
-            SettlementActivities.screen,
-            ScreenRequest(parties=self._parties()),
-            start_to_close_timeout=_CALL_TIMEOUT,
-        )
-        self._policy_known = True
-        if result.hits:
-            raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
-        self._event("compliance screen passed")
-
-    async def _lock_all(self) -> None:
-        """Lock the secret holder's delivery first, then the payment, as the parties would."""
-        self._set_status(TradeStatus.RESERVING)
-        interval = self._request.settlement.recycle_interval
-        for i in (SECRET_HOLDER_LEG, PAYMENT_LEG):
-            self._locking.append(i)  # registered before the lock it undoes
-            while True:
-                try:
-                    outcomes: HoldOutcomes = await self._call(
-                        self._ledger(i),
-                        LedgerActivities.reserve,
-                        ReserveRequest(holds=[self._hold_request(i)]),
-                        until=self._deadline,
-                    )
-                except FailureError as err:
-                    raise abort_for(err) from err
-                (outcome,) = outcomes.outcomes
-                if outcome.open:
-                    self._states[i] = LegState.HELD
-                    self._details[i] = f"hashlocked; refunds at {self._timelocks[i].isoformat()}"
-                    self._event(
-                        f"leg {i} locked", f"{self._describe(i)}; refunds at {self._timelocks[i].isoformat()}"
-                    )
-                    break
-                if outcome.ok:
-                    raise _Abort(TradeStatus.EXPIRED, f"the lock of leg {i} was released at the ledger")
-                if self._details[i] != outcome.detail:
-                    self._event(f"leg {i} short, recycling", outcome.detail)
-                self._states[i] = LegState.SHORT
-                self._details[i] = outcome.detail
-                if workflow.now() >= self._deadline:
-                    raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: leg {i} ({outcome.detail})")
-                self._publish()
-                await workflow.sleep(min(interval, self._deadline - workflow.now()))
-                interval = min(interval * 2, self._request.settlement.max_recycle_interval)
-
-    async def _claim_or_refund(self) -> None:
-        self._set_status(TradeStatus.AWAITING_CLAIM)
-        while open_legs := self._open_legs():
-            due = [i for i in open_legs if workflow.now() >= self._timelocks[i]]
-            if due:
-                for i in due:
-                    await self._refund(i)
-                continue
-            pending = self._pending_claims()
-            if pending:
-                await self._claim(pending[0])
-                continue
-            next_timelock = min(self._timelocks[i] for i in open_legs)
-            await self._wait_until(lambda: bool(self._pending_claims()), next_timelock)
-
-    async def _claim(self, i: int) -> None:
-        preimage = self._preimage
-        assert preimage is not None
-        try:
-            outcomes: HoldOutcomes = await self._call(
-                self._ledger(i),
-                LedgerActivities.claim,
-                ClaimRequest(hold_ids=[self._hold_ids[i]], preimage=preimage),
-                until=self._timelocks[i],
-            )
-        except FailureError as err:
-            # The ledger did not answer before the timelock; the refund finds out what it did.
-            self._requested.remove(i)
-            self._event(f"claim of leg {i} did not complete before its timelock", cause(err))
-            return
-        (outcome,) = outcomes.outcomes
-        if outcome.ok:
-            self._states[i] = LegState.COMMITTED
-            self._details[i] = "claimed with the preimage"
-            self._event(f"leg {i} claimed", self._describe(i))
-            if self._auto_claim:
-                for other in self._open_legs():
-                    if other not in self._requested:
-                        self._requested.append(other)
-                        self._event(f"claiming leg {other} with the revealed preimage", "auto_claim")
-            return
-        self._requested.remove(i)
-        self._event(f"claim of leg {i} refused by the ledger", outcome.detail)
-        if outcome.code == "hold_not_open":  # already released at the ledger: its timelock passed
-            self._states[i] = LegState.RELEASED
-            self._details[i] = "refunded at the ledger"
-            self._event(f"leg {i} refunded", "released by the ledger at its timelock")
-
-    async def _refund(self, i: int) -> None:
-        outcome = await self._release(i)
-        if outcome.ok:
-            self._states[i] = LegState.RELEASED
-            self._details[i] = f"refunded: timelock passed at {self._timelocks[i].isoformat()}"
-            self._event(f"leg {i} refunded", f"timelock passed; {self._describe(i, back=True)}")
-        else:  # the hold was committed: someone claimed it at the ledger with the preimage
-            self._states[i] = LegState.COMMITTED
-            self._details[i] = "claimed at the ledger"
-            self._event(f"leg {i} claimed at the ledger", outcome.detail)
-        if i in self._requested:
-            self._requested.remove(i)
-
-    async def _release(self, i: int) -> HoldOutcome:
-        while True:
-            try:
-                outcomes: HoldOutcomes = await self._call(
-                    self._ledger(i),
-                    LedgerActivities.release,
-                    HoldRefs(hold_ids=[self._hold_ids[i]]),
-                    until=workflow.now() + _STUCK_AFTER,
-                )
-                return outcomes.outcomes[0]
-            except FailureError as err:
-                self._event(f"release of leg {i} failed, retrying", cause(err))
-                self._publish()
-                await workflow.sleep(timedelta(seconds=60))
-
-    async def _release_locked(self) -> None:
-        for i in reversed(self._locking):
-            outcome = await self._release(i)
-            if outcome.ok:
-                placed = outcome.placed
-                self._states[i] = LegState.RELEASED
-                self._event(f"leg {i} released", "lock returned" if placed else "nothing was locked")
-        self._locking.clear()
-
-    def _finish(self) -> None:
-        claimed = [i for i, s in enumerate(self._states) if s is LegState.COMMITTED]
-        refunded = [i for i, s in enumerate(self._states) if s is LegState.RELEASED]
-        if not refunded:
-            self._set_status(TradeStatus.SETTLED, "both legs claimed with the preimage")
-        elif not claimed:
-            self._set_status(TradeStatus.EXPIRED, "no claim before the timelocks: both legs refunded")
-        else:
-            (c,), (r,) = claimed, refunded
-            legs = self._instruction.legs
-            winner, loser = self._owners.get(legs[c].to, "?"), self._owners.get(legs[c].from_, "?")
-            self._set_status(
-                TradeStatus.ONE_SIDED,
-                f"leg {c} claimed, leg {r} refunded at its timelock: {winner} received leg {c} "
-                f"and kept leg {r}; {loser} delivered leg {c} for nothing",
-            )
-
-    # ------------------------------------------------------------ handlers
+        return await self._saga.run()
 
     @workflow.query(name="status")
     def status(self) -> TradeView:
-        return self._view()
+        return self._saga.view()
 
     @workflow.update(name="submit")
     async def submit(self, check: SubmitCheck) -> TradeView:
         """Wait until the trade is validated and screened (or ended); return its view."""
-        await workflow.wait_condition(lambda: self._policy_known or self._status.terminal)
-        return self._view()
+        await self._saga.screened()
+        return self._saga.view()
 
     @submit.validator
     def _validate_submit(self, check: SubmitCheck) -> None:
-        if check.fingerprint != self._request.fingerprint:
-            raise ApplicationError(
-                f"trade {self._instruction.trade_id} already exists with different content",
-                type="DuplicateTrade",
-                non_retryable=True,
-            )
+        self._saga.check_submit(check)
 
     @workflow.update(name="claim")
     async def claim(self, message: ClaimMessage) -> TradeView:
         """Claim a leg with the preimage; return the view once that claim (and any it unlocks) ended."""
-        leg = self._claim_target(message)
-        self._preimage = normalise_sha256(message.preimage, "a 32-byte secret")
-        self._requested.append(leg)
-        self._event(f"claim of leg {leg} with the preimage", f"preimage {self._preimage} is now public")
-        await workflow.wait_condition(lambda: not self._pending_claims() or self._status.terminal)
-        return self._view()
+        await self._saga.claim(message)
+        return self._saga.view()
 
     @claim.validator
     def _validate_claim(self, message: ClaimMessage) -> None:
-        try:
-            preimage = normalise_sha256(message.preimage, "a 32-byte secret")
-        except ValueError as exc:
-            raise ApplicationError(f"preimage: {exc}", type="InvalidPreimage", non_retryable=True) from None
-        if hashlib.sha256(bytes.fromhex(preimage)).hexdigest() != self._instruction.hashlock:
-            raise ApplicationError(
-                "preimage: its SHA-256 does not match the trade's hashlock",
-                type="WrongPreimage",
-                non_retryable=True,
-            )
-        self._claim_target(message)
-
-    def _claim_target(self, message: ClaimMessage) -> int:
-        """The leg a claim is for; raises (rejecting the update) if it cannot be claimed now."""
-        if self._status.terminal:
-            raise _rejection(f"trade is already {self._status.value}")
-        if self._status is not TradeStatus.AWAITING_CLAIM:
-            raise _rejection(f"the legs are not locked yet (status {self._status.value})")
-        if message.leg is None:
-            open_legs = self._open_legs()
-            leg = PAYMENT_LEG if PAYMENT_LEG in open_legs else open_legs[0]
-        else:
-            leg = message.leg
-            if leg not in range(len(self._states)):
-                raise _rejection(f"leg: there is no leg {leg}")
-            if self._states[leg] is not LegState.HELD:
-                raise _rejection(f"leg: leg {leg} is already {self._states[leg].value}")
-        if leg in self._requested:
-            raise _rejection(f"leg: a claim of leg {leg} is already in progress")
-        if workflow.now() >= self._timelocks[leg]:
-            raise _rejection(f"leg: the timelock of leg {leg} passed at {self._timelocks[leg].isoformat()}")
-        return leg
+        self._saga.check_claim(message)
 
     @workflow.signal(name="approve")
     def approve_signal(self, message: ApprovalMessage) -> None:
-        self._rejected(f"approval by {message.party}", "an htlc trade needs no approval")
+        self._saga.approve(message)
 
     @workflow.update(name="approve_update")
     def approve_update(self, message: ApprovalMessage) -> Decision:
-        return self._rejected(f"approval by {message.party}", "an htlc trade needs no approval")
+        return self._saga.approve(message)
 
     @workflow.signal(name="cancel")
     def cancel_signal(self, message: CancelMessage) -> None:
-        self._cancel_request(message)
+        self._saga.cancel(message)
 
     @workflow.update(name="cancel_update")
     def cancel_update(self, message: CancelMessage) -> Decision:
-        return self._cancel_request(message)
-
-    def _cancel_request(self, message: CancelMessage) -> Decision:
-        if self._status.terminal:
-            return self._rejected(f"cancel by {message.party}", f"trade is already {self._status.value}")
-        return self._rejected(
-            f"cancel by {message.party}",
-            "an htlc trade cannot be cancelled: each leg refunds at its timelock",
-        )
-
-    # ------------------------------------------------------------- helpers
-
-    def _open_legs(self) -> list[int]:
-        return [i for i, state in enumerate(self._states) if state is LegState.HELD]
-
-    def _pending_claims(self) -> list[int]:
-        if self._preimage is None:
-            return []
-        return [i for i in self._requested if self._states[i] is LegState.HELD]
-
-    def _rejected(self, what: str, reason: str) -> Decision:
-        self._event(f"{what} rejected", reason)
-        return Decision(accepted=False, reason=reason)
-
-    def _ledger(self, i: int) -> str:
-        return self._instruction.legs[i].ledger
-
-    def _call(self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, until: datetime) -> Any:
-        """One ledger call on the ledger's queue, retried until ``until`` (at least 1 s from now)."""
-        limit = max(until - workflow.now(), timedelta(seconds=1))
-        # Always on the ledger's queue: a claim must be able to run out its time limit
-        # (up to the timelock) without holding the workflow task open. Scheduling a
-        # remote activity ends the workflow task: publish what changed first.
-        self._publish()
-        return ledger_call(self._remote, ledger, activity, argument, schedule_to_close=limit)
-
-    def _hold_request(self, i: int) -> HoldRequest:
-        leg = self._instruction.legs[i]
-        return HoldRequest(
-            hold_id=self._hold_ids[i],
-            account=leg.from_,
-            to_account=leg.to,
-            asset=leg.asset,
-            amount=leg.amount,
-            expires_at=self._timelocks[i],
-            trade_id=self._instruction.trade_id,
-            hashlock=self._instruction.hashlock,
-        )
-
-    async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
-        remaining = until - workflow.now()
-        if remaining <= timedelta(0) or condition():
-            return
-        self._publish()
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(condition, timeout=remaining)
-
-    async def _shielded(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run to completion even if the workflow is cancelled meanwhile."""
-        return await shielded(
-            coroutine,
-            lambda: self._event("cancel request ignored", "the hashlock and the timelocks decide now"),
-        )
-
-    def _describe(self, i: int, back: bool = False) -> str:
-        leg = self._instruction.legs[i]
-        route = f"back to {leg.from_}" if back else f"{leg.from_} -> {leg.to}"
-        return f"{format(leg.amount, 'f')} {leg.asset} {route} on {leg.ledger}"
-
-    def _parties(self) -> list[str]:
-        parties = dict.fromkeys(self._instruction.parties())
-        parties.update(dict.fromkeys(self._owners.values()))
-        return sorted(parties)
-
-    def _event(self, event: str, detail: str = "") -> None:
-        self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
-
-    def _set_status(self, status: TradeStatus, reason: str = "") -> None:
-        self._status = status
-        self._reason = reason
-        self._event(f"status {status.value}", reason)
-
-    def _publish(self) -> None:
-        """Bring the search attributes up to date in one upsert of what changed.
-
-        Called where the workflow task may end (a remote activity, a timer, a wait)
-        and at the end, as the escrow saga does: the client set them at start.
-        """
-        wanted = search_attributes(
-            self._instruction, status=self._status, parties=self._parties(), deadline=self._deadline
-        )
-        upsert_changed(self._published, wanted)
-
-    def _view(self) -> TradeView:
-        legs = leg_views(self._instruction, self._hold_ids, self._states, self._details)
-        return TradeView(
-            trade_id=self._instruction.trade_id,
-            workflow_id=workflow.info().workflow_id,
-            status=self._status,
-            reason=self._reason,
-            deadline=self._deadline,
-            legs=legs,
-            timeline=self._timeline,
-            errors=self._errors,
-            fingerprint=self._request.fingerprint,
-        )
-
-
-def _rejection(reason: str) -> ApplicationError:
-    return ApplicationError(reason, type="ClaimRejected", non_retryable=True)
+        return self._saga.cancel(message)

@@ -36,7 +36,8 @@ class SettlementWorkflow:
     @workflow.update(name="submit")
     async def submit(self, check: SubmitCheck) -> TradeView:
         """Wait until the trade is validated and screened (or ended); return its view."""
-        return await self._saga.submitted()
+        await self._saga.screened()
+        return self._saga.view()
 
     @submit.validator
     def _validate_submit(self, check: SubmitCheck) -> None:
