@@ -44,8 +44,9 @@ decide -> commit path once per fill, each fill with its own hold keys
 This module is the saga as plain deterministic Python (``TradeSaga``); its Temporal
 definition, ``SettlementWorkflow`` in ``workflows/settlement.py``, only hands it the
 run and the handlers. The split is for speed: the sandbox imports a workflow's module
-afresh for every workflow it starts, which for this module cost about 2 ms of worker
-CPU per trade, so the worker passes this module through instead (loaded once, see
+afresh for every workflow it starts, and ``@workflow.defn`` inspects every member of
+the class again; with the saga in the workflow's module that cost about 2 ms of worker
+CPU per trade. The worker passes this module through instead (loaded once, see
 ``worker.WORKFLOW_RUNNER``). Code here must therefore keep to the workflow rules on
 its own: ``workflow.now()`` and ``workflow.*`` waits only, no I/O, and no state at
 module level. Anything that does not pass it through (the replay tests' ``Replayer``)
