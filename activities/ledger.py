@@ -47,8 +47,12 @@ def _application_error(exc: LedgerError) -> ApplicationError:
 
 
 def _each(
-    hold_ids: list[str], call: Callable[[str], Hold], outcome_errors: tuple[type[LedgerError], ...]
+    hold_ids: list[str],
+    call: Callable[[str], Hold],
+    reported: Callable[[LedgerError], bool] = lambda exc: False,
 ) -> HoldOutcomes:
+    """``call`` for each hold in turn: a ``LedgerError`` that ``reported`` accepts is that
+    hold's outcome; any other fails the activity."""
     outcomes = []
     # A local activity has no heartbeat: the workflow task it runs in is its lease.
     heartbeat = not activity.info().is_local
@@ -57,11 +61,15 @@ def _each(
             activity.heartbeat(hold_id)
         try:
             outcomes.append(HoldOutcome.of(call(hold_id)))
-        except outcome_errors as exc:
-            outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
         except LedgerError as exc:
-            raise _application_error(exc) from exc
+            if not reported(exc):
+                raise _application_error(exc) from exc
+            outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
     return HoldOutcomes(outcomes=outcomes)
+
+
+def _not_open(exc: LedgerError) -> bool:
+    return isinstance(exc, HoldNotOpen)
 
 
 def _available(ledger: Ledger, account: str) -> Decimal:
@@ -134,7 +142,7 @@ class LedgerActivities:
                 h.hold_id, h.account, h.to_account, h.asset, h.amount, h.expires_at, h.trade_id, h.hashlock
             )
 
-        result = _each(list(by_id), place, (InsufficientFunds,))
+        result = _each(list(by_id), place, lambda exc: isinstance(exc, InsufficientFunds))
         if not request.report_available:
             return result
         short = {o.hold_id: _available(ledger, by_id[o.hold_id].account) for o in result.outcomes if not o.ok}
@@ -148,45 +156,36 @@ class LedgerActivities:
     @activity.defn(name="ledger.pin")
     def pin(self, request: HoldRefs) -> HoldOutcomes:
         """Prepare each hold for commit: clear its expiry. A hold no longer open is reported."""
-        return _each(request.hold_ids, self._ledger(request.ledger).pin_hold, (HoldNotOpen,))
+        return _each(request.hold_ids, self._ledger(request.ledger).pin_hold, _not_open)
 
     @activity.defn(name="ledger.commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         """Commit each hold (transfer to its beneficiary)."""
-        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, ())
+        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold)
 
     @activity.defn(name="ledger.claim")
     def claim(self, request: ClaimRequest) -> HoldOutcomes:
         """Commit each hashlocked hold with the preimage; a refusal (timelock passed, already
         released, wrong preimage) is reported, not raised."""
         ledger = self._ledger(request.ledger)
-        heartbeat = not activity.info().is_local
-        outcomes = []
-        for hold_id in request.hold_ids:
-            if heartbeat:
-                activity.heartbeat(hold_id)
-            try:
-                hold = ledger.commit_hold(hold_id, request.preimage)
-            except LedgerError as exc:
-                if exc.retryable:
-                    raise _application_error(exc) from exc
-                outcomes.append(HoldOutcome(hold_id=hold_id, ok=False, code=exc.code, detail=exc.message))
-                continue
-            outcomes.append(HoldOutcome.of(hold))
-        return HoldOutcomes(outcomes=outcomes)
+        return _each(
+            request.hold_ids,
+            lambda hold_id: ledger.commit_hold(hold_id, request.preimage),
+            lambda exc: not exc.retryable,
+        )
 
     @activity.defn(name="ledger.commit_local")
     def commit_local(self, request: CommitBatch) -> HoldOutcomes:
         """Commit a trade's holds on several ledgers this worker serves, in one activity."""
         outcomes: list[HoldOutcome] = []
         for refs in request.items:
-            outcomes += _each(refs.hold_ids, self._ledger(refs.ledger).commit_hold, ()).outcomes
+            outcomes += _each(refs.hold_ids, self._ledger(refs.ledger).commit_hold).outcomes
         return HoldOutcomes(outcomes=outcomes)
 
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused."""
-        return _each(request.hold_ids, self._ledger(request.ledger).release_hold, (HoldNotOpen,))
+        return _each(request.hold_ids, self._ledger(request.ledger).release_hold, _not_open)
 
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""
