@@ -227,24 +227,15 @@ class SettlementClient:
             normalise_sha256(preimage, "a 32-byte secret")
         except ValueError as exc:
             raise InvalidInstruction("preimage", str(exc)) from None
-        handle = self._handle(trade_id)
-        try:
-            view: TradeView = await handle.execute_update(
-                HtlcWorkflow.claim, ClaimMessage(preimage=preimage, leg=leg)
-            )
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND:
-                view = await self.status(trade_id)
-                raise RequestRejected(f"trade is already {view.status.value}") from None
-            raise
-        except WorkflowUpdateFailedError as exc:
-            raise RequestRejected(str(exc.cause or exc)) from None
+        view: TradeView = await self._update(
+            trade_id, HtlcWorkflow.claim, ClaimMessage(preimage=preimage, leg=leg)
+        )
         return view
 
-    async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
-        handle = self._handle(trade_id)
+    async def _update(self, trade_id: str, update: Any, message: Any) -> Any:
+        """The trade's answer to ``update``; ``RequestRejected`` if it refused or has ended."""
         try:
-            decision: Decision = await handle.execute_update(update, message)
+            return await self._handle(trade_id).execute_update(update, message)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 # a closed workflow takes no updates: say what became of the trade
@@ -253,6 +244,9 @@ class SettlementClient:
             raise
         except WorkflowUpdateFailedError as exc:
             raise RequestRejected(str(exc.cause or exc)) from None
+
+    async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
+        decision: Decision = await self._update(trade_id, update, message)
         if not decision.accepted:
             raise RequestRejected(decision.reason)
         return decision
