@@ -24,6 +24,7 @@ from typing import Any
 from temporalio.client import Client
 
 from domain import Config, RequestRejected, TradeStatus
+from starter.demo import dvp_instruction
 from starter.devserver import DevServer
 from workflows import workflow_id_for
 
@@ -34,21 +35,7 @@ HISTORIES = Path(__file__).resolve().parent / "histories"
 
 def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) -> dict[str, Any]:
     """Bob delivers ``bonds`` BOND-2030 to alice against ``cash`` EUR."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": "alice-sec",
-                "amount": bonds,
-            },
-            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
-        ],
-        "settle_within": "PT30S",
-        **extra,
-    }
+    return dvp_instruction(trade_id, "bob", "alice", bonds, cash, **extra)
 
 
 async def _until(engine: Engine, trade_id: str, ready: Callable[[Engine], bool]) -> None:

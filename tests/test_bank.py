@@ -53,6 +53,7 @@ from domain import (
     UnknownHold,
 )
 from starter import bank as bank_service
+from starter.demo import dvp_instruction
 
 from ._fixtures_settlement import STANDARD_ACCOUNTS, Engine, make_config, run_engine, sqlite_urls
 
@@ -797,20 +798,7 @@ def bank_config(tmp_path: Path, prefix: str, bank: BankProcess) -> Config:
 
 def dvp(trade_id: str, bonds: str, cash: str) -> dict[str, Any]:
     """Bob delivers ``bonds`` BOND-2030 to alice (SQL ledger) against ``cash`` EUR (at the bank)."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": "alice-sec",
-                "amount": bonds,
-            },
-            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
-        ],
-        "settle_within": "PT60S",
-    }
+    return dvp_instruction(trade_id, "bob", "alice", bonds, cash, settle_within="PT60S")
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 20) -> Any:

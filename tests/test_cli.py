@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from starter.demo import dvp_instruction
+
 from ._fixtures_settlement import Engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,20 +45,7 @@ async def dvp(config: Path, *args: str, stdin: str | None = None) -> subprocess.
 
 
 def trade(trade_id: str, cash: str = "9950.00") -> dict[str, Any]:
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": "alice-sec",
-                "amount": "100",
-            },
-            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
-        ],
-        "settle_within": "PT30S",
-    }
+    return dvp_instruction(trade_id, "bob", "alice", "100", cash)
 
 
 async def test_submit_wait_status_and_balances_as_json(

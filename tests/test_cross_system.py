@@ -29,6 +29,7 @@ from adapters._anvil import Anvil
 from adapters.evm import EvmLedger, load_artefact
 from adapters.sql import SqlLedger
 from domain import Config, Hold, HoldStatus, LedgerConfig, TradeStatus
+from starter.demo import dvp_instruction
 
 from ._fixtures_evm import token_balance
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
@@ -50,20 +51,7 @@ def cross_config(tmp_path: Path, prefix: str, deployment: dict[str, Any], bank: 
 
 def dvp(trade_id: str, buyer: str, bonds: str, cash: str, within: str = "PT60S") -> dict[str, Any]:
     """Bob delivers ``bonds`` BOND-2030 on chain to ``buyer`` against ``cash`` EUR at the bank."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": f"{buyer}-sec",
-                "amount": bonds,
-            },
-            {"ledger": "cash", "asset": "EUR", "from": f"{buyer}-cash", "to": "bob-cash", "amount": cash},
-        ],
-        "settle_within": within,
-    }
+    return dvp_instruction(trade_id, "bob", buyer, bonds, cash, settle_within=within)
 
 
 class Systems:

@@ -48,6 +48,7 @@ from domain import (
     load_config,
 )
 from starter.client import SettlementClient
+from starter.demo import dvp_instruction
 from starter.devserver import DevServer
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from worker import run_worker
@@ -156,15 +157,7 @@ def leg(ledger: str, asset: str, source: str, to: str, amount: str) -> dict[str,
 
 def dvp(trade_id: str, seller: str, bonds: str, cash: str, settle_within: str = "PT90S") -> dict[str, Any]:
     """``seller`` delivers ``bonds`` BOND-2030 to alice against ``cash`` EUR from alice."""
-    owner = seller.removesuffix("-sec")
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            leg("securities", "BOND-2030", seller, "alice-sec", bonds),
-            leg("cash", "EUR", "alice-cash", f"{owner}-cash", cash),
-        ],
-        "settle_within": settle_within,
-    }
+    return dvp_instruction(trade_id, seller, "alice", bonds, cash, settle_within=settle_within)
 
 
 def four_legs(trade_id: str, n: int) -> dict[str, Any]:
@@ -285,12 +278,10 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     uid = task_queue_prefix.removeprefix("t-")
-    good = [dvp(f"K-{uid}-dvp-{i}", "bob-sec", "10", f"{100 + i}.25") for i in range(20)]
+    good = [dvp(f"K-{uid}-dvp-{i}", "bob", "10", f"{100 + i}.25") for i in range(20)]
     good += [four_legs(f"K-{uid}-4leg-{i}", i) for i in range(5)]
-    short = [
-        dvp(f"K-{uid}-short-{i}", "carol-sec", "5000", f"10.0{i}", settle_within="PT3S") for i in range(4)
-    ]
-    to_cancel = dvp(f"K-{uid}-cancel", "carol-sec", "5000", "12.00")
+    short = [dvp(f"K-{uid}-short-{i}", "carol", "5000", f"10.0{i}", settle_within="PT3S") for i in range(4)]
+    to_cancel = dvp(f"K-{uid}-cancel", "carol", "5000", "12.00")
     trades = good + short + [to_cancel]
     instructions = [Instruction.model_validate(t) for t in trades]
     trade_ids = [i.trade_id for i in instructions]
@@ -366,7 +357,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
-    instruction = Instruction.model_validate(dvp(trade_id, "bob-sec", "100", "9950.00"))
+    instruction = Instruction.model_validate(dvp(trade_id, "bob", "100", "9950.00"))
 
     with seeded_ledgers(config) as ledgers:
         seeded = balances(ledgers)
@@ -438,11 +429,9 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     uid = task_queue_prefix.removeprefix("t-")
-    good = [dvp(f"K-{uid}-l-dvp-{i}", "bob-sec", "7", f"{70 + i}.50") for i in range(8)]
+    good = [dvp(f"K-{uid}-l-dvp-{i}", "bob", "7", f"{70 + i}.50") for i in range(8)]
     good += [four_legs(f"K-{uid}-l-4leg-{i}", i) for i in range(2)]
-    short = [
-        dvp(f"K-{uid}-l-short-{i}", "carol-sec", "5000", f"20.0{i}", settle_within="PT2S") for i in range(2)
-    ]
+    short = [dvp(f"K-{uid}-l-short-{i}", "carol", "5000", f"20.0{i}", settle_within="PT2S") for i in range(2)]
     trades = good + short
     instructions = [Instruction.model_validate(t) for t in trades]
     trade_ids = [i.trade_id for i in instructions]

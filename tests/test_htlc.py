@@ -33,6 +33,7 @@ from domain import (
     TradeStatus,
     TradeView,
 )
+from starter.demo import dvp_instruction
 from workflows import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
@@ -46,23 +47,17 @@ def new_secret() -> tuple[str, str]:
 
 
 def htlc(trade_id: str, hashlock: str, settle_within: str = "PT60S", **extra: Any) -> dict[str, Any]:
-    return {
-        "trade_id": trade_id,
-        "protocol": "htlc",
-        "hashlock": hashlock,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": "alice-sec",
-                "amount": "100",
-            },
-            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": "9950.00"},
-        ],
-        "settle_within": settle_within,
+    return dvp_instruction(
+        trade_id,
+        "bob",
+        "alice",
+        "100",
+        "9950.00",
+        protocol="htlc",
+        hashlock=hashlock,
+        settle_within=settle_within,
         **extra,
-    }
+    )
 
 
 wait_for_status = functools.partial(_wait_for_status, timeout=60)

@@ -24,27 +24,14 @@ from domain import (
     TradeStatus,
     TradeView,
 )
+from starter.demo import dvp_instruction
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 
 
 def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) -> dict[str, Any]:
     """Bob delivers ``bonds`` BOND-2030 to alice against ``cash`` EUR."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": "bob-sec",
-                "to": "alice-sec",
-                "amount": bonds,
-            },
-            {"ledger": "cash", "asset": "EUR", "from": "alice-cash", "to": "bob-cash", "amount": cash},
-        ],
-        "settle_within": "PT30S",
-        **extra,
-    }
+    return dvp_instruction(trade_id, "bob", "alice", bonds, cash, **extra)
 
 
 def events(view: TradeView) -> list[str]:
