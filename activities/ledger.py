@@ -26,18 +26,20 @@ from temporalio.exceptions import ApplicationError
 
 from adapters import Ledger
 from domain import (
+    CheckAccountsBatch,
     CheckAccountsRequest,
     CheckAccountsResult,
     ClaimRequest,
-    CommitBatch,
     FieldError,
     Hold,
     HoldNotOpen,
     HoldOutcome,
     HoldOutcomes,
     HoldRefs,
+    HoldRefsBatch,
     InsufficientFunds,
     LedgerError,
+    ReserveBatch,
     ReserveRequest,
 )
 
@@ -174,18 +176,41 @@ class LedgerActivities:
             lambda exc: not exc.retryable,
         )
 
-    @activity.defn(name="ledger.commit_local")
-    def commit_local(self, request: CommitBatch) -> HoldOutcomes:
-        """Commit a trade's holds on several ledgers this worker serves, in one activity."""
-        outcomes: list[HoldOutcome] = []
-        for refs in request.items:
-            outcomes += _each(refs.hold_ids, self._ledger(refs.ledger).commit_hold).outcomes
-        return HoldOutcomes(outcomes=outcomes)
-
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused."""
         return _each(request.hold_ids, self._ledger(request.ledger).release_hold, _not_open)
+
+    # One step of a trade on several ledgers this worker serves, in one activity: the
+    # workflow runs these for its local ledgers (see workflows/_trade.py, TradeSaga._step).
+    # Each item is the one-ledger call above; a failure fails the whole step, and its
+    # retry repeats the items already done, which their hold keys make harmless.
+    # Commits and releases, which must end up done, go on past a ledger that fails, so
+    # that one ledger down holds up only its own legs.
+
+    @activity.defn(name="ledger.check_accounts_local")
+    def check_accounts_local(self, request: CheckAccountsBatch) -> CheckAccountsResult:
+        results = [self.check_accounts(item) for item in request.items]
+        return CheckAccountsResult(
+            owners={account: owner for r in results for account, owner in r.owners.items()},
+            problems=[problem for r in results for problem in r.problems],
+        )
+
+    @activity.defn(name="ledger.reserve_local")
+    def reserve_local(self, request: ReserveBatch) -> HoldOutcomes:
+        return _joined([self.reserve(item) for item in request.items])
+
+    @activity.defn(name="ledger.pin_local")
+    def pin_local(self, request: HoldRefsBatch) -> HoldOutcomes:
+        return _joined([self.pin(item) for item in request.items])
+
+    @activity.defn(name="ledger.commit_local")
+    def commit_local(self, request: HoldRefsBatch) -> HoldOutcomes:
+        return _every(request.items, self.commit)
+
+    @activity.defn(name="ledger.release_local")
+    def release_local(self, request: HoldRefsBatch) -> HoldOutcomes:
+        return _every(request.items, self.release)
 
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""
@@ -194,7 +219,29 @@ class LedgerActivities:
             self.reserve,
             self.pin,
             self.commit,
-            self.commit_local,
             self.claim,
             self.release,
+            self.check_accounts_local,
+            self.reserve_local,
+            self.pin_local,
+            self.commit_local,
+            self.release_local,
         ]
+
+
+def _joined(results: list[HoldOutcomes]) -> HoldOutcomes:
+    return HoldOutcomes(outcomes=[outcome for result in results for outcome in result.outcomes])
+
+
+def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> HoldOutcomes:
+    """``call`` on every item, even after one has failed; then the first failure, if any."""
+    results: list[HoldOutcomes] = []
+    failure: Exception | None = None
+    for item in items:
+        try:
+            results.append(call(item))
+        except Exception as exc:  # noqa: BLE001 - raised below, once every item was tried
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return _joined(results)

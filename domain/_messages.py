@@ -114,9 +114,19 @@ class HoldRefs(_Model):
     ledger: str = ""
 
 
-class CommitBatch(_Model):
-    """The commits of a trade on several ledgers (each ``HoldRefs`` names its ledger)."""
+# One step of a trade on every ledger the settlement worker serves itself, in one call
+# (each item names its ledger): see ``workflows/_trade.py``, ``TradeSaga._step``.
 
+
+class CheckAccountsBatch(_Model):
+    items: list[CheckAccountsRequest]
+
+
+class ReserveBatch(_Model):
+    items: list[ReserveRequest]
+
+
+class HoldRefsBatch(_Model):
     items: list[HoldRefs]
 
 

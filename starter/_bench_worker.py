@@ -27,13 +27,15 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from domain import (
+    CheckAccountsBatch,
     CheckAccountsRequest,
     CheckAccountsResult,
-    CommitBatch,
     Config,
     HoldOutcome,
     HoldOutcomes,
     HoldRefs,
+    HoldRefsBatch,
+    ReserveBatch,
     ReserveRequest,
     ScreenRequest,
     ScreenResult,
@@ -86,12 +88,35 @@ class NoopActivities:
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         return _outcomes(request.hold_ids)
 
+    # The batch forms the trade uses for its local ledgers (one call per step).
+
+    @activity.defn(name="bench.check_accounts_local")
+    def check_accounts_local(self, request: CheckAccountsBatch) -> CheckAccountsResult:
+        return CheckAccountsResult(owners={}, problems=[])
+
+    @activity.defn(name="bench.reserve_local")
+    def reserve_local(self, request: ReserveBatch) -> HoldOutcomes:
+        return _outcomes([h.hold_id for item in request.items for h in item.holds])
+
+    @activity.defn(name="bench.pin_local")
+    def pin_local(self, request: HoldRefsBatch) -> HoldOutcomes:
+        return _outcomes([hold_id for refs in request.items for hold_id in refs.hold_ids])
+
     @activity.defn(name="bench.commit_local")
-    def commit_local(self, request: CommitBatch) -> HoldOutcomes:
+    def commit_local(self, request: HoldRefsBatch) -> HoldOutcomes:
         return _outcomes([hold_id for refs in request.items for hold_id in refs.hold_ids])
 
     def all(self) -> list[Callable[..., object]]:
-        return [self.check_accounts, self.reserve, self.pin, self.commit, self.commit_local]
+        return [
+            self.check_accounts,
+            self.reserve,
+            self.pin,
+            self.commit,
+            self.check_accounts_local,
+            self.reserve_local,
+            self.pin_local,
+            self.commit_local,
+        ]
 
 
 @activity.defn(name="bench.screen")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -38,12 +38,21 @@ STANDARD_ACCOUNTS = [
 
 
 def make_config(
-    urls: Mapping[str, str], prefix: str, *, local_activities: bool = True, **settlement: Any
+    urls: Mapping[str, str],
+    prefix: str,
+    *,
+    local_activities: bool | Collection[str] = True,
+    **settlement: Any,
 ) -> Config:
+    """SQL ledgers at ``urls``: ``local_activities`` true, false, or the names of the local ones."""
+
+    def local(name: str) -> bool:
+        return local_activities if isinstance(local_activities, bool) else name in local_activities
+
     return parse_config(
         {
             "ledgers": {
-                name: {"kind": "sql", "url": url, "local_activities": local_activities}
+                name: {"kind": "sql", "url": url, "local_activities": local(name)}
                 for name, url in urls.items()
             },
             "compliance": {"sanctioned": ["mallory"]},

@@ -105,6 +105,12 @@ async def settled_queued(engine: Engine) -> str:
     return "R-settled-queued"
 
 
+async def settled_mixed(engine: Engine) -> str:
+    """A plain DvP whose cash ledger is called locally and whose securities ledger on its queue."""
+    await engine.client.submit(dvp("R-settled-mixed"))
+    return "R-settled-mixed"
+
+
 async def settled_partial(engine: Engine) -> str:
     """Carol sells 600 bonds in parts but holds 500: 500 settle, the rest is released at the deadline."""
     trade = dvp("R-settled-partial", bonds="600", cash="59700.00", settle_within="PT3S")
@@ -174,16 +180,27 @@ QUEUED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatu
     "settled_queued": (settled_queued, TradeStatus.SETTLED),
 }
 
+# Recorded with only the cash ledger local: each step calls the securities ledger on
+# its queue beside the local ones' call.
+MIXED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
+    "settled_mixed": (settled_mixed, TradeStatus.SETTLED),
+}
+
 
 async def record(out: Path, only: list[str] | None = None) -> list[Path]:
     written: list[Path] = []
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
         client = await server.connect()
-        for queued, scenarios in ((False, SCENARIOS), (True, QUEUED_SCENARIOS)):
-            base = Path(tmp) / ("queued" if queued else "local")
+        layouts: list[tuple[str, bool | set[str], dict[str, Any]]] = [
+            ("local", True, SCENARIOS),
+            ("queued", False, QUEUED_SCENARIOS),
+            ("mixed", {"cash"}, MIXED_SCENARIOS),
+        ]
+        for label, local_activities, scenarios in layouts:
+            base = Path(tmp) / label
             base.mkdir()
             config = make_config(
-                sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=not queued
+                sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=local_activities
             )
             chosen = {name: s for name, s in scenarios.items() if not only or name in only}
             if chosen:
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=sorted({**SCENARIOS, **QUEUED_SCENARIOS}),
+        choices=sorted({**SCENARIOS, **QUEUED_SCENARIOS, **MIXED_SCENARIOS}),
         help="record only this scenario (repeatable)",
     )
     args = parser.parse_args(argv)

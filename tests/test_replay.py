@@ -5,7 +5,9 @@ A change to the trade saga (``workflows/settlement.py``, ``workflows/_trade.py``
 (a reordered activity, a new timer, a changed condition) fails here as a
 non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
-versioned change.
+versioned change, and keep the old ones: those under ``before-local-steps/`` are
+trades started before ``LOCAL_STEPS_PATCH`` (workflows/_trade.py), which must still
+replay on the code that has it.
 
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
@@ -14,6 +16,7 @@ call there that a workflow must not make (the system clock, I/O) fails here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,10 @@ from temporalio.worker import Replayer
 
 from domain import TradeStatus, TradeView
 from workflows import HtlcWorkflow, SettlementWorkflow
+from workflows._trade import LOCAL_STEPS_PATCH
 
-HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
+HERE = Path(__file__).resolve().parent / "histories"
+HISTORIES = sorted(HERE.glob("**/*.json"))
 
 
 def load(path: Path) -> WorkflowHistory:
@@ -47,7 +52,7 @@ def test_histories_are_present() -> None:
     assert HISTORIES, "no recorded histories under tests/histories (run: python -m tests.record_histories)"
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+@pytest.mark.parametrize("path", HISTORIES, ids=[str(p.relative_to(HERE).with_suffix("")) for p in HISTORIES])
 async def test_history_replays_without_nondeterminism(path: Path) -> None:
     replayer = Replayer(workflows=[SettlementWorkflow, HtlcWorkflow], data_converter=pydantic_data_converter)
 
@@ -60,3 +65,25 @@ def test_recorded_histories_cover_every_terminal_status() -> None:
     statuses = {final_view(load(path)).status for path in HISTORIES}
 
     assert statuses == {s for s in TradeStatus if s.terminal}
+
+
+def patches(history: WorkflowHistory) -> set[str]:
+    """The ids of the patches the workflow recorded."""
+    ids = set()
+    for event in history.events:
+        if event.marker_recorded_event_attributes.marker_name == "core_patch":
+            (payload,) = event.marker_recorded_event_attributes.details["patch-data"].payloads
+            ids.add(json.loads(payload.data)["id"])
+    return ids
+
+
+def test_trades_from_before_and_after_the_local_steps_patch_are_both_replayed() -> None:
+    trades = [p for p in HISTORIES if "htlc" not in p.stem]
+    before = [p for p in trades if p.parent.name == "before-local-steps"]
+    after = [p for p in trades if p.parent == HERE]
+
+    assert before and after
+    assert all(LOCAL_STEPS_PATCH not in patches(load(p)) for p in before)
+    assert all(LOCAL_STEPS_PATCH in patches(load(p)) for p in after)
+    # One of each layout of ledger calls since the patch: all local, all queued, mixed.
+    assert {"trade-R-settled", "trade-R-settled-queued", "trade-R-settled-mixed"} <= {p.stem for p in after}

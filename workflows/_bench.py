@@ -1,10 +1,10 @@
 """Reference workflows for ``dvp bench``: what a trade would cost if its steps were free.
 
-``CeilingWorkflow`` has exactly the activity structure of a settled trade: per ledger
-one ``check_accounts`` (ledgers in parallel), one local ``screen``, then per ledger
-``reserve``, ``pin`` and ``commit`` (each stage ledgers in parallel), with the same
-arguments, timeouts, retry policies and local-or-queued dispatch (it calls the
-settlement workflow's own ``ledger_call`` and ``commit_locally``).
+``CeilingWorkflow`` has exactly the activity structure of a settled trade: the steps
+``check_accounts``, a local ``screen``, ``reserve``, ``pin`` and ``commit``, each step
+one call per queued ledger and one call for all the local ledgers (in parallel), with
+the same arguments, timeouts, retry policies and dispatch (it calls the settlement
+workflow's own ``ledger_call``, ``local_call`` and ``commit_locally``).
 Its activities do nothing, so its rate is the engine's ceiling for this shape on
 this server and these workers.
 
@@ -27,11 +27,14 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from domain import (
         AccountCheck,
+        CheckAccountsBatch,
         CheckAccountsRequest,
         CheckAccountsResult,
         HoldOutcomes,
         HoldRefs,
+        HoldRefsBatch,
         HoldRequest,
+        ReserveBatch,
         ReserveRequest,
         ScreenRequest,
         ScreenResult,
@@ -48,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         _STUCK_AFTER,
         commit_locally,
         ledger_call,
+        local_call,
     )
 
 _SCHEDULE_TO_CLOSE = timedelta(minutes=10)
@@ -114,17 +118,46 @@ class CeilingWorkflow:
                 ledger=ledger,
             )
 
-        def call(ledger: str, name: str, argument: Any, result_type: type) -> Any:
-            return ledger_call(
-                request, ledger, name, argument, schedule_to_close=_SCHEDULE_TO_CLOSE, result_type=result_type
-            )
-
         def refs(ledger: str) -> HoldRefs:
             return HoldRefs(hold_ids=_hold_ids(request, by_ledger[ledger]), ledger=ledger)
 
-        await asyncio.gather(
-            *(call(lg, "bench.check_accounts", checks(lg), CheckAccountsResult) for lg in ledgers)
-        )
+        async def step(
+            name: str, argument: Any, batch_type: type, result_type: type, commit: bool = False
+        ) -> None:
+            # As TradeSaga._step: the local ledgers' requests in one call, each other
+            # ledger's on its queue.
+            local = [lg for lg in ledgers if lg in request.local_ledgers]
+            calls = []
+            if local:
+                batch = batch_type(items=[argument(lg) for lg in local])
+                if commit:
+                    calls.append(
+                        commit_locally(
+                            request,
+                            batch,
+                            f"{name}_local",
+                            schedule_to_close=_STUCK_AFTER,
+                            result_type=result_type,
+                        )
+                    )
+                else:
+                    calls.append(
+                        local_call(
+                            f"{name}_local",
+                            batch,
+                            schedule_to_close=_SCHEDULE_TO_CLOSE,
+                            result_type=result_type,
+                        )
+                    )
+            limit = _STUCK_AFTER if commit else _SCHEDULE_TO_CLOSE
+            calls += [
+                ledger_call(request, lg, name, argument(lg), schedule_to_close=limit, result_type=result_type)
+                for lg in ledgers
+                if lg not in local
+            ]
+            await asyncio.gather(*calls)
+
+        await step("bench.check_accounts", checks, CheckAccountsBatch, CheckAccountsResult)
         parties = sorted({p for leg in legs for p in (leg.from_, leg.to)})
         await workflow.execute_local_activity(
             "bench.screen",
@@ -132,36 +165,9 @@ class CeilingWorkflow:
             result_type=ScreenResult,
             start_to_close_timeout=_CALL_TIMEOUT,
         )
-        await asyncio.gather(*(call(lg, "bench.reserve", reserve(lg), HoldOutcomes) for lg in ledgers))
-        await asyncio.gather(*(call(lg, "bench.pin", refs(lg), HoldOutcomes) for lg in ledgers))
-        # The commits as the trade makes them: the local ledgers' in one ordinary
-        # activity, each other ledger's on its queue.
-        local = [lg for lg in ledgers if lg in request.local_ledgers]
-        commits = [
-            ledger_call(
-                request,
-                lg,
-                "bench.commit",
-                refs(lg),
-                schedule_to_close=_STUCK_AFTER,
-                result_type=HoldOutcomes,
-            )
-            for lg in ledgers
-            if lg not in local
-        ] + (
-            [
-                commit_locally(
-                    request,
-                    [refs(lg) for lg in local],
-                    "bench.commit_local",
-                    schedule_to_close=_STUCK_AFTER,
-                    result_type=HoldOutcomes,
-                )
-            ]
-            if local
-            else []
-        )
-        await asyncio.gather(*commits)
+        await step("bench.reserve", reserve, ReserveBatch, HoldOutcomes)
+        await step("bench.pin", refs, HoldRefsBatch, HoldOutcomes)
+        await step("bench.commit", refs, HoldRefsBatch, HoldOutcomes, commit=True)
         return "done"
 
 

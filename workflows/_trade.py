@@ -72,8 +72,8 @@ with workflow.unsafe.imports_passed_through():
         AccountCheck,
         ApprovalMessage,
         CancelMessage,
+        CheckAccountsBatch,
         CheckAccountsRequest,
-        CommitBatch,
         Decision,
         FieldError,
         FillRule,
@@ -81,8 +81,10 @@ with workflow.unsafe.imports_passed_through():
         HoldOutcome,
         HoldOutcomes,
         HoldRefs,
+        HoldRefsBatch,
         HoldRequest,
         LegState,
+        ReserveBatch,
         ReserveRequest,
         ScreenRequest,
         ScreenResult,
@@ -108,7 +110,10 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # each call retries for _STUCK_AFTER, then the workflow records the failure, makes its
 # status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
 _STUCK_AFTER = timedelta(seconds=30)
-_LOCAL = "*local"  # the key of a trade's commits on its local ledgers, made in one activity
+_LOCAL = "*local"  # the key of a trade's calls to its local ledgers, made in one activity
+# Trades started since this patch call all their local ledgers in one activity per step
+# (TradeSaga._step); those started before it, only their commits (TradeSaga._per_ledger).
+LOCAL_STEPS_PATCH = "local-steps"
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
 
@@ -150,9 +155,32 @@ def ledger_call(
     )
 
 
+def local_call(
+    activity: Callable[..., Any] | str,
+    batch: Any,
+    *,
+    schedule_to_close: timedelta,
+    result_type: type | None = None,
+) -> Awaitable[Any]:
+    """One step on every local ledger of a trade before the commit decision: one local activity.
+
+    ``batch`` holds one request per ledger, each naming its ledger. Safe as a local
+    activity for the reason ``ledger_call`` gives; and one call rather than one per
+    ledger, so the workflow wakes once for the step's results, not once per ledger.
+    """
+    return workflow.execute_local_activity(
+        activity,
+        batch,
+        start_to_close_timeout=_CALL_TIMEOUT,
+        schedule_to_close_timeout=schedule_to_close,
+        retry_policy=_RETRY,
+        result_type=result_type,
+    )
+
+
 def commit_locally(
     request: SettlementRequest,
-    refs: list[HoldRefs],
+    batch: HoldRefsBatch,
     activity: Callable[..., Any] | str,
     *,
     schedule_to_close: timedelta,
@@ -172,7 +200,7 @@ def commit_locally(
     """
     return workflow.execute_activity(
         activity,
-        CommitBatch(items=refs),
+        batch,
         task_queue=request.settlement_queue,
         start_to_close_timeout=_CALL_TIMEOUT,
         schedule_to_close_timeout=schedule_to_close,
@@ -200,6 +228,16 @@ def abort_for(err: FailureError) -> _Abort:
     return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
 
+# Each one-ledger activity's form for several ledgers at once, and its request type.
+_BATCHES: dict[Callable[..., Any], tuple[Callable[..., Any], type]] = {
+    LedgerActivities.check_accounts: (LedgerActivities.check_accounts_local, CheckAccountsBatch),
+    LedgerActivities.reserve: (LedgerActivities.reserve_local, ReserveBatch),
+    LedgerActivities.pin: (LedgerActivities.pin_local, HoldRefsBatch),
+    LedgerActivities.commit: (LedgerActivities.commit_local, HoldRefsBatch),
+    LedgerActivities.release: (LedgerActivities.release_local, HoldRefsBatch),
+}
+
+
 class TradeSaga(TradeSagaBase):
     """One trade's saga: its state, its steps and what its handlers do.
 
@@ -225,10 +263,12 @@ class TradeSaga(TradeSagaBase):
         self._operators: list[str] = []
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
+        self._batched = False  # set by run(): see LOCAL_STEPS_PATCH
 
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
+        self._batched = workflow.patched(LOCAL_STEPS_PATCH)
         self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
             await self._settle()
@@ -268,14 +308,24 @@ class TradeSaga(TradeSagaBase):
                     AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
                 ]
             )
-        results = await self._per_ledger(
-            checks,
-            lambda ledger, items: self._ledger_call(
-                ledger, LedgerActivities.check_accounts, CheckAccountsRequest(checks=items, ledger=ledger)
-            ),
-        )
+        requests = {
+            ledger: CheckAccountsRequest(checks=items, ledger=ledger) for ledger, items in checks.items()
+        }
+        if self._batched:
+            results = await self._step(LedgerActivities.check_accounts, requests)
+        else:
+            results = list(
+                (
+                    await self._per_ledger(
+                        checks,
+                        lambda ledger, items: self._ledger_call(
+                            ledger, LedgerActivities.check_accounts, requests[ledger]
+                        ),
+                    )
+                ).values()
+            )
         problems: list[FieldError] = []
-        for result in results.values():
+        for result in results:
             self._owners.update(result.owners)
             problems.extend(result.problems)
         if not problems and self._rule is not None:
@@ -568,12 +618,44 @@ class TradeSaga(TradeSagaBase):
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        # Before the decision a call is bounded by the deadline; after it, by _STUCK_AFTER
-        # and then called again (see _stuck) for as long as it takes.
-        limit = _STUCK_AFTER if forever else self._remaining()
         if ledger not in self._request.local_ledgers:
             self._publish()  # the call goes through the server: show where the trade stands
-        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=limit)
+        return ledger_call(self._request, ledger, activity, argument, schedule_to_close=self._limit(forever))
+
+    def _limit(self, forever: bool) -> timedelta:
+        # Before the decision a call is bounded by the deadline; after it, by _STUCK_AFTER
+        # and then called again (see _stuck) for as long as it takes.
+        return _STUCK_AFTER if forever else self._remaining()
+
+    async def _step(
+        self, activity: Callable[[Any, Any], Any], requests: dict[str, Any], forever: bool = False
+    ) -> list[Any]:
+        """One step of the saga, ``requests`` holding each ledger's; its results, in no set order.
+
+        Every local ledger's request goes in one activity, ``activity``'s batch form (see
+        ``_BATCHES``): a local activity before the decision (``local_call``), an ordinary
+        one for the commits (``commit_locally``). Each other ledger is called on its own
+        queue, all in parallel. Before the decision a failure aborts the trade.
+        """
+        ledgers = sorted(requests)
+        local = [lg for lg in ledgers if lg in self._request.local_ledgers]
+        calls: list[Awaitable[Any]] = []
+        if local:
+            batch_activity, batch_type = _BATCHES[activity]
+            batch = batch_type(items=[requests[lg] for lg in local])
+            if self._decided:
+                calls.append(
+                    commit_locally(self._request, batch, batch_activity, schedule_to_close=_STUCK_AFTER)
+                )
+            else:
+                calls.append(local_call(batch_activity, batch, schedule_to_close=self._limit(forever)))
+        calls += [self._ledger_call(lg, activity, requests[lg], forever) for lg in ledgers if lg not in local]
+        try:
+            return list(await asyncio.gather(*calls))
+        except FailureError as err:  # an ActivityError, or a local activity's own failure
+            if forever:
+                raise
+            raise abort_for(err) from err
 
     async def _per_ledger(
         self,
@@ -581,7 +663,11 @@ class TradeSaga(TradeSagaBase):
         call: Callable[[str, list[Any]], Awaitable[T]],
         abort_on_error: bool = True,
     ) -> dict[str, T]:
-        """One call per ledger, in parallel. Before the decision a failure aborts the trade."""
+        """For trades started before ``LOCAL_STEPS_PATCH``: one call per ledger, in parallel.
+
+        Before the decision a failure aborts the trade. Kept exactly as those trades made
+        their calls, so that they replay; remove with the patch once none is running.
+        """
         ledgers = sorted(items)
         try:
             results = await asyncio.gather(*(call(ledger, items[ledger]) for ledger in ledgers))
@@ -602,8 +688,15 @@ class TradeSaga(TradeSagaBase):
         by_ledger: dict[str, list[int]] = {}
         for i in legs:
             by_ledger.setdefault(self._instruction.legs[i].ledger, []).append(i)
+        index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
+        if self._batched:
+            results = await self._step(
+                activity, {lg: argument(lg, items) for lg, items in by_ledger.items()}, forever
+            )
+            return {index[o.hold_id]: o for result in results for o in result.outcomes}
 
-        # After the decision (only commits then) the local ledgers' commits go together.
+        # Trades started before LOCAL_STEPS_PATCH: after the decision (only commits then)
+        # the local ledgers' commits go together.
         local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
         batch: dict[str, list[Any]] = {}
         if local:
@@ -612,12 +705,14 @@ class TradeSaga(TradeSagaBase):
         async def one(ledger: str, items: list[Any]) -> HoldOutcomes:
             if ledger == _LOCAL:
                 return await commit_locally(
-                    self._request, items, LedgerActivities.commit_local, schedule_to_close=_STUCK_AFTER
+                    self._request,
+                    HoldRefsBatch(items=items),
+                    LedgerActivities.commit_local,
+                    schedule_to_close=_STUCK_AFTER,
                 )
             return await self._ledger_call(ledger, activity, argument(ledger, items), forever=forever)
 
         results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
-        index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
         return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
 
     def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
