@@ -27,6 +27,11 @@ class SettlementRequest(_Model):
     local_ledgers: list[str] = Field(default_factory=list)
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
     precisions: dict[str, int] = Field(default_factory=dict)  # asset -> decimals, for partial fills
+    # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
+    # TradeSaga._step), as the client has asked since that change; false (absent), one
+    # call per local ledger, as trades started before it did. In the input, and so in
+    # the history, so that a replay takes the path its trade took.
+    local_steps: bool = False
 
 
 class AccountCheck(_Model):

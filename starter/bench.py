@@ -548,13 +548,17 @@ class _Phase:
         """Round trips of one workflow, counted from its history."""
         history = await handle.fetch_history()
         counts: dict[int, int] = {}
+        local_activities = 0
         for event in history.events:
             counts[event.event_type] = counts.get(event.event_type, 0) + 1
+            # A local activity's result is a marker; other markers (patches) are not counted.
+            if event.marker_recorded_event_attributes.marker_name == "core_local_activity":
+                local_activities += 1
         return {
             "events": len(history.events),
             "workflow_tasks": counts.get(EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 0),
             "activity_tasks": counts.get(EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, 0),
-            "local_activities": counts.get(EventType.EVENT_TYPE_MARKER_RECORDED, 0),
+            "local_activities": local_activities,
             "search_attribute_upserts": counts.get(EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES, 0),
         }
 

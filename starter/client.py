@@ -116,6 +116,7 @@ class SettlementClient:
             local_ledgers=[name for name in self.config.local_ledgers() if name in ledgers],
             settlement=self.config.settlement,
             precisions={leg.asset: self.config.precision(leg.asset) for leg in instruction.legs},
+            local_steps=True,
         )
 
     async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:

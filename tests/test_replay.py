@@ -6,8 +6,8 @@ A change to the trade saga (``workflows/settlement.py``, ``workflows/_trade.py``
 non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
 versioned change, and keep the old ones: those under ``before-local-steps/`` are
-trades started before ``LOCAL_STEPS_PATCH`` (workflows/_trade.py), which must still
-replay on the code that has it.
+trades whose request had no ``local_steps`` (one call per local ledger in each step),
+which must still replay on today's code.
 
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
@@ -16,7 +16,6 @@ call there that a workflow must not make (the system clock, I/O) fails here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from domain import TradeStatus, TradeView
+from domain import SettlementRequest, TradeStatus, TradeView
 from workflows import HtlcWorkflow, SettlementWorkflow
-from workflows._trade import LOCAL_STEPS_PATCH
 
 HERE = Path(__file__).resolve().parent / "histories"
 HISTORIES = sorted(HERE.glob("**/*.json"))
@@ -67,23 +65,21 @@ def test_recorded_histories_cover_every_terminal_status() -> None:
     assert statuses == {s for s in TradeStatus if s.terminal}
 
 
-def patches(history: WorkflowHistory) -> set[str]:
-    """The ids of the patches the workflow recorded."""
-    ids = set()
-    for event in history.events:
-        if event.marker_recorded_event_attributes.marker_name == "core_patch":
-            (payload,) = event.marker_recorded_event_attributes.details["patch-data"].payloads
-            ids.add(json.loads(payload.data)["id"])
-    return ids
+def request(history: WorkflowHistory) -> SettlementRequest:
+    """The workflow's input, from its start event."""
+    (payload,) = history.events[0].workflow_execution_started_event_attributes.input.payloads
+    converted = pydantic_data_converter.payload_converter.from_payload(payload, SettlementRequest)
+    assert isinstance(converted, SettlementRequest)
+    return converted
 
 
-def test_trades_from_before_and_after_the_local_steps_patch_are_both_replayed() -> None:
+def test_trades_from_before_and_after_local_steps_are_both_replayed() -> None:
     trades = [p for p in HISTORIES if "htlc" not in p.stem]
     before = [p for p in trades if p.parent.name == "before-local-steps"]
     after = [p for p in trades if p.parent == HERE]
 
     assert before and after
-    assert all(LOCAL_STEPS_PATCH not in patches(load(p)) for p in before)
-    assert all(LOCAL_STEPS_PATCH in patches(load(p)) for p in after)
-    # One of each layout of ledger calls since the patch: all local, all queued, mixed.
+    assert not any(request(load(p)).local_steps for p in before)
+    assert all(request(load(p)).local_steps for p in after)
+    # One of each layout of ledger calls: all local, all queued, mixed.
     assert {"trade-R-settled", "trade-R-settled-queued", "trade-R-settled-mixed"} <= {p.stem for p in after}

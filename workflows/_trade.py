@@ -111,9 +111,6 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
 _STUCK_AFTER = timedelta(seconds=30)
 _LOCAL = "*local"  # the key of a trade's calls to its local ledgers, made in one activity
-# Trades started since this patch call all their local ledgers in one activity per step
-# (TradeSaga._step); those started before it, only their commits (TradeSaga._per_ledger).
-LOCAL_STEPS_PATCH = "local-steps"
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
 
@@ -263,12 +260,13 @@ class TradeSaga(TradeSagaBase):
         self._operators: list[str] = []
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
-        self._batched = False  # set by run(): see LOCAL_STEPS_PATCH
+        # One call per step for all the local ledgers (_step), or, for a trade whose
+        # client predates that, one per local ledger (_per_ledger).
+        self._batched = request.local_steps
 
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        self._batched = workflow.patched(LOCAL_STEPS_PATCH)
         self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
             await self._settle()
@@ -663,10 +661,10 @@ class TradeSaga(TradeSagaBase):
         call: Callable[[str, list[Any]], Awaitable[T]],
         abort_on_error: bool = True,
     ) -> dict[str, T]:
-        """For trades started before ``LOCAL_STEPS_PATCH``: one call per ledger, in parallel.
+        """For trades without ``local_steps`` (their client predates it): one call per ledger, in parallel.
 
         Before the decision a failure aborts the trade. Kept exactly as those trades made
-        their calls, so that they replay; remove with the patch once none is running.
+        their calls, so that they replay; remove once no such trade is running.
         """
         ledgers = sorted(items)
         try:
@@ -695,7 +693,7 @@ class TradeSaga(TradeSagaBase):
             )
             return {index[o.hold_id]: o for result in results for o in result.outcomes}
 
-        # Trades started before LOCAL_STEPS_PATCH: after the decision (only commits then)
+        # Trades without local_steps: after the decision (only commits then)
         # the local ledgers' commits go together.
         local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
         batch: dict[str, list[Any]] = {}
