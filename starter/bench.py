@@ -624,11 +624,14 @@ async def _run_phase(
             for kind in KINDS:
                 result["idle"][kind] = await phase.measure(kind, f"idle{kind[0]}", options.idle, 1, meters)
             # Under load the kinds take turns, round after round, so that a change in the
-            # machine's other load is shared between them rather than landing on one.
+            # machine's other load is shared between them rather than landing on one; and
+            # the order changes every round, so that no kind always runs right after the
+            # same other one (whatever a batch leaves the server to finish lands on every
+            # kind alike, not always on the one after the naive saga).
             batches: dict[str, list[_Batch]] = {kind: [] for kind in KINDS}
             for r in range(options.rounds):
                 count = n // options.rounds + (1 if r < n % options.rounds else 0)
-                for kind in KINDS:
+                for kind in _round_order(KINDS, r):
                     batches[kind].append(await phase.batch(kind, f"load{kind[0]}{r}", count, c, meters))
             loaded = {kind: _summary(batches[kind]) for kind in KINDS}
             result |= loaded
@@ -665,6 +668,13 @@ async def _run_phase(
         result["correctness"] = _check(config, phase, before)
         result["task_queue_prefix"] = config.temporal.task_queue_prefix
     return result
+
+
+def _round_order(kinds: tuple[str, ...], r: int) -> tuple[str, ...]:
+    """The kinds in the order round ``r`` runs them: every other round, the kinds after the
+    first in reverse. Over two rounds (three kinds) each kind runs once right after each
+    other kind, and the first one leads every round."""
+    return kinds if r % 2 == 0 else (kinds[0], *reversed(kinds[1:]))
 
 
 def _round_ratios(numerators: list[_Batch], denominators: list[_Batch]) -> list[float]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from starter.bench import BenchOptions, add_parser, cmd_bench, render, run_bench
+from starter.bench import KINDS, BenchOptions, _round_order, add_parser, cmd_bench, render, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -108,6 +108,16 @@ def test_bench_reports_the_netting_batch(result: dict[str, Any]) -> None:
     assert {a["asset"] for a in netting["assets"]} == {"EUR", "BOND-2030"}
     assert netting["correctness"]["passed"], netting["correctness"]
     assert "netting batch: 2,000 trades" in render(result)
+
+
+def test_under_load_each_kind_runs_after_each_other_kind_in_turn() -> None:
+    """No kind always runs right after the same other one, so none always pays for what
+    the batch before it left the server to finish."""
+    sequence = [kind for r in range(4) for kind in _round_order(KINDS, r)]
+    follows = {(before, after) for before, after in zip(sequence, sequence[1:], strict=False)}
+
+    assert all(sorted(_round_order(KINDS, r)) == sorted(KINDS) for r in range(4))
+    assert follows == {(a, b) for a in KINDS for b in KINDS if a != b}
 
 
 def test_add_parser_registers_dvp_bench() -> None:
