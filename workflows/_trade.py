@@ -110,7 +110,7 @@ _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # each call retries for _STUCK_AFTER, then the workflow records the failure, makes its
 # status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
 _STUCK_AFTER = timedelta(seconds=30)
-_LOCAL = "*local"  # the key of a trade's calls to its local ledgers, made in one activity
+_LOCAL = "*local"  # (trades without local_steps) the key of the commits on all local ledgers
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
 
