@@ -26,7 +26,6 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
-        AccountCheck,
         CheckAccountsBatch,
         CheckAccountsRequest,
         CheckAccountsResult,
@@ -41,11 +40,11 @@ with workflow.unsafe.imports_passed_through():
         SettlementRequest,
     )
 
-    # The settlement workflow's own ledger calls, imported rather than copied so that
+    # The settlement workflow's own ledger calls and checks, imported rather than copied so that
     # the reference cannot drift from the real thing; passed through, so that a
     # reference workflow does not import the trade's whole module afresh each time.
+    from ._saga import _CALL_TIMEOUT, account_checks, leg_checks
     from ._trade import (
-        _CALL_TIMEOUT,
         _HEARTBEAT_TIMEOUT,
         _RETRY,
         _STUCK_AFTER,
@@ -91,14 +90,10 @@ class CeilingWorkflow:
         by_ledger = _legs_by_ledger(request)
         ledgers = sorted(by_ledger)
 
+        by_ledger_checks = account_checks(request.instruction)
+
         def checks(ledger: str) -> CheckAccountsRequest:
-            items: list[AccountCheck] = []
-            for i in by_ledger[ledger]:
-                items += [
-                    AccountCheck(field=f"legs[{i}].from", account=legs[i].from_, asset=legs[i].asset),
-                    AccountCheck(field=f"legs[{i}].to", account=legs[i].to, asset=legs[i].asset),
-                ]
-            return CheckAccountsRequest(checks=items, ledger=ledger)
+            return CheckAccountsRequest(checks=by_ledger_checks[ledger], ledger=ledger)
 
         def reserve(ledger: str) -> ReserveRequest:
             expires_at = workflow.now() + timedelta(hours=1)
@@ -181,12 +176,7 @@ class NaiveSagaWorkflow:
         trade_id = request.instruction.trade_id
         expires_at = workflow.now() + timedelta(hours=1)
         for i, leg in enumerate(legs):
-            check = CheckAccountsRequest(
-                checks=[
-                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
-                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
-                ]
-            )
+            check = CheckAccountsRequest(checks=leg_checks(i, leg))
             await _call(request.ledger_queues[leg.ledger], "bench.check_accounts", check, CheckAccountsResult)
         for i, leg in enumerate(legs):
             hold = HoldRequest(

@@ -59,9 +59,7 @@ with workflow.unsafe.imports_passed_through():
     import hashlib
 
     from activities.ledger import LedgerActivities
-    from activities.settlement import SettlementActivities
     from domain import (
-        AccountCheck,
         ApprovalMessage,
         CancelMessage,
         CheckAccountsRequest,
@@ -75,8 +73,6 @@ with workflow.unsafe.imports_passed_through():
         HoldRequest,
         LegState,
         ReserveRequest,
-        ScreenRequest,
-        ScreenResult,
         SettlementRequest,
         TradeStatus,
         TradeView,
@@ -85,8 +81,8 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, cause, shielded
-from ._trade import _CALL_TIMEOUT, _STUCK_AFTER, _Abort, abort_for, ledger_call
+from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._trade import _STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
 
@@ -146,14 +142,7 @@ class HtlcSaga(TradeSagaBase):
     # --------------------------------------------------------------- steps
 
     async def _validate(self) -> None:
-        checks: dict[str, list[AccountCheck]] = {}
-        for i, leg in enumerate(self._instruction.legs):
-            checks.setdefault(leg.ledger, []).extend(
-                [
-                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
-                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
-                ]
-            )
+        checks = account_checks(self._instruction)
         ledgers = sorted(checks)
         try:
             results = await asyncio.gather(
@@ -169,15 +158,7 @@ class HtlcSaga(TradeSagaBase):
             )
         except FailureError as err:
             raise abort_for(err) from err
-        problems: list[FieldError] = []
-        for result in results:
-            self._owners.update(result.owners)
-            problems.extend(result.problems)
-        if not problems:
-            problems = self._swap_problems()
-        if problems:
-            self._errors = sorted(problems, key=lambda p: p.field)
-            raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
+        self._reject_invalid(self._record_checks(results) or self._swap_problems())
         self._event("accounts validated", "the legs are a swap between two parties")
 
     def _swap_problems(self) -> list[FieldError]:
@@ -192,17 +173,6 @@ class HtlcSaga(TradeSagaBase):
             )
             return [FieldError(field="legs[1]", message=message)]
         return []
-
-    async def _screen(self) -> None:
-        result: ScreenResult = await workflow.execute_local_activity_method(
-            SettlementActivities.screen,
-            ScreenRequest(parties=self._parties()),
-            start_to_close_timeout=_CALL_TIMEOUT,
-        )
-        self._policy_known = True
-        if result.hits:
-            raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
-        self._event("compliance screen passed")
 
     async def _lock_all(self) -> None:
         """Lock the secret holder's delivery first, then the payment, as the parties would."""

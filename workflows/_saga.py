@@ -20,15 +20,21 @@ from temporalio.common import (
     SearchAttributeUpdate,
     TypedSearchAttributes,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.settlement import SettlementActivities
     from domain import (
+        AccountCheck,
+        CheckAccountsResult,
         Decision,
         FieldError,
         Instruction,
+        Leg,
         LegState,
         LegView,
+        ScreenRequest,
+        ScreenResult,
         SettlementRequest,
         SubmitCheck,
         TimelineEvent,
@@ -37,6 +43,9 @@ with workflow.unsafe.imports_passed_through():
     )
 
 T = TypeVar("T")
+
+# How long one call to a ledger (or the compliance screen) may run before it is retried.
+_CALL_TIMEOUT = timedelta(seconds=60)
 
 STATUS = SearchAttributeKey.for_keyword("DvpStatus")
 TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
@@ -120,6 +129,40 @@ def cause(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+class _Abort(Exception):
+    """Ends the saga before the commit decision; compensations run."""
+
+    def __init__(self, status: TradeStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def abort_for(err: FailureError) -> _Abort:
+    """How a ledger call that failed before the decision ends a trade."""
+    # A remote activity's failure wraps the ledger's error; a local one's may be it.
+    failure = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(failure, ApplicationError) and failure.non_retryable:
+        return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
+    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
+
+
+def leg_checks(i: int, leg: Leg) -> list[AccountCheck]:
+    """Leg ``i``'s accounts must exist and hold its asset: the payer's and the payee's."""
+    return [
+        AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
+        AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
+    ]
+
+
+def account_checks(instruction: Instruction) -> dict[str, list[AccountCheck]]:
+    """Every leg's account checks, by ledger."""
+    checks: dict[str, list[AccountCheck]] = {}
+    for i, leg in enumerate(instruction.legs):
+        checks.setdefault(leg.ledger, []).extend(leg_checks(i, leg))
+    return checks
+
+
 def leg_views(
     instruction: Instruction, hold_ids: list[str], states: list[LegState], details: list[str]
 ) -> list[LegView]:
@@ -145,7 +188,8 @@ class TradeSagaBase:
 
     Its status and reason, field errors, timeline, the accounts' owners, the
     search attributes as last published, and whether the compliance policy is known
-    yet (a submission waits for that).
+    yet (a submission waits for that); and the first steps of both, checking the
+    accounts' answers and the compliance screen.
     """
 
     def __init__(self, request: SettlementRequest) -> None:
@@ -160,6 +204,7 @@ class TradeSagaBase:
         self._errors: list[FieldError] = []
         self._timeline: list[TimelineEvent] = []
         self._owners: dict[str, str] = {}
+        self._operators: list[str] = []
         self._policy_known = False
         # search attribute name -> value as last set (at start by the client, then by us)
         self._published: dict[str, Any] = {
@@ -178,6 +223,33 @@ class TradeSagaBase:
                 type="DuplicateTrade",
                 non_retryable=True,
             )
+
+    def _record_checks(self, results: Iterable[CheckAccountsResult]) -> list[FieldError]:
+        """Note the owners the ledgers' account checks found; return the problems they found."""
+        problems: list[FieldError] = []
+        for result in results:
+            self._owners.update(result.owners)
+            problems.extend(result.problems)
+        return problems
+
+    def _reject_invalid(self, problems: list[FieldError]) -> None:
+        """End the trade REJECTED, naming every problem, if there is any."""
+        if problems:
+            self._errors = sorted(problems, key=lambda p: p.field)
+            raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
+
+    async def _screen(self) -> None:
+        """Screen the trade's parties; a sanctioned one ends it REJECTED, before anything is reserved."""
+        result: ScreenResult = await workflow.execute_local_activity_method(
+            SettlementActivities.screen,
+            ScreenRequest(parties=self._parties()),
+            start_to_close_timeout=_CALL_TIMEOUT,
+        )
+        self._operators = result.operators
+        self._policy_known = True
+        if result.hits:
+            raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
+        self._event("compliance screen passed")
 
     def _rejected(self, what: str, reason: str) -> Decision:
         self._event(f"{what} rejected", reason)

@@ -63,13 +63,11 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError
+from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
-    from activities.settlement import SettlementActivities
     from domain import (
-        AccountCheck,
         ApprovalMessage,
         CancelMessage,
         CheckAccountsBatch,
@@ -86,8 +84,6 @@ with workflow.unsafe.imports_passed_through():
         LegState,
         ReserveBatch,
         ReserveRequest,
-        ScreenRequest,
-        ScreenResult,
         SettlementRequest,
         TradeStatus,
         TradeView,
@@ -95,14 +91,13 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, cause, shielded
+from ._saga import _CALL_TIMEOUT, TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
 
 T = TypeVar("T")
 
 # Before the decision every ledger call is bounded by the deadline (schedule-to-close);
 # after it, commits and releases are called again and again (_STUCK_AFTER, below).
 _RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
-_CALL_TIMEOUT = timedelta(seconds=60)
 # Ledger activities heartbeat once per hold, so a worker that died mid-call is noticed
 # after this, not after the whole start-to-close timeout.
 _HEARTBEAT_TIMEOUT = timedelta(seconds=10)
@@ -207,24 +202,6 @@ def commit_locally(
     )
 
 
-class _Abort(Exception):
-    """Ends the saga before the commit decision; compensations run."""
-
-    def __init__(self, status: TradeStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def abort_for(err: FailureError) -> _Abort:
-    """How a ledger call that failed before the decision ends a trade."""
-    # A remote activity's failure wraps the ledger's error; a local one's may be it.
-    failure = err.cause if isinstance(err, ActivityError) else err
-    if isinstance(failure, ApplicationError) and failure.non_retryable:
-        return _Abort(TradeStatus.REJECTED, f"ledger refused: {failure.message}")
-    return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
-
-
 # Each one-ledger activity's form for several ledgers at once, and its request type.
 _BATCHES: dict[Callable[..., Any], tuple[Callable[..., Any], type]] = {
     LedgerActivities.check_accounts: (LedgerActivities.check_accounts_local, CheckAccountsBatch),
@@ -257,7 +234,6 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(instruction.legs)
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
-        self._operators: list[str] = []
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
         # One call per step for all the local ledgers (_step), or, for a trade whose
@@ -298,14 +274,7 @@ class TradeSaga(TradeSagaBase):
     # --------------------------------------------------------------- steps
 
     async def _validate(self) -> None:
-        checks: dict[str, list[AccountCheck]] = {}
-        for i, leg in enumerate(self._instruction.legs):
-            checks.setdefault(leg.ledger, []).extend(
-                [
-                    AccountCheck(field=f"legs[{i}].from", account=leg.from_, asset=leg.asset),
-                    AccountCheck(field=f"legs[{i}].to", account=leg.to, asset=leg.asset),
-                ]
-            )
+        checks = account_checks(self._instruction)
         requests = {
             ledger: CheckAccountsRequest(checks=items, ledger=ledger) for ledger, items in checks.items()
         }
@@ -322,28 +291,11 @@ class TradeSaga(TradeSagaBase):
                     )
                 ).values()
             )
-        problems: list[FieldError] = []
-        for result in results:
-            self._owners.update(result.owners)
-            problems.extend(result.problems)
+        problems = self._record_checks(results)
         if not problems and self._rule is not None:
-            problems.extend(self._partial_problems())
-        if problems:
-            self._errors = sorted(problems, key=lambda p: p.field)
-            raise _Abort(TradeStatus.REJECTED, "; ".join(f"{p.field}: {p.message}" for p in self._errors))
+            problems = self._partial_problems()
+        self._reject_invalid(problems)
         self._event("accounts validated")
-
-    async def _screen(self) -> None:
-        result: ScreenResult = await workflow.execute_local_activity_method(
-            SettlementActivities.screen,
-            ScreenRequest(parties=self._parties()),
-            start_to_close_timeout=_CALL_TIMEOUT,
-        )
-        self._operators = result.operators
-        self._policy_known = True
-        if result.hits:
-            raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
-        self._event("compliance screen passed")
 
     async def _await_approvals(self) -> None:
         if not self._instruction.approvers:
