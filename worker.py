@@ -42,12 +42,19 @@ log = logging.getLogger("dvp.worker")
 
 ACTIVITY_THREADS = 16
 
-# The trade sagas' modules, loaded once rather than afresh in the sandbox for every
+# The trade workflows' modules, loaded once rather than afresh in the sandbox for every
 # trade (see workflows/_trade.py): deterministic by their own rules, free of state.
+# Their definitions too: re-importing one ran its handlers' decorators again, which
+# read every handler's signature and type hints.
+TRADE_WORKFLOW_MODULES = (
+    "workflows._saga",
+    "workflows._trade",
+    "workflows._htlc",
+    "workflows.settlement",
+    "workflows.htlc",
+)
 WORKFLOW_RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules(
-        "workflows._saga", "workflows._trade", "workflows._htlc"
-    )
+    restrictions=SandboxRestrictions.default.with_passthrough_modules(*TRADE_WORKFLOW_MODULES)
 )
 
 

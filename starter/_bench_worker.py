@@ -25,6 +25,7 @@ from datetime import timedelta
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from domain import (
     CheckAccountsBatch,
@@ -42,11 +43,17 @@ from domain import (
     load_config,
 )
 from starter.devserver import connect_client, exit_without_teardown
-from worker import ACTIVITY_THREADS, run_worker, tune_process
+from worker import ACTIVITY_THREADS, TRADE_WORKFLOW_MODULES, run_worker, tune_process
 from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
 # As worker.run_worker configures the settlement workflows' worker.
 STICKY_TIMEOUT = timedelta(seconds=3)
+# As worker.WORKFLOW_RUNNER: the reference workflows' module is loaded once, as the trade's is.
+BENCH_RUNNER = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules(
+        *TRADE_WORKFLOW_MODULES, "workflows._bench"
+    )
+)
 
 
 def bench_queue(config: Config) -> str:
@@ -133,6 +140,7 @@ async def run_bench_workers(config: Config, client: Client, stop: asyncio.Event)
             client,
             task_queue=bench_queue(config),
             workflows=[CeilingWorkflow, NaiveSagaWorkflow],
+            workflow_runner=BENCH_RUNNER,
             activities=[screen, *noop.all()],
             activity_executor=executor,
             max_concurrent_local_activities=ACTIVITY_THREADS,
