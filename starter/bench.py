@@ -1,6 +1,6 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
-    dvp bench [-n 300] [-c 20] [--workers 1,2] [--rounds 3] [--idle 10] [--warmup 10]
+    dvp bench [-n 300] [-c 20] [--workers 1,2] [--rounds 3] [--idle 10] [--warmup 20]
               [--server-storage file|memory] [--ledger sqlite|postgres] [--ledger-calls local|queue]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
               [--netting N] [--json] [--output FILE]
@@ -11,7 +11,9 @@ Starts everything it measures: the embedded Temporal dev server (unless
 ``workflows/_bench.py``). For each worker count it settles trades one at a time
 (idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
 under load) and the same numbers of two reference workflows on the same server and
-workers, taking turns in ``--rounds`` rounds so the machine's other load is shared:
+workers, taking turns in ``--rounds`` rounds so the machine's other load is shared.
+Each part starts with ``--warmup`` unmeasured workflows of each kind at its own
+concurrency. The reference workflows are:
 
 * the **ceiling**: a trade's activities (2 check_accounts, a local screen, 2
   reserve, 2 pin, 2 commit, with the same parallelism) doing nothing;
@@ -116,7 +118,7 @@ class BenchOptions:
     concurrency: int = 20
     workers: list[int] = field(default_factory=lambda: [1, 2])
     idle: int = 10
-    warmup: int = 10
+    warmup: int = 20  # before the idle figures, and again at the load's concurrency before the load
     rounds: int = 5  # more, shorter batches: what the machine does meanwhile evens out
     server_storage: str = "file"
     ledger: str = "sqlite"
@@ -518,6 +520,12 @@ class _Phase:
                 self.references_failed += 1
         return done
 
+    async def warm_up(self, count: int, concurrency: int, tag: str) -> None:
+        """``count`` unmeasured workflows of each kind, ``concurrency`` at a time (at most ``count``)."""
+        if count:
+            for kind in KINDS:
+                await self.drive(kind, f"warm{tag}{kind[0]}", count, min(concurrency, count))
+
     async def batch(self, kind: str, segment: str, count: int, concurrency: int, meters: _Meters) -> _Batch:
         """Run one batch from a quiet machine; CPU is read around the driving only."""
         await meters.quiet()
@@ -617,12 +625,20 @@ async def _run_phase(
             await phase.wait_for_pollers(workers)
             meters = _Meters(server_pid, [w.pid for w in workers])
             n, c = options.trades, options.concurrency
-            if options.warmup:
-                for kind in KINDS:
-                    await phase.drive(kind, f"warm{kind[0]}", options.warmup, min(c, options.warmup))
-            result: dict[str, Any] = {"workers": n_workers, "idle": {}}
+            warm = options.warmup
+            result: dict[str, Any] = {
+                "workers": n_workers,
+                # unmeasured workflows of each kind, and how many at once, before each part
+                "warmup": {"before_idle": [warm, min(1, warm)], "before_load": [warm, min(c, warm)]},
+                "idle": {},
+            }
+            await phase.warm_up(warm, 1, "i")
             for kind in KINDS:
                 result["idle"][kind] = await phase.measure(kind, f"idle{kind[0]}", options.idle, 1, meters)
+            # Warm again at the load's concurrency: the first batch under load otherwise paid
+            # for what twenty at once need first (threads, caches, the server's queues), and
+            # it is always a batch of trades (they lead every round).
+            await phase.warm_up(warm, c, "l")
             # Under load the kinds take turns, round after round, so that a change in the
             # machine's other load is shared between them rather than landing on one; and
             # the order changes every round, so that no kind always runs right after the
@@ -1025,7 +1041,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--warmup",
         type=_not_negative,
         default=d.warmup,
-        help=f"unmeasured workflows of each kind first (default {d.warmup})",
+        help=f"unmeasured workflows of each kind before the idle figures, and again at the load's "
+        f"concurrency before the load (default {d.warmup})",
     )
     p.add_argument(
         "--rounds",

@@ -62,7 +62,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         concurrency=5,
         workers=[1],
         idle=3,
-        warmup=2,
+        warmup=5,
         server_storage="memory",
         timeout=120,
         netting=2000,
@@ -77,6 +77,8 @@ def test_bench_reports_every_figure(result: dict[str, Any]) -> None:
         value = _get(run, path)
         assert isinstance(value, int | float) and value > 0, f"{'.'.join(path)} = {value!r}"
     assert run["trades"]["count"] == run["trades"]["completed"] == 10
+    # the load is measured warm: its warm-up runs as many at once as the load does
+    assert run["warmup"] == {"before_idle": [5, 1], "before_load": [5, 5]}
     rounds = run["ratios"]["per_round"]
     for name in ("trades_per_ceiling", "trades_per_naive"):
         assert len(rounds[name]) == result["options"]["rounds"], (name, rounds[name])
@@ -96,8 +98,8 @@ def test_bench_correctness_check_passed(result: dict[str, Any]) -> None:
     (run,) = result["runs"]
     check = run["correctness"]
     assert all(check["checks"].values()), check
-    # warm-up, idle and loaded trades all settled
-    assert check["settled"] == check["trades"] == 2 + 3 + 10
+    # the two warm-ups (before the idle figures, before the load), idle and loaded trades all settled
+    assert check["settled"] == check["trades"] == 5 + 5 + 3 + 10
     assert check["problems"] == []
 
 
