@@ -1,6 +1,6 @@
 """``dvp bench``: how fast trades settle, against what the engine could do at best.
 
-    dvp bench [-n 300] [-c 20] [--workers 1,2] [--rounds 3] [--idle 10] [--warmup 20]
+    dvp bench [-n 300] [-c 20] [--workers 1,2] [--rounds 5] [--idle 10] [--warmup 20]
               [--server-storage file|memory] [--ledger sqlite|postgres] [--ledger-calls local|queue]
               [--submit start|nowait|accepted] [--server-config KEY=VALUE ...]
               [--netting N] [--json] [--output FILE]
