@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 
 from starter import devserver
 from starter.devserver import SEARCH_ATTRIBUTES, DevServer, DevServerError
+from workflows._saga import PARTIES, STATUS
 
 
 class Greeting(BaseModel):
@@ -27,6 +28,16 @@ class GreetWorkflow:
     @workflow.run
     async def run(self, greeting: Greeting) -> str:
         return f"hello {greeting.name}"
+
+
+@workflow.defn
+class PublishWorkflow:
+    """Upserts a status and a parties list, as a trade does when it ends."""
+
+    @workflow.run
+    async def run(self, greeting: Greeting) -> str:
+        workflow.upsert_search_attributes([STATUS.value_set("SETTLED"), PARTIES.value_set([greeting.name])])
+        return "published"
 
 
 async def registered_search_attributes(client: Client) -> dict[str, str]:
@@ -49,6 +60,27 @@ async def test_server_registers_the_search_attributes(
     registered = await registered_search_attributes(temporal_client)
     for name, kind in SEARCH_ATTRIBUTES.items():
         assert registered.get(name) == server_type(kind), name
+
+
+async def test_a_workflow_can_upsert_our_search_attributes_as_soon_as_the_server_is_up() -> None:
+    # The server keeps the search attributes' definitions cached (DYNAMIC_CONFIG): a
+    # service that cached them before ours were registered would refuse the upsert,
+    # and the workflow task would fail until the cache expired, a minute later.
+    task_queue = f"t-{uuid.uuid4().hex[:8]}"
+    with DevServer(headless=True) as server:
+        client = await server.connect()
+        async with Worker(client, task_queue=task_queue, workflows=[PublishWorkflow]):
+            handle = await client.start_workflow(
+                PublishWorkflow.run,
+                Greeting(name="ada"),
+                id=f"publish-{task_queue}",
+                task_queue=task_queue,
+                execution_timeout=timedelta(seconds=20),
+            )
+            assert await handle.result() == "published"
+        attributes = (await handle.describe()).typed_search_attributes
+        assert attributes.get(STATUS) == "SETTLED"
+        assert attributes.get(PARTIES) == ["ada"]
 
 
 def test_ui_port_defaults_to_port_plus_1000() -> None:
