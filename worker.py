@@ -33,9 +33,9 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
-from adapters.batches import BatchStore
+from connection import connect_client, exit_without_teardown
 from domain import Config, DvpError, load_config
-from starter.devserver import connect_client, exit_without_teardown
+from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
 log = logging.getLogger("dvp.worker")
@@ -47,6 +47,7 @@ ACTIVITY_THREADS = 16
 # Their definitions too: re-importing one ran its handlers' decorators again, which
 # read every handler's signature and type hints.
 TRADE_WORKFLOW_MODULES = (
+    "workflows.calls",
     "workflows._saga",
     "workflows._trade",
     "workflows._htlc",

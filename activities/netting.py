@@ -38,7 +38,6 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from adapters import Ledger
-from adapters.batches import BatchStore
 from domain import (
     AccountPosition,
     AccountRef,
@@ -57,6 +56,7 @@ from domain import (
     RecordRequest,
     SettleRequest,
 )
+from stores import BatchStore
 
 CLEARING_OWNER = "clearing"
 

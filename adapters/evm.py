@@ -94,10 +94,12 @@ from domain import (
     UnknownHold,
 )
 
-from ._anvil import DEFAULT_MNEMONIC
 from ._base import Ledger
 
-__all__ = ["ARTEFACTS", "EvmLedger", "deploy_contracts", "load_artefact"]
+__all__ = ["ARTEFACTS", "DEFAULT_MNEMONIC", "EvmLedger", "deploy_contracts", "load_artefact"]
+
+DEFAULT_MNEMONIC = "test test test test test test test test test test test junk"
+"""anvil's default mnemonic: its dev accounts are m/44'/60'/0'/0/i of this phrase."""
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "contracts" / "build"
 """Compiled contracts (``scripts/compile_contracts.js`` writes them; they are committed)."""

@@ -18,17 +18,14 @@ derived from the content, so submitting the same file twice settles it once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hashlib
 import json
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,7 +34,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from adapters.batches import BatchStore
+from connection import connect_client
 from domain import (
     BatchNotFound,
     BatchRequest,
@@ -48,10 +45,10 @@ from domain import (
     InvalidInstruction,
     load_config,
 )
+from stores import BatchStore
 from workflows import NettingBatchWorkflow, batch_workflow_id
 
 from ._checks import check_ledger, check_precision, invalid_from
-from .devserver import connect_client
 
 __all__ = ["BatchClient", "ParsedBatch", "parse_batch", "parse_batch_text"]
 
@@ -328,131 +325,3 @@ class BatchClient:
     async def outcomes(self, batch_id: str) -> dict[str, tuple[str, str]]:
         """Each trade's ``(status, reason)`` in the batch store, by trade id."""
         return await asyncio.to_thread(self.store.outcomes, batch_id)
-
-
-# ------------------------------------------------------------------- CLI
-
-
-def batch_json(view: BatchView) -> dict[str, Any]:
-    return view.model_dump(mode="json", exclude={"fingerprint"})
-
-
-def batch_text(view: BatchView, removed_shown: int = 20) -> str:
-    from starter.cli import table
-
-    lines = [
-        f"batch     {view.batch_id}   (workflow {view.workflow_id})",
-        f"status    {view.status.value}" + (f"   {view.reason}" if view.reason else ""),
-        f"trades    {view.trades} submitted, {view.settled} settled, {view.removed} removed"
-        + (f" ({view.rounds} netting rounds)" if view.rounds > 1 else ""),
-    ]
-    if view.assets:
-        rows = [(a.ledger, a.asset, a.gross, a.net, a.saved, f"{a.saved_percent:.2f}%") for a in view.assets]
-        lines += [
-            "",
-            table(rows, ["ledger", "asset", "gross", "net", "saved", "saved %"], right=(2, 3, 4, 5)),
-        ]
-    if view.positions:
-        rows = [(p.ledger, p.account, p.asset, p.amount) for p in view.positions]
-        lines += [
-            "",
-            "net positions (+ receives, - pays)",
-            table(rows, ["ledger", "account", "asset", "net"], right=(3,)),
-        ]
-    if view.removed_trades:
-        rows = [(r.index, r.trade_id, r.reason) for r in view.removed_trades[:removed_shown]]
-        lines += ["", "removed trades", table(rows, ["index", "trade", "reason"])]
-        if len(view.removed_trades) > removed_shown:
-            lines.append(f"... and {len(view.removed_trades) - removed_shown} more (--json lists them all)")
-    return "\n".join(lines)
-
-
-def _duration(text: str) -> timedelta:
-    from pydantic import TypeAdapter
-
-    try:
-        value = TypeAdapter(timedelta).validate_python(text)
-    except ValidationError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an ISO 8601 duration such as PT5M") from None
-    if value <= timedelta(0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
-    return value
-
-
-# The command handlers return exit codes and let DvpErrors reach ``dvp``'s main, which
-# words them (InvalidInstruction: exit 2; DuplicateBatch, BatchNotFound: exit 1).
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-async def _connect(config: Config) -> BatchClient | None:
-    try:
-        return await BatchClient.connect(config)
-    except RuntimeError as exc:
-        print(
-            f"dvp: cannot reach Temporal at {config.temporal.address} (start one with `dvp server`): {exc}",
-            file=sys.stderr,
-        )
-        return None
-
-
-async def cmd_batch_submit(args: argparse.Namespace) -> int:
-    from starter.cli import emit_json
-
-    try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    except OSError as exc:
-        print(f"dvp: batch file {args.file}: {exc.strerror}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    config = load_config(args.config)
-    batch = parse_batch_text(text, config)  # every trade checked before anything is stored
-    if args.id:
-        check_batch_id(args.id)
-    client = await _connect(config)
-    if client is None:
-        return EXIT_FAILED
-    async with client:
-        view = await client.submit(batch, batch_id=args.id, settle_within=args.settle_within, wait=args.wait)
-    if args.json:
-        emit_json(batch_json(view))
-    else:
-        print(batch_text(view) if args.wait else f"batch {view.batch_id} submitted: {view.trades} trades")
-    if args.wait and view.status is not BatchStatus.SETTLED:
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-async def cmd_batch_status(args: argparse.Namespace) -> int:
-    from starter.cli import emit_json
-
-    client = await _connect(load_config(args.config))
-    if client is None:
-        return EXIT_FAILED
-    async with client:
-        view = await client.status(args.batch_id)
-    if args.json:
-        emit_json(batch_json(view))
-    else:
-        print(batch_text(view))
-    return EXIT_OK
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``dvp batch submit`` and ``dvp batch status``."""
-    batch = subparsers.add_parser("batch", help="multilateral netting batches (many trades, net legs)")
-    bsub = batch.add_subparsers(dest="batch_command", required=True, metavar="COMMAND")
-    p = bsub.add_parser("submit", help="store a file of trades and settle them as one netting batch")
-    p.add_argument("file", help="a JSON array of instructions, or JSON Lines; - for stdin")
-    p.add_argument("--id", help="the batch id (default: derived from the content)")
-    p.add_argument(
-        "--settle-within",
-        type=_duration,
-        help="ISO 8601 duration for the whole batch (default from [batches])",
-    )
-    p.add_argument("--wait", action="store_true", help="wait until the batch ends; exit 1 unless SETTLED")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_batch_submit)
-    p = bsub.add_parser("status", help="a batch: counts, gross vs net per asset, removed trades")
-    p.add_argument("batch_id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_batch_status)
-    return batch

@@ -33,6 +33,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from connection import connect_client
 from domain import (
     ApprovalMessage,
     CancelMessage,
@@ -54,7 +55,6 @@ from domain import (
 from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
 
 from ._checks import check_ledger, check_precision, invalid_from
-from .devserver import connect_client
 
 
 def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:

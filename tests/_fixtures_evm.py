@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from web3 import Web3
 
-from adapters._anvil import Anvil, AnvilError, find_anvil
 from adapters.evm import deploy_contracts, load_artefact
+from processes.anvil import Anvil, AnvilError, find_anvil
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

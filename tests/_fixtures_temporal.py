@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from starter.devserver import DevServer
+from processes.devserver import DevServer
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,8 @@ from typing import Any
 from temporalio.client import Client
 
 from domain import Config, RequestRejected, TradeStatus
-from starter.demo import dvp_instruction
-from starter.devserver import DevServer
+from processes.devserver import DevServer
+from starter.instructions import dvp_instruction
 from workflows import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls

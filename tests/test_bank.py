@@ -1,7 +1,7 @@
 """The bank's core-ledger service and the ``http`` ledger adapter, over real HTTP.
 
 The service runs for real on a free port of 127.0.0.1: a uvicorn server thread in
-this process, or ``python -m starter.bank serve`` as a child process where a test
+this process, or ``python -m bank serve`` as a child process where a test
 kills it. Its state is a real SQL ledger (SQLite, and PostgreSQL in one test).
 
 Given these balances, after these calls (raw HTTP or through ``HttpLedger``), these
@@ -32,6 +32,7 @@ import httpx
 import pytest
 import uvicorn
 
+import bank.service as bank_service
 from adapters import Ledger, open_ledger
 from adapters.http import HttpLedger
 from adapters.sql import SqlLedger
@@ -52,8 +53,7 @@ from domain import (
     UnknownAccount,
     UnknownHold,
 )
-from starter import bank as bank_service
-from starter.demo import dvp_instruction
+from starter.instructions import dvp_instruction
 
 from ._fixtures_settlement import STANDARD_ACCOUNTS, Engine, make_config, run_engine, sqlite_urls
 
@@ -99,7 +99,7 @@ class BankThread:
 
 
 class BankProcess:
-    """``python -m starter.bank serve --config FILE --port N``: the real command, killable."""
+    """``python -m bank serve --config FILE --port N``: the real command, killable."""
 
     def __init__(self, tmp_path: Path, url: str) -> None:
         self.port = free_port()  # kept across restarts: the bank comes back where it was
@@ -112,7 +112,7 @@ class BankProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> BankProcess:
-        command = [sys.executable, "-m", "starter.bank", "serve", "--config", str(self.config_path)]
+        command = [sys.executable, "-m", "bank", "serve", "--config", str(self.config_path)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port)],

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from starter.bench import KINDS, BenchOptions, _round_order, add_parser, cmd_bench, render, run_bench
+from bench.runner import KINDS, BenchOptions, _round_order, add_parser, cmd_bench, render, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ def test_add_parser_registers_dvp_bench() -> None:
 
 def test_bench_cli_refuses_bad_options() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "starter.bench", "--workers", "0"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "bench", "--workers", "0"], cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "--workers" in done.stderr and "at least 1" in done.stderr

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from adapters._anvil import find_anvil
 from adapters.evm import EvmLedger, load_artefact
 from domain import LedgerConfig, load_config
+from processes.anvil import find_anvil
 from starter import cli
 
 from ._fixtures_evm import need

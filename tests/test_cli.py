@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from starter.demo import dvp_instruction
+from starter.instructions import dvp_instruction
 
 from ._fixtures_settlement import Engine
 

@@ -25,11 +25,11 @@ import pytest
 from web3 import Web3
 
 from adapters import Ledger
-from adapters._anvil import Anvil
 from adapters.evm import EvmLedger, load_artefact
 from adapters.sql import SqlLedger
 from domain import Config, Hold, HoldStatus, LedgerConfig, TradeStatus
-from starter.demo import dvp_instruction
+from processes.anvil import Anvil
+from starter.instructions import dvp_instruction
 
 from ._fixtures_evm import token_balance
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls

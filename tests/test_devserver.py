@@ -14,8 +14,8 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
-from starter import devserver
-from starter.devserver import SEARCH_ATTRIBUTES, DevServer, DevServerError
+from processes import devserver
+from processes.devserver import SEARCH_ATTRIBUTES, DevServer, DevServerError
 from workflows._saga import PARTIES, STATUS
 
 

@@ -23,7 +23,6 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError
 
 from adapters import open_ledger
-from adapters._anvil import Anvil
 from adapters.evm import ARTEFACTS, EvmLedger, deploy_contracts, load_artefact
 from domain import (
     AssetMismatch,
@@ -39,6 +38,7 @@ from domain import (
     UnknownAccount,
     UnknownHold,
 )
+from processes.anvil import Anvil
 
 from ._fixtures_evm import need
 

@@ -47,9 +47,9 @@ from domain import (
     UnknownHold,
     load_config,
 )
+from processes.devserver import DevServer
 from starter.client import SettlementClient
-from starter.demo import dvp_instruction
-from starter.devserver import DevServer
+from starter.instructions import dvp_instruction
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from worker import run_worker
 from workflows import workflow_id_for

@@ -23,7 +23,6 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.netting import net_trades, parse_legs
-from adapters.batches import BatchStore
 from adapters.sql import SqlLedger
 from domain import (
     BatchNotFound,
@@ -36,6 +35,7 @@ from domain import (
 )
 from starter.batch import BatchClient, parse_batch_text
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
+from stores import BatchStore
 from workflows import NettingBatchWorkflow
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from domain import FillRule, InvalidInstruction, TradeStatus, TradeView
-from starter.demo import dvp_instruction
+from starter.instructions import dvp_instruction
 
 from ._fixtures_settlement import Engine
 from ._fixtures_settlement import wait_for_status as _wait_for_status

@@ -24,7 +24,7 @@ from domain import (
     TradeStatus,
     TradeView,
 )
-from starter.demo import dvp_instruction
+from starter.instructions import dvp_instruction
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 

@@ -12,7 +12,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._saga import SEARCH_ATTRIBUTES, initial_search_attributes, workflow_id_for
+    from ._saga import (
+        SEARCH_ATTRIBUTES,
+        account_checks,
+        initial_search_attributes,
+        leg_checks,
+        workflow_id_for,
+    )
     from .htlc import HtlcWorkflow
     from .netting import NettingBatchWorkflow, batch_workflow_id
     from .settlement import SettlementWorkflow
@@ -21,7 +27,9 @@ _HOMES = {
     "HtlcWorkflow": ".htlc",
     "SEARCH_ATTRIBUTES": "._saga",
     "SettlementWorkflow": ".settlement",
+    "account_checks": "._saga",
     "initial_search_attributes": "._saga",
+    "leg_checks": "._saga",
     "workflow_id_for": "._saga",
     "NettingBatchWorkflow": ".netting",
     "batch_workflow_id": ".netting",
@@ -32,8 +40,10 @@ __all__ = [
     "HtlcWorkflow",
     "NettingBatchWorkflow",
     "SettlementWorkflow",
+    "account_checks",
     "batch_workflow_id",
     "initial_search_attributes",
+    "leg_checks",
     "workflow_id_for",
 ]
 

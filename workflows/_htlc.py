@@ -82,7 +82,7 @@ with workflow.unsafe.imports_passed_through():
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
 from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
-from ._trade import _STUCK_AFTER, ledger_call
+from .calls import STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
 
@@ -278,7 +278,7 @@ class HtlcSaga(TradeSagaBase):
                     self._ledger(i),
                     LedgerActivities.release,
                     HoldRefs(hold_ids=[self._hold_ids[i]]),
-                    until=workflow.now() + _STUCK_AFTER,
+                    until=workflow.now() + STUCK_AFTER,
                 )
                 return outcomes.outcomes[0]
             except FailureError as err:

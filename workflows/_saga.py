@@ -42,10 +42,9 @@ with workflow.unsafe.imports_passed_through():
         TradeView,
     )
 
-T = TypeVar("T")
+from .calls import CALL_TIMEOUT
 
-# How long one call to a ledger (or the compliance screen) may run before it is retried.
-_CALL_TIMEOUT = timedelta(seconds=60)
+T = TypeVar("T")
 
 STATUS = SearchAttributeKey.for_keyword("DvpStatus")
 TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
@@ -243,7 +242,7 @@ class TradeSagaBase:
         result: ScreenResult = await workflow.execute_local_activity_method(
             SettlementActivities.screen,
             ScreenRequest(parties=self._parties()),
-            start_to_close_timeout=_CALL_TIMEOUT,
+            start_to_close_timeout=CALL_TIMEOUT,
         )
         self._operators = result.operators
         self._policy_known = True

@@ -62,7 +62,6 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import FailureError
 
 with workflow.unsafe.imports_passed_through():
@@ -91,115 +90,14 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import _CALL_TIMEOUT, TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
 
-# Before the decision every ledger call is bounded by the deadline (schedule-to-close);
-# after it, commits and releases are called again and again (_STUCK_AFTER, below).
-_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
-# Ledger activities heartbeat once per hold, so a worker that died mid-call is noticed
-# after this, not after the whole start-to-close timeout.
-_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
-# After the decision a commit (or, after an abort, a release) is retried without end:
-# each call retries for _STUCK_AFTER, then the workflow records the failure, makes its
-# status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
-_STUCK_AFTER = timedelta(seconds=30)
 _LOCAL = "*local"  # (trades without local_steps) the key of the commits on all local ledgers
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
-
-
-def ledger_call(
-    request: SettlementRequest,
-    ledger: str,
-    activity: Callable[..., Any] | str,
-    argument: Any,
-    *,
-    schedule_to_close: timedelta,
-    result_type: type | None = None,
-) -> Awaitable[Any]:
-    """One call to one ledger before the commit decision, retried until ``schedule_to_close``.
-
-    A ledger with ``local_activities`` is called in the settlement worker itself, as
-    a local activity: no task goes through the server. That is safe because every
-    ledger call is idempotent on its hold keys, so re-running one (a retry, a worker
-    that died) has the effect of once; the commits are the exception (see
-    ``commit_locally``). Any other ledger is called through an activity on its own
-    task queue.
-    """
-    if argument.ledger != ledger:
-        argument = argument.model_copy(update={"ledger": ledger})
-    options: dict[str, Any] = {
-        "start_to_close_timeout": _CALL_TIMEOUT,
-        "schedule_to_close_timeout": schedule_to_close,
-        "retry_policy": _RETRY,
-        "result_type": result_type,
-    }
-    if ledger in request.local_ledgers:
-        return workflow.execute_local_activity(activity, argument, **options)
-    return workflow.execute_activity(
-        activity,
-        argument,
-        task_queue=request.ledger_queues[ledger],
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
-        **options,
-    )
-
-
-def local_call(
-    activity: Callable[..., Any] | str,
-    batch: Any,
-    *,
-    schedule_to_close: timedelta,
-    result_type: type | None = None,
-) -> Awaitable[Any]:
-    """One step on every local ledger of a trade before the commit decision: one local activity.
-
-    ``batch`` holds one request per ledger, each naming its ledger. Safe as a local
-    activity for the reason ``ledger_call`` gives; and one call rather than one per
-    ledger, so the workflow wakes once for the step's results, not once per ledger.
-    """
-    return workflow.execute_local_activity(
-        activity,
-        batch,
-        start_to_close_timeout=_CALL_TIMEOUT,
-        schedule_to_close_timeout=schedule_to_close,
-        retry_policy=_RETRY,
-        result_type=result_type,
-    )
-
-
-def commit_locally(
-    request: SettlementRequest,
-    batch: HoldRefsBatch,
-    activity: Callable[..., Any] | str,
-    *,
-    schedule_to_close: timedelta,
-    result_type: type | None = None,
-) -> Awaitable[Any]:
-    """The commits on every local ledger of a trade: one ordinary activity.
-
-    Not a local activity: a local activity's result reaches the history only with
-    the workflow task that ran it, and the SDK keeps that task open while local
-    activities run, so a commit run as one could move money before the decision is
-    recorded, and a worker that died then would be replaced by one that replays from
-    before the decision and might decide otherwise. Scheduling an ordinary activity
-    completes the workflow task, which records the reservations, the pins and the
-    decision first. It runs on the settlement task queue, where the server hands it
-    straight back to the worker that scheduled it (eager dispatch), and it is one
-    activity for all the local ledgers, so one task and one result to record.
-    """
-    return workflow.execute_activity(
-        activity,
-        batch,
-        task_queue=request.settlement_queue,
-        start_to_close_timeout=_CALL_TIMEOUT,
-        schedule_to_close_timeout=schedule_to_close,
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
-        retry_policy=_RETRY,
-        result_type=result_type,
-    )
 
 
 # Each one-ledger activity's form for several ledgers at once, and its request type.
@@ -573,9 +471,9 @@ class TradeSaga(TradeSagaBase):
         return ledger_call(self._request, ledger, activity, argument, schedule_to_close=self._limit(forever))
 
     def _limit(self, forever: bool) -> timedelta:
-        # Before the decision a call is bounded by the deadline; after it, by _STUCK_AFTER
+        # Before the decision a call is bounded by the deadline; after it, by STUCK_AFTER
         # and then called again (see _stuck) for as long as it takes.
-        return _STUCK_AFTER if forever else self._remaining()
+        return STUCK_AFTER if forever else self._remaining()
 
     async def _step(
         self, activity: Callable[[Any, Any], Any], requests: dict[str, Any], forever: bool = False
@@ -595,7 +493,7 @@ class TradeSaga(TradeSagaBase):
             batch = batch_type(items=[requests[lg] for lg in local])
             if self._decided:
                 calls.append(
-                    commit_locally(self._request, batch, batch_activity, schedule_to_close=_STUCK_AFTER)
+                    commit_locally(self._request, batch, batch_activity, schedule_to_close=STUCK_AFTER)
                 )
             else:
                 calls.append(local_call(batch_activity, batch, schedule_to_close=self._limit(forever)))
@@ -658,7 +556,7 @@ class TradeSaga(TradeSagaBase):
                     self._request,
                     HoldRefsBatch(items=items),
                     LedgerActivities.commit_local,
-                    schedule_to_close=_STUCK_AFTER,
+                    schedule_to_close=STUCK_AFTER,
                 )
             return await self._ledger_call(ledger, activity, argument(ledger, items), forever=forever)
 

@@ -65,16 +65,13 @@ with workflow.unsafe.imports_passed_through():
 
     # deterministic helpers: loaded once, not afresh for every workflow
     from ._saga import cause, shielded
+    from .calls import CALL_TIMEOUT, HEARTBEAT_TIMEOUT, RETRY
 
 T = TypeVar("T")
 
-_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
 _RETRY_FOREVER = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
-_CALL_TIMEOUT = timedelta(seconds=60)
 _STORE_TIMEOUT = timedelta(minutes=5)  # netting 100,000 trades on a loaded machine
-# Ledger activities heartbeat per hold, the netting per phase: a worker that died
-# mid-call is noticed after this, not after the whole start-to-close timeout.
-_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+# The netting heartbeats per phase (a ledger call per hold: calls.HEARTBEAT_TIMEOUT).
 _STORE_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 _STUCK_RETRY = timedelta(seconds=30)
 _MAX_ROUNDS = 5
@@ -187,7 +184,7 @@ class NettingBatchWorkflow:
         result: ScreenResult = await workflow.execute_local_activity_method(
             SettlementActivities.screen,
             ScreenRequest(parties=sorted(parties)),
-            start_to_close_timeout=_CALL_TIMEOUT,
+            start_to_close_timeout=CALL_TIMEOUT,
         )
         hits = set(result.hits)
         for ledger, items in sorted(positions.items()):
@@ -320,7 +317,7 @@ class NettingBatchWorkflow:
                         batch_id=self._request.batch_id, settled=settled, reason=reason, result=view
                     ),
                     task_queue=self._request.settlement_queue,
-                    start_to_close_timeout=_CALL_TIMEOUT,
+                    start_to_close_timeout=CALL_TIMEOUT,
                     retry_policy=_RETRY_FOREVER,
                 )
                 break
@@ -351,7 +348,7 @@ class NettingBatchWorkflow:
             start_to_close_timeout=_STORE_TIMEOUT,
             heartbeat_timeout=_STORE_HEARTBEAT_TIMEOUT,
             schedule_to_close_timeout=self._remaining(),
-            retry_policy=_RETRY,
+            retry_policy=RETRY,
         )
 
     def _ledger_call(
@@ -359,13 +356,13 @@ class NettingBatchWorkflow:
     ) -> Awaitable[Any]:
         options: dict[str, Any] = {
             "task_queue": self._request.ledger_queues[ledger],
-            "heartbeat_timeout": _HEARTBEAT_TIMEOUT,
-            "start_to_close_timeout": _CALL_TIMEOUT,
+            "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+            "start_to_close_timeout": CALL_TIMEOUT,
         }
         if forever:
             options["retry_policy"] = _RETRY_FOREVER
         else:
-            options |= {"schedule_to_close_timeout": self._remaining(), "retry_policy": _RETRY}
+            options |= {"schedule_to_close_timeout": self._remaining(), "retry_policy": RETRY}
         return workflow.execute_activity_method(activity, argument, **options)
 
     async def _per_ledger(

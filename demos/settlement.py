@@ -22,10 +22,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from connection import connect_client
 from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
-from starter.cli import balances_table, table
+from processes.devserver import DevServer, _port_is_free
+from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
-from starter.devserver import DevServer, _port_is_free, connect_client
+from starter.instructions import dvp_instruction
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,33 +77,6 @@ BATCH = [
     ("B8", "judy", "leo", "5", "497.50"),
 ]
 BATCH_REMOVED = ["B7"]  # leo owes 2,487.50 net: his largest purchase goes, the rest is covered
-
-
-def dvp_instruction(
-    trade_id: str, seller: str, buyer: str, bonds: str, cash: str, **extra: Any
-) -> dict[str, Any]:
-    """``seller`` delivers ``bonds`` BOND-2030 to ``buyer`` against ``cash`` EUR (the demo's accounts)."""
-    return {
-        "trade_id": trade_id,
-        "legs": [
-            {
-                "ledger": "securities",
-                "asset": "BOND-2030",
-                "from": f"{seller}-sec",
-                "to": f"{buyer}-sec",
-                "amount": bonds,
-            },
-            {
-                "ledger": "cash",
-                "asset": "EUR",
-                "from": f"{buyer}-cash",
-                "to": f"{seller}-cash",
-                "amount": cash,
-            },
-        ],
-        "settle_within": "PT30S",
-        **extra,
-    }
 
 
 @dataclass
@@ -272,7 +247,8 @@ def _expected_balances(
 
 async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]]:
     """One netting batch: its liquidity saving, and leo's unaffordable trade removed."""
-    from starter.batch import BatchClient, batch_text
+    from starter.batch import BatchClient
+    from starter.cli.output import batch_text
 
     trades = [dvp_instruction(f"{run}-{t}", s, b, bonds, cash) for t, s, b, bonds, cash in BATCH]
     for trade in trades:

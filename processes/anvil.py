@@ -24,10 +24,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from adapters.evm import DEFAULT_MNEMONIC
+
 __all__ = ["DEFAULT_MNEMONIC", "Anvil", "AnvilError", "dev_key", "find_anvil"]
 
-DEFAULT_MNEMONIC = "test test test test test test test test test test test junk"
-"""anvil's default mnemonic: its dev accounts are m/44'/60'/0'/0/i of this phrase."""
 
 _ROOT = Path(__file__).resolve().parents[1]
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}

@@ -21,9 +21,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from connection import connect_client
 from domain import BatchStatus, Config, parse_config
 from starter.batch import BatchClient, parse_batch
-from starter.devserver import connect_client
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,14 +34,14 @@ from typing import Any
 import httpx
 
 from adapters import open_ledger
-from adapters._anvil import Anvil, AnvilError
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
+from demos.settlement import REPO, _expected_balances, _sums, _Worker
 from domain import Config, LedgerError, TradeStatus, TradeView, parse_config
-from starter.chain import render_section
-from starter.cli import balances_table, table
+from processes.anvil import Anvil, AnvilError
+from processes.devserver import DevServer
+from starter.cli.chain import render_section
+from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
-from starter.demo import REPO, _expected_balances, _sums, _Worker
-from starter.devserver import DevServer
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
 DEMO_DIR = Path(".dvp") / "demo-cross"
@@ -93,7 +93,7 @@ class _Bank:
 
     def start(self, timeout: float = 60) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "starter.bank", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "bank", "serve", "--config", str(self.config_path)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -1,6 +1,6 @@
 """The worker process ``dvp bench`` starts: the real worker plus the bench's reference workflows.
 
-    python -m starter._bench_worker --config FILE
+    python -m bench.worker --config FILE
 
 Runs ``worker.run_worker`` (settlement workflows and every configured ledger's
 activities, exactly as ``dvp worker``) and, beside it in the same process, the
@@ -27,6 +27,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from bench.workflows import CeilingWorkflow, NaiveSagaWorkflow
+from connection import connect_client, exit_without_teardown
 from domain import (
     CheckAccountsBatch,
     CheckAccountsRequest,
@@ -42,16 +44,14 @@ from domain import (
     ScreenResult,
     load_config,
 )
-from starter.devserver import connect_client, exit_without_teardown
 from worker import ACTIVITY_THREADS, TRADE_WORKFLOW_MODULES, run_worker, tune_process
-from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
 # As worker.run_worker configures the settlement workflows' worker.
 STICKY_TIMEOUT = timedelta(seconds=3)
 # As worker.WORKFLOW_RUNNER: the reference workflows' module is loaded once, as the trade's is.
 BENCH_RUNNER = SandboxedWorkflowRunner(
     restrictions=SandboxRestrictions.default.with_passthrough_modules(
-        *TRADE_WORKFLOW_MODULES, "workflows._bench"
+        *TRADE_WORKFLOW_MODULES, "bench.workflows"
     )
 )
 
@@ -179,9 +179,7 @@ async def serve(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m starter._bench_worker", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="TOML configuration written by dvp bench")
     args = parser.parse_args(argv)
     tune_process()  # as worker.py does

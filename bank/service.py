@@ -1,6 +1,6 @@
 """The bank's core-ledger service: a ledger of accounts and holds behind a REST API.
 
-    dvp bank serve [--config FILE] [--port N]        (or python -m starter.bank serve ...)
+    dvp bank serve [--config FILE] [--port N]        (or python -m bank serve ...)
 
 A small ASGI app (FastAPI) over one ledger, normally the SQL ledger (SQLite by
 default, PostgreSQL when its URL says so), where the bank keeps its state. The
@@ -525,7 +525,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m starter.bank serve ...``: the same command without the rest of the CLI."""
+    """``python -m bank serve ...``: the same command without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="dvp")
     add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     # ``bank`` is implied here: accept both `serve ...` and `bank serve ...`.

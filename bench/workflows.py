@@ -12,7 +12,7 @@ this server and these workers.
 activities one after another (check, reserve and commit for each of the two legs),
 each doing nothing.
 
-The activities (names ``bench.*``) live in ``starter/_bench_worker.py``; they are
+The activities (names ``bench.*``) live in ``bench/worker.py``; they are
 referenced here by name so this module imports nothing of the worker.
 """
 
@@ -43,11 +43,12 @@ with workflow.unsafe.imports_passed_through():
     # The settlement workflow's own ledger calls and checks, imported rather than copied so that
     # the reference cannot drift from the real thing; passed through, so that a
     # reference workflow does not import the trade's whole module afresh each time.
-    from ._saga import _CALL_TIMEOUT, account_checks, leg_checks
-    from ._trade import (
-        _HEARTBEAT_TIMEOUT,
-        _RETRY,
-        _STUCK_AFTER,
+    from workflows import account_checks, leg_checks
+    from workflows.calls import (
+        CALL_TIMEOUT,
+        HEARTBEAT_TIMEOUT,
+        RETRY,
+        STUCK_AFTER,
         commit_locally,
         ledger_call,
         local_call,
@@ -62,10 +63,10 @@ def _call(queue: str, name: str, argument: Any, result_type: type) -> Any:
         argument,
         task_queue=queue,
         result_type=result_type,
-        start_to_close_timeout=_CALL_TIMEOUT,
+        start_to_close_timeout=CALL_TIMEOUT,
         schedule_to_close_timeout=_SCHEDULE_TO_CLOSE,
-        heartbeat_timeout=_HEARTBEAT_TIMEOUT,
-        retry_policy=_RETRY,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=RETRY,
     )
 
 
@@ -131,7 +132,7 @@ class CeilingWorkflow:
                             request,
                             batch,
                             f"{name}_local",
-                            schedule_to_close=_STUCK_AFTER,
+                            schedule_to_close=STUCK_AFTER,
                             result_type=result_type,
                         )
                     )
@@ -144,7 +145,7 @@ class CeilingWorkflow:
                             result_type=result_type,
                         )
                     )
-            limit = _STUCK_AFTER if commit else _SCHEDULE_TO_CLOSE
+            limit = STUCK_AFTER if commit else _SCHEDULE_TO_CLOSE
             calls += [
                 ledger_call(request, lg, name, argument(lg), schedule_to_close=limit, result_type=result_type)
                 for lg in ledgers
@@ -158,7 +159,7 @@ class CeilingWorkflow:
             "bench.screen",
             ScreenRequest(parties=parties),
             result_type=ScreenResult,
-            start_to_close_timeout=_CALL_TIMEOUT,
+            start_to_close_timeout=CALL_TIMEOUT,
         )
         await step("bench.reserve", reserve, ReserveBatch, HoldOutcomes)
         await step("bench.pin", refs, HoldRefsBatch, HoldOutcomes)

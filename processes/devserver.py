@@ -7,8 +7,7 @@ until the frontend answers before ``start()`` returns::
     with DevServer(db_file=".dvp/temporal.db") as server:
         client = await connect_client(server.address)
 
-Every client in the project is built by ``connect_client`` so that it speaks the
-pydantic data converter.
+Every client in the project is built by ``connection.connect_client``.
 """
 
 from __future__ import annotations
@@ -28,12 +27,12 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
+from connection import connect_client
 from domain import DvpError
 from workflows import SEARCH_ATTRIBUTES
 
@@ -41,8 +40,6 @@ __all__ = [
     "SEARCH_ATTRIBUTES",
     "DevServer",
     "DevServerError",
-    "connect_client",
-    "exit_without_teardown",
     "find_temporal_binary",
 ]
 
@@ -78,28 +75,6 @@ DYNAMIC_CONFIG: dict[str, str] = {
 
 class DevServerError(DvpError):
     """The dev server binary is missing, or the server failed to start or died."""
-
-
-async def connect_client(address: str, namespace: str = "default", **options: Any) -> Client:
-    """Connect a Temporal client that uses the pydantic data converter.
-
-    ``options`` go to ``Client.connect`` unchanged (interceptors, identity, ...).
-    """
-    return await Client.connect(
-        address, namespace=namespace, data_converter=pydantic_data_converter, **options
-    )
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """End a process that used a Temporal client, skipping interpreter teardown.
-
-    The client's native threads can outlive the interpreter and abort its
-    finalization (temporalio/sdk-python#300), turning a clean exit into -6. Call this
-    only once the process has finished its own cleanup: nothing else runs after it.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def find_temporal_binary() -> Path:
@@ -442,7 +417,7 @@ def _run_in_thread(coroutine: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m starter.devserver [--port N] [--db FILE] [--headless]``."""
+    """``python -m processes.devserver [--port N] [--db FILE] [--headless]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the Temporal dev server for dvp.")

@@ -7,7 +7,7 @@
 
 Starts everything it measures: the embedded Temporal dev server (unless
 ``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
-(``starter/_bench_worker.py``: the real worker plus the reference workflows of
+(``bench/worker.py``: the real worker plus the reference workflows of
 ``workflows/_bench.py``). For each worker count it settles trades one at a time
 (idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
 under load) and the same numbers of two reference workflows on the same server and
@@ -27,7 +27,7 @@ last close of each batch, summed over the rounds. CPU seconds come from /proc
 (process trees of the server and the worker processes) and are also given per
 workflow, which depends far less than rates on what else the machine runs.
 
-Last, the netting batch (``starter/_bench_netting.py``): ``--netting N`` random
+Last, the netting batch (``bench/netting.py``): ``--netting N`` random
 trades (default 100,000) through one batch, end to end, in trades per second.
 
 Then it checks that every trade settled, no hold is open, each SQL ledger's
@@ -66,6 +66,8 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest, GetSyste
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from bench.workflows import CeilingWorkflow, NaiveSagaWorkflow
+from connection import connect_client
 from domain import (
     Config,
     DvpError,
@@ -74,11 +76,10 @@ from domain import (
     TradeView,
     parse_config,
 )
+from processes.devserver import DYNAMIC_CONFIG, DevServer, find_temporal_binary
 from starter.client import SettlementClient, parse_instruction
-from starter.devserver import DYNAMIC_CONFIG, DevServer, connect_client, find_temporal_binary
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
-from workflows._bench import CeilingWorkflow, NaiveSagaWorkflow
 
 __all__ = ["BenchFailed", "BenchOptions", "add_parser", "run_bench"]
 
@@ -101,7 +102,7 @@ LEDGER_CALLS = {
     "queue": "activities on each ledger's task queue (local_activities = false)",
 }
 _TICK = os.sysconf("SC_CLK_TCK")
-# One of the keys DevServer sets (starter/devserver.py, DYNAMIC_CONFIG); --server-config
+# One of the keys DevServer sets (processes/devserver.py, DYNAMIC_CONFIG); --server-config
 # overrides them or adds others.
 TRANSFER_RPS = "history.transferProcessorMaxPollRPS"
 
@@ -209,13 +210,13 @@ def tree_peak_rss_mb(root: int) -> float:
 
 
 class _WorkerProcess:
-    """One ``starter._bench_worker`` process, as a worker would be deployed."""
+    """One ``bench.worker`` process, as a worker would be deployed."""
 
     def __init__(self, config_path: Path, log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "starter._bench_worker", "--config", str(config_path)],
+            [sys.executable, "-m", "bench.worker", "--config", str(config_path)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -869,10 +870,10 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
 
 
 async def _netting_section(options: BenchOptions, address: str, namespace: str, base: Path) -> dict[str, Any]:
-    """``{"netting": {...}}``: one netting batch of ``--netting`` trades (see starter/_bench_netting.py)."""
+    """``{"netting": {...}}``: one netting batch of ``--netting`` trades (see bench/netting.py)."""
     if not options.netting:
         return {}
-    from starter._bench_netting import run_netting
+    from bench.netting import run_netting
 
     with _fresh_ledgers(options.ledger, base, options.postgres, "netting") as urls:
         result = await run_netting(options.netting, address, namespace, base, urls, options.timeout)
@@ -968,7 +969,7 @@ def render(result: dict[str, Any]) -> str:
         f"took {result['duration_s']} s",
     ]
     if result.get("netting"):
-        from starter._bench_netting import render as render_netting
+        from bench.netting import render as render_netting
 
         lines += ["", *render_netting(result["netting"])]
         lines += [f"  netting: {problem}" for problem in result["netting"]["correctness"]["problems"]]
@@ -1079,7 +1080,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help=f"dynamic config of the embedded server (repeatable), e.g. {TRANSFER_RPS}=20 "
-        "(overrides the defaults in starter/devserver.py DYNAMIC_CONFIG)",
+        "(overrides the defaults in processes/devserver.py DYNAMIC_CONFIG)",
     )
     p.add_argument(
         "--submit",

@@ -26,8 +26,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from adapters._anvil import Anvil, AnvilError, find_anvil
 from domain import ConfigError, LedgerError, load_config, parse_config
+from processes.anvil import Anvil, AnvilError, find_anvil
+
+from .output import EXIT_BAD_INPUT, CliError
 
 __all__ = ["add_parser", "chain_up", "render_section", "write_section"]
 
@@ -114,7 +116,6 @@ def _port_taken(host: str, port: int) -> bool:
 def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> int:
     """Start anvil, deploy, write the configuration, then wait for a signal (see module doc)."""
     from adapters.evm import deploy_contracts
-    from starter.cli import EXIT_BAD_INPUT, CliError
 
     if not 1 <= port <= 65535:
         raise CliError(f"--port: {port} is not a TCP port (1 to 65535)", EXIT_BAD_INPUT)
@@ -172,8 +173,6 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from starter.cli import EXIT_BAD_INPUT, CliError
-
     path = getattr(args, "config", None) or os.environ.get("DVP_CONFIG")
     if not path:
         raise CliError(

@@ -1,0 +1,144 @@
+"""``dvp submit``, ``status``, ``list``, ``approve``, ``cancel`` and ``claim``: one trade at a time."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from domain import InvalidInstruction, TradeStatus, TradeView, load_config
+from starter.client import SettlementClient, parse_instruction
+
+from .output import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    CliError,
+    command,
+    emit_json,
+    read_json,
+    trade_json,
+    trade_text,
+    trades_table,
+)
+
+
+async def _client(args: argparse.Namespace) -> SettlementClient:
+    config = load_config(args.config)
+    try:
+        return await SettlementClient.connect(config)
+    except RuntimeError as exc:
+        raise CliError(
+            f"cannot reach Temporal at {config.temporal.address} (start one with `dvp server`): {exc}"
+        ) from None
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    data = read_json(args.file, "instruction file")
+    many = isinstance(data, list)
+    items = data if many else [data]
+    config = load_config(args.config)
+    # every instruction is checked before any is submitted: a bad file changes nothing
+    for i, item in enumerate(items):
+        try:
+            parse_instruction(item, config)
+        except InvalidInstruction as exc:
+            where = f"instruction {i} " if many else ""
+            raise CliError(f"{where}refused: {exc}", EXIT_BAD_INPUT) from None
+    client = await _client(args)
+    results = await client.submit_many(items)
+    refused = [(i, r) for i, r in enumerate(results) if isinstance(r, Exception)]
+    views = [r for r in results if isinstance(r, TradeView)]
+    if args.wait and views:
+        views = list(await asyncio.gather(*(client.wait(v.trade_id) for v in views)))
+    if args.json:
+        out = [trade_json(v) for v in views]
+        out += [{"error": str(r), "index": i} for i, r in refused]
+        emit_json(out if many else out[0])
+    else:
+        if views:
+            print(trades_table(views))
+        for i, exc in refused:
+            print(f"instruction {i} refused: {exc}", file=sys.stderr)
+    if refused:
+        return EXIT_BAD_INPUT
+    if args.wait and any(v.status is not TradeStatus.SETTLED for v in views):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    view = await (await _client(args)).status(args.trade_id)
+    if args.json:
+        emit_json(trade_json(view))
+    else:
+        print(trade_text(view))
+    return EXIT_OK
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    views = await (await _client(args)).list(status=args.status)
+    if args.json:
+        emit_json([trade_json(v, timeline=False) for v in views])
+    else:
+        print(trades_table(views) if views else "no trades")
+    return EXIT_OK
+
+
+async def cmd_approve(args: argparse.Namespace) -> int:
+    await (await _client(args)).approve(args.trade_id, args.party)
+    print(f"approval by {args.party} accepted")
+    return EXIT_OK
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    await (await _client(args)).cancel(args.trade_id, args.party, args.reason or "")
+    print(f"cancel by {args.party} accepted")
+    return EXIT_OK
+
+
+async def cmd_claim(args: argparse.Namespace) -> int:
+    view = await (await _client(args)).claim(args.trade_id, args.preimage, args.leg)
+    if args.json:
+        emit_json(trade_json(view))
+    else:
+        print(trade_text(view))
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    """``dvp submit``, ``status``, ``list``, ``approve``, ``cancel`` and ``claim``."""
+    p = command(sub, "submit", cmd_submit, "submit one instruction or a JSON list of them")
+    p.add_argument("file", help="instruction JSON file, or - for stdin")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until every trade ends; exit 1 unless all settled"
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "status", cmd_status, "one trade: status, legs and timeline")
+    p.add_argument("trade_id")
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "list", cmd_list, "trades, optionally those in one status")
+    p.add_argument("--status", choices=[s.value for s in TradeStatus])
+    p.add_argument("--json", action="store_true")
+
+    p = command(sub, "approve", cmd_approve, "approve a trade as one of its required approvers")
+    p.add_argument("trade_id")
+    p.add_argument("--as", dest="party", required=True, help="the approving party")
+
+    p = command(sub, "cancel", cmd_cancel, "cancel a trade before its commit decision")
+    p.add_argument("trade_id")
+    p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
+    p.add_argument("--reason", help="recorded in the trade's timeline")
+
+    p = command(
+        sub, "claim", cmd_claim, "claim a leg of an htlc trade with the secret (the hashlock's preimage)"
+    )
+    p.add_argument("trade_id")
+    p.add_argument(
+        "--preimage", required=True, help="the secret: 32 bytes in hex whose SHA-256 is the hashlock"
+    )
+    p.add_argument("--leg", type=int, help="the leg to claim (default: legs[1], the payment, while open)")
+    p.add_argument("--json", action="store_true")
