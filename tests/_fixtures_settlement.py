@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from adapters import Ledger
 from domain import Config, TradeStatus, TradeView, parse_config
@@ -61,6 +62,17 @@ def make_config(
             "settlement": {"recycle_interval": "PT0.2S", "max_recycle_interval": "PT1S", **settlement},
         }
     )
+
+
+def write_config(path: Path, config: Config, **temporal: str) -> Path:
+    """``config`` as the TOML file a process reads (``--config``), with ``temporal`` overridden.
+
+    The one way tests hand a configuration to another process (the CLI, a worker):
+    built with ``make_config``, so it says the same as the in-process engine's.
+    """
+    data = config.model_copy(update={"temporal": config.temporal.model_copy(update=temporal)})
+    path.write_text(tomli_w.dumps(data.model_dump(mode="json", exclude_none=True)))
+    return path
 
 
 async def wait_for_status(
@@ -141,4 +153,5 @@ __all__ = [
     "settlement",
     "sqlite_urls",
     "wait_for_status",
+    "write_config",
 ]

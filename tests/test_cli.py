@@ -12,21 +12,14 @@ from typing import Any
 
 from starter.instructions import dvp_instruction
 
-from ._fixtures_settlement import Engine
+from ._fixtures_settlement import Engine, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def config_file(engine: Engine, address: str, tmp_path: Path) -> Path:
-    lines = []
-    for name, ledger in engine.config.ledgers.items():
-        lines += [f"[ledgers.{name}]", 'kind = "sql"', f'url = "{ledger.url}"', ""]
-    prefix = engine.config.temporal.task_queue_prefix
-    lines += ["[compliance]", 'sanctioned = ["mallory"]', ""]
-    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"']
-    path = tmp_path / "dvp.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """The engine's configuration as a file for ``dvp``, pointing at the test server."""
+    return write_config(tmp_path / "dvp.toml", engine.config, address=address)
 
 
 async def dvp(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -55,7 +55,7 @@ from worker import run_worker
 from workflows import workflow_id_for
 from workflows._saga import STATUS
 
-from ._fixtures_settlement import STANDARD_ACCOUNTS
+from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -67,27 +67,15 @@ ACCOUNTS = [a for a in STANDARD_ACCOUNTS if a["ledger"] in LEDGERS]
 # --------------------------------------------------------------------- helpers
 
 
-def write_config(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[str, ...] = ()) -> Path:
-    """A TOML configuration: two SQLite ledgers in ``tmp_path``, the test server, our queues.
+def config_for(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[str, ...] = ()) -> Path:
+    """A configuration file: two SQLite ledgers in ``tmp_path``, the test server, our queues.
 
     The ledgers named in ``queued`` are called through their task queues, the others
     as local activities of the settlement worker.
     """
-    ledgers = "".join(
-        f'[ledgers.{name}]\nkind = "sql"\nurl = "sqlite:///{tmp_path / name}.db"\n'
-        f"local_activities = {'false' if name in queued else 'true'}\n\n"
-        for name in LEDGERS
-    )
-    path = tmp_path / "dvp.toml"
-    path.write_text(
-        ledgers
-        + '[compliance]\nsanctioned = ["mallory"]\n\n'
-        + '[roles]\noperators = ["ops"]\n\n'
-        + f'[temporal]\naddress = "{server.address}"\nnamespace = "{server.namespace}"\n'
-        + f'task_queue_prefix = "{prefix}"\n\n'
-        + '[settlement]\nrecycle_interval = "PT0.2S"\nmax_recycle_interval = "PT1S"\n'
-    )
-    return path
+    urls = {name: f"sqlite:///{tmp_path / name}.db" for name in LEDGERS}
+    config = make_config(urls, prefix, local_activities=[n for n in LEDGERS if n not in queued])
+    return write_config(tmp_path / "dvp.toml", config, address=server.address, namespace=server.namespace)
 
 
 class WorkerProcess:
@@ -274,7 +262,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
     deadline) and one such short trade with a long deadline that an operator
     cancels after the restart.
     """
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
+    config_path = config_for(tmp_path, temporal_server, task_queue_prefix)
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     uid = task_queue_prefix.removeprefix("t-")
@@ -353,7 +341,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     the cash commit then completes with no orchestrator alive, and a new worker
     finishes the trade SETTLED, with each leg moved exactly once.
     """
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
+    config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
@@ -425,7 +413,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     the cash worker is SIGKILLed while cash holds are open, the trades wait with no
     cash ledger for two seconds, and a new cash worker is started.
     """
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
+    config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
     client = SettlementClient(temporal_client, config)
     uid = task_queue_prefix.removeprefix("t-")

@@ -38,8 +38,8 @@ from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from stores import BatchStore
 from workflows import NettingBatchWorkflow
 
-from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
-from .test_faults import WorkerProcess, workers, write_config
+from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, write_config
+from .test_faults import WorkerProcess, config_for, workers
 
 REPO = Path(__file__).resolve().parent.parent
 PARTICIPANTS = [f"p{i:02d}" for i in range(20)]
@@ -327,19 +327,6 @@ def test_a_malformed_trade_is_refused_naming_its_index_and_field(tmp_path: Path)
     assert len(parse_batch_text("\n".join(json.dumps(t) for t in good), config).trades) == 5
 
 
-def _config_file(engine: Engine, address: str, tmp_path: Path) -> Path:
-    lines = []
-    for name, ledger in engine.config.ledgers.items():
-        lines += [f"[ledgers.{name}]", 'kind = "sql"', f'url = "{ledger.url}"', ""]
-    lines += ["[compliance]", 'sanctioned = ["mallory"]', ""]
-    lines += ["[batches]", f'url = "{engine.config.batches_url()}"', ""]
-    prefix = engine.config.temporal.task_queue_prefix
-    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"']
-    path = tmp_path / "dvp.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 async def _dvp(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DVP_CONFIG": str(config)}
     env.pop("TEMPORAL_ADDRESS", None)
@@ -358,7 +345,7 @@ async def test_cli_refuses_a_bad_file_storing_nothing_and_settles_a_good_one(
     engine: Engine, temporal_server: Any, temporal_client: Any, tmp_path: Path
 ) -> None:
     seed_accounts(engine, WORKED_ACCOUNTS)
-    config = _config_file(engine, temporal_server.address, tmp_path)
+    config = write_config(tmp_path / "dvp.toml", engine.config, address=temporal_server.address)
     before = balances(engine)
     bad = [dvp("C1", "ben", "ann", 1, "10.00"), dvp("C2", "cat", "ann", 1, "10.00")]
     bad[1]["legs"][1]["amount"] = "-5"
@@ -507,7 +494,7 @@ async def test_worker_killed_mid_batch_still_settles_it_whole(
     temporal_server: Any, temporal_client: Any, task_queue_prefix: str, tmp_path: Path
 ) -> None:
     """The only worker is SIGKILLed while the batch's net debits are held; a new one finishes it."""
-    config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
+    config_path = config_for(tmp_path, temporal_server, task_queue_prefix)
     config = load_config(config_path)
     trades = random_batch(3000, seed_value=99)
     with opened(config) as ledgers:
