@@ -42,10 +42,9 @@ log = logging.getLogger("dvp.worker")
 
 ACTIVITY_THREADS = 16
 
-# The trade workflows' modules, loaded once rather than afresh in the sandbox for every
-# trade (see workflows/_trade.py): deterministic by their own rules, free of state.
-# Their definitions too: re-importing one ran its handlers' decorators again, which
-# read every handler's signature and type hints.
+# The trade workflows' modules (sagas and definitions), passed through the sandbox so
+# they are loaded once per process, not afresh for every trade; they keep the workflow
+# rules on their own. Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md
 TRADE_WORKFLOW_MODULES = (
     "workflows.calls",
     "workflows._saga",
@@ -172,21 +171,17 @@ class _all_running:  # noqa: N801 - used as a context manager name
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-# Python's default (700, 10, 10) collects the youngest generation every 700 net
-# allocations and the whole heap every 100 of those; these run it ~30 times less
-# often. See tune_process.
+# Python's default is (700, 10, 10); see tune_process.
 GC_THRESHOLDS = (20_000, 10, 10)
 
 
 def tune_process() -> None:
     """Settings of a worker process: the cyclic garbage collector and the bytecode cache.
 
-    Every new workflow imports its module afresh in the sandbox, which leaves
-    reference cycles behind, so the collector must run; but at Python's default
-    thresholds it ran every few hundred allocations and walked the whole heap every
-    ~70 000, about 3 ms of CPU per trade. The objects loaded at start are frozen
-    (never scanned again) and the collector runs 30 times less often, which cuts
-    that to under 1 ms; the bench's peak RSS shows what it costs in memory.
+    The sandbox's per-workflow imports leave reference cycles, so the collector must
+    run, but at the default thresholds it walks the whole heap far too often: freeze
+    what was loaded at start and collect less often. See
+    docs/decisions/0005-gc-and-bytecode-tuning.md.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -196,11 +191,10 @@ def tune_process() -> None:
 def cache_bytecode() -> None:
     """Let this process reuse compiled bytecode even where writing it is turned off.
 
-    The workflow sandbox imports a workflow's module afresh for every new workflow.
-    With ``PYTHONDONTWRITEBYTECODE`` set there is no ``.pyc`` to load, so every
-    import compiled the module's source again: about a fifth of a worker's CPU under
-    load. This keeps the bytecode under a cache directory outside the source tree
-    (``sys.pycache_prefix``), so the tree stays as clean as the variable intends.
+    With ``PYTHONDONTWRITEBYTECODE`` set, every sandbox import would compile its module
+    again. The bytecode goes under a cache directory outside the source tree
+    (``sys.pycache_prefix``), so the tree stays as clean as the variable intends. See
+    docs/decisions/0005-gc-and-bytecode-tuning.md.
     """
     if sys.dont_write_bytecode and sys.pycache_prefix is None:
         sys.pycache_prefix = str(Path(tempfile.gettempdir()) / f"dvp-pycache-{os.getuid()}")

@@ -1,4 +1,4 @@
-"""A ledger reached over HTTP: the bank's core-ledger service (``starter/bank.py``).
+"""A ledger reached over HTTP: the bank's core-ledger service (``bank/service.py``).
 
 Configuration (``kind = "http"``)::
 

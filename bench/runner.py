@@ -8,7 +8,7 @@
 Starts everything it measures: the embedded Temporal dev server (unless
 ``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
 (``bench/worker.py``: the real worker plus the reference workflows of
-``workflows/_bench.py``). For each worker count it settles trades one at a time
+``bench/workflows.py``). For each worker count it settles trades one at a time
 (idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
 under load) and the same numbers of two reference workflows on the same server and
 workers, taking turns in ``--rounds`` rounds so the machine's other load is shared.

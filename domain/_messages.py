@@ -30,7 +30,8 @@ class SettlementRequest(_Model):
     # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
     # TradeSaga._step), as the client has asked since that change; false (absent), one
     # call per local ledger, as trades started before it did. In the input, and so in
-    # the history, so that a replay takes the path its trade took.
+    # the history, so that a replay takes the path its trade took. Why not workflow.patched:
+    # docs/decisions/0002-local-steps-in-the-request.md.
     local_steps: bool = False
 
 

@@ -44,25 +44,18 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-# SQLite defaults (rollback journal, synchronous=full) measured ~2.4x slower here.
+# WAL and synchronous=normal: the defaults (rollback journal, synchronous=full) are much
+# slower. See docs/decisions/0006-dev-server-dynamic-config.md.
 SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
 LOG_TAIL_LINES = 40
 
 # Dynamic config of every server DevServer starts (``--dynamic-config-value``). The
-# dev server's defaults suit a laptop idling, not settlement: its history service
-# reads each task queue at most 20 times a second, so at low load every task waits
-# ~40 ms for the next read; a timer may fire up to a second late (a trade recycling a
-# short leg waits on timers); and activities are not handed back eagerly to the worker
-# that schedules them, as the settlement workflow's commits of local ledgers expect
-# (workflows/_trade.py, ledger_call); and its cache of history events holds
-# 512 KB, which twenty trades in flight overflow (the bench saw ~3 evictions per trade,
-# each a later read from the database: ~2 ms of server CPU per trade). And unless told
-# otherwise it turns its cache of the search attributes' definitions off, so that every
-# request naming a search attribute reads the cluster's metadata from the database:
-# six more reads for a trade than for a workflow without search attributes (counted
-# with the server's own metrics). Ours are registered when the server starts and never
-# change, so it keeps them cached, as a server does by default. A deployment sets the
-# same keys in its server's dynamic config.
+# dev server's defaults suit a laptop idling, not settlement: slow task queue reads,
+# late timers, no eager activity dispatch (which the commits of local ledgers expect,
+# workflows/calls.py commit_locally), a small history events cache, and no cache of
+# the search attributes' definitions (ours are registered at start and never change).
+# A deployment sets the same keys in its server's dynamic config. What each costs:
+# docs/decisions/0006-dev-server-dynamic-config.md.
 DYNAMIC_CONFIG: dict[str, str] = {
     "system.forceSearchAttributesCacheRefreshOnRead": "false",
     "history.transferProcessorMaxPollRPS": "1000",

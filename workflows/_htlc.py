@@ -41,8 +41,9 @@ ONE_SIDED. Cancelling is refused; the timelocks are the way out.
 
 This module is the protocol as plain deterministic Python (``HtlcSaga``); its
 Temporal definition, ``HtlcWorkflow`` in ``workflows/htlc.py``, only hands it the run
-and the handlers, and the worker passes this module through the sandbox, for the
-reason ``workflows/_trade.py`` gives.
+and the handlers, and the worker passes this module through the sandbox
+(docs/decisions/0003-sagas-passed-through-the-sandbox.md). The HTLC compared with the
+orchestrated escrow: docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Pieces the saga workflows (trade, HTLC, netting batch) share.
 
 Deterministic and free of side effects and of state at import, like the workflows
-themselves. The worker passes this module through the sandbox (``worker.WORKFLOW_RUNNER``);
-the trade sagas import it unpassed, so the replay tests check it in the sandbox.
+themselves. The worker passes this module through the sandbox
+(``worker.TRADE_WORKFLOW_MODULES``); the trade sagas import it unpassed, so the replay
+tests check it in the sandbox. See docs/decisions/0003-sagas-passed-through-the-sandbox.md.
 """
 
 from __future__ import annotations

@@ -1,56 +1,17 @@
 """The settlement saga: one durable workflow per trade.
 
-    PENDING ── validate accounts ── compliance screen ──┐   (REJECTED: nothing reserved)
-                                                        ▼
-    AWAITING_APPROVAL ── every required approver approves    (EXPIRED / CANCELLED)
-                                                        ▼
-    RESERVING ── hold every leg, in parallel per ledger; a short leg recycles
-                 until the deadline                          (EXPIRED / CANCELLED: release all)
-                                                        ▼
-              ── pin every hold (clear its ledger-side expiry)
-              ── record the commit decision  ────────────────  point of no return
-                                                        ▼
-    COMMITTING ── commit every hold, retried until it succeeds
-                                                        ▼
-    SETTLED
+    validate ── screen ── approvals ── reserve (a short leg recycles) ── pin ── decide ── commit
 
-Why a hold's expiry cannot fire between the commit decision and the commits: a hold
-is placed with ``expires_at = deadline + hold_backstop`` so that a ledger can free it
-if the orchestrator vanished. Before the decision is recorded, every hold is pinned:
-the ledger clears its expiry in the same transaction that checks it is still open.
-The decision is recorded only if every pin succeeded, so from then on no hold of the
-trade has an expiry and only the commit can end it. A hold that expired before its
-pin makes the trade end EXPIRED with every hold released.
-
-Cancellation, through the ``cancel`` signal/update or a Temporal cancel request, is
-honoured only before the decision. Compensations (releases) are registered before
-the reservation they undo, run last-in first-out, are shielded from cancellation and
-are retried until they succeed; each release is idempotent on the hold's key, and
-releasing a key that was never placed records it so a late reservation is refused.
-
-Partial settlement (an instruction with ``partial``) repeats the reserve -> pin ->
-decide -> commit path once per fill, each fill with its own hold keys
-``<trade>#<leg>.<n>``, so each fill is atomic on its own:
-
-    RESERVING ── reserve the whole rest; if a leg is short, its outcome says what is
-                 available, and if a smaller fill is acceptable (``FillRule``), the
-                 holds of this size are released and that fill reserved instead
-              ── pin, decide, commit the fill
-    PARTIALLY_SETTLED ── the rest stays open and recycles until the deadline
-                                                        ▼
-    SETTLED (everything filled) or SETTLED_PARTIAL (the rest released at the deadline
-    or on cancel; a trade that filled nothing ends EXPIRED or CANCELLED as before)
+Every ending but SETTLED releases what was reserved. The guarantees (why a hold cannot
+expire between the commit decision and the commits, cancellation, compensation,
+partial fills) and the full state diagram are in docs/design.md.
 
 This module is the saga as plain deterministic Python (``TradeSaga``); its Temporal
 definition, ``SettlementWorkflow`` in ``workflows/settlement.py``, only hands it the
-run and the handlers. The split is for speed: the sandbox imports a workflow's module
-afresh for every workflow it starts, and ``@workflow.defn`` inspects every member of
-the class again; with the saga in the workflow's module that cost about 2 ms of worker
-CPU per trade. The worker passes this module through instead (loaded once, see
-``worker.WORKFLOW_RUNNER``). Code here must therefore keep to the workflow rules on
-its own: ``workflow.now()`` and ``workflow.*`` waits only, no I/O, and no state at
-module level. Anything that does not pass it through (the replay tests' ``Replayer``)
-imports it in the sandbox, under the sandbox's checks.
+run and the handlers. The worker passes this module through the sandbox
+(``worker.TRADE_WORKFLOW_MODULES``), so it keeps to the workflow rules on its own:
+``workflow.now()`` and ``workflow.*`` waits only, no I/O, no state at module level.
+Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md.
 """
 
 from __future__ import annotations
@@ -514,7 +475,8 @@ class TradeSaga(TradeSagaBase):
         """For trades without ``local_steps`` (their client predates it): one call per ledger, in parallel.
 
         Before the decision a failure aborts the trade. Kept exactly as those trades made
-        their calls, so that they replay; remove once no such trade is running.
+        their calls, so that they replay; when it may go:
+        docs/decisions/0002-local-steps-in-the-request.md.
         """
         ledgers = sorted(items)
         try:

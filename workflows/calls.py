@@ -38,7 +38,7 @@ RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=time
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # After the decision a commit (or, after an abort, a release) is retried without end:
 # each call retries for STUCK_AFTER, then the workflow records the failure, makes its
-# status visible and calls again after a pause that doubles up to _STUCKRETRY_MAX.
+# status visible and calls again after a pause that doubles up to _STUCK_RETRY_MAX.
 STUCK_AFTER = timedelta(seconds=30)
 
 

@@ -3,10 +3,10 @@
 Its protocol (the steps, the roles, what the ledgers enforce, the state diagram) is
 ``HtlcSaga`` in ``workflows/_htlc.py``; this module is only its Temporal definition,
 which makes one saga per workflow and hands it the run, the status query and the
-signals and updates. The worker's runner passes it through the sandbox
-(``worker.WORKFLOW_RUNNER``), so it is loaded once; any other runner (the replay
-tests') imports it afresh for every trade, which is why it is kept this small (see
-``workflows/_trade.py`` on why a saga lives apart).
+signals and updates. The worker passes it through the sandbox
+(``worker.TRADE_WORKFLOW_MODULES``), so it is loaded once; any other runner (the replay
+tests') imports it afresh for every trade, which is why it is kept this small (why a
+saga lives apart: docs/decisions/0003-sagas-passed-through-the-sandbox.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The settlement workflow: one durable workflow per trade.
 
-Its saga (the steps, the guarantees, the state diagram) is ``TradeSaga`` in
+Its saga (the steps and the guarantees, docs/design.md) is ``TradeSaga`` in
 ``workflows/_trade.py``; this module is only its Temporal definition, which makes
 one saga per workflow and hands it the run, the status query and the signals and
-updates. The worker's runner passes it through the sandbox (``worker.WORKFLOW_RUNNER``),
+updates. The worker passes it through the sandbox (``worker.TRADE_WORKFLOW_MODULES``),
 so it is loaded once; any other runner (the replay tests') imports it afresh for
-every trade, which is why it is kept this small (see ``workflows/_trade.py`` on why
-the saga lives apart).
+every trade, which is why it is kept this small. Why the saga lives apart:
+docs/decisions/0003-sagas-passed-through-the-sandbox.md.
 """
 
 from __future__ import annotations
