@@ -85,7 +85,7 @@ def test_chain_up_writes_the_deployment_and_seed_mints_and_approves_on_chain(
     process, config_path, port = chain_up
     try:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         end = time.monotonic() + 60
         while not any("Ctrl-C" in line for line in lines):
             line = process.stdout.readline()
