@@ -63,7 +63,7 @@ def free_port() -> int:
 def chain_up(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, int]:
     try:
         find_anvil()
-    except Exception as exc:  # noqa: BLE001 (AnvilError, reported as a skip or a CI failure)
+    except Exception as exc:  # AnvilError, reported as a skip or a CI failure
         need(str(exc))
     config = tmp_path / "dvp.toml"
     config.write_text(BEFORE.format(tmp=tmp_path))
