@@ -155,7 +155,7 @@ async def run_worker(
                 ledger.close()
 
 
-class _all_running:  # noqa: N801 - used as a context manager name
+class _all_running:  # lower case: used as a context manager, like a function
     """Run several workers together; shut them all down on exit."""
 
     def __init__(self, workers: list[Worker]) -> None:

@@ -240,7 +240,7 @@ def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> H
     for item in items:
         try:
             results.append(call(item))
-        except Exception as exc:  # noqa: BLE001 - raised below, once every item was tried
+        except Exception as exc:  # raised below, once every item was tried
             failure = failure or exc
     if failure is not None:
         raise failure

@@ -1191,7 +1191,9 @@ def _configure_sqlite(engine: Engine) -> None:
         read_only = conn.get_execution_options().get("dvp_read_only", False)
         # On the driver's connection directly: this runs before every transaction, and
         # through SQLAlchemy's execution path it cost as much as a ledger statement.
-        conn.connection.driver_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        driver = conn.connection.driver_connection
+        assert driver is not None  # None only once the connection is closed, never in a transaction
+        driver.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 class _PooledDriver:

@@ -157,7 +157,7 @@ def _check(
             if not b.account.startswith("clearing:") or b.balance != 0
         }
         holds = all_open_holds(ledgers)
-        problems = [f"{n}: {p}" for n, lg in ledgers.items() for p in getattr(lg, "verify", list)()]
+        problems = [f"{n}: {p}" for n, lg in ledgers.items() for p in lg.verify()]
     wrong = [f"{k[0]}/{k[1]}: {after.get(k)} != {v}" for k, v in expected.items() if after.get(k) != v]
     wrong += [f"{k[0]}/{k[1]}: unexpected {v}" for k, v in after.items() if k not in expected]
     checks = {

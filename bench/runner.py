@@ -711,9 +711,7 @@ def _check(config: Config, phase: _Phase, before: list[Any]) -> dict[str, Any]:
     with opened(config) as ledgers:
         after = all_balances(ledgers)
         holds = all_open_holds(ledgers)
-        problems = [
-            f"{name}: {p}" for name, ledger in ledgers.items() for p in getattr(ledger, "verify", list)()
-        ]
+        problems = [f"{name}: {p}" for name, ledger in ledgers.items() for p in ledger.verify()]
     expected = {(b.ledger, b.account): b.balance for b in before}
     for view in views:
         if view.status is TradeStatus.SETTLED:

@@ -268,9 +268,7 @@ def run_cross_demo(keep: bool = False) -> int:
             after = all_balances(ledgers)
             holds = all_open_holds(ledgers)
             problems = [
-                f"{name}: {problem}"
-                for name, ledger in ledgers.items()
-                for problem in ledger.verify()  # type: ignore[attr-defined]
+                f"{name}: {problem}" for name, ledger in ledgers.items() for problem in ledger.verify()
             ]
         in_escrow = _Escrow(chain).bonds()
         print("\nBalances after")

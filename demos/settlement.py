@@ -361,7 +361,7 @@ def run_demo(keep: bool = False) -> int:
         with opened(config) as ledgers:
             after = all_balances(ledgers)
             holds = all_open_holds(ledgers)
-            problems = [p for ledger in ledgers.values() for p in getattr(ledger, "verify", list)()]
+            problems = [p for ledger in ledgers.values() for p in ledger.verify()]
         print("\nBalances after")
         print(balances_table(after))
 

@@ -156,8 +156,8 @@ class Anvil:
     def _open_log(self) -> IO[bytes]:
         # Kept open while anvil runs, closed in stop().
         if self.log_file:
-            return open(self.log_file, "ab")  # noqa: SIM115
-        return tempfile.TemporaryFile(prefix="anvil-")  # noqa: SIM115
+            return open(self.log_file, "ab")
+        return tempfile.TemporaryFile(prefix="anvil-")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

@@ -110,7 +110,7 @@ class Engine:
 
     def assert_invariants(self) -> None:
         for ledger in self.ledgers.values():
-            assert ledger.verify() == [], ledger.name  # type: ignore[attr-defined]
+            assert ledger.verify() == [], ledger.name
 
 
 def sqlite_urls(tmp_path: Path) -> dict[str, str]:

@@ -177,7 +177,7 @@ def ledger(request: pytest.FixtureRequest, bank_sql: SqlLedger) -> Ledger:
     """The same behaviours, asked of the SQL ledger itself and of the adapter over the bank."""
     if request.param == "sql":
         return bank_sql
-    return request.getfixturevalue("adapter")  # type: ignore[no-any-return]
+    return request.getfixturevalue("adapter")
 
 
 # --------------------------------------------------------------------- helpers
@@ -212,7 +212,7 @@ def hold_body(hold_id: str = "BK-1#0", amount: Any = "10.00", **changes: Any) ->
 
 def error(response: httpx.Response) -> dict[str, Any]:
     assert response.headers["content-type"] == "application/json", response.text
-    return response.json()["error"]  # type: ignore[no-any-return]
+    return response.json()["error"]
 
 
 # ------------------------------------------------------------------------ auth

@@ -63,7 +63,7 @@ def free_port() -> int:
 def chain_up(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, int]:
     try:
         find_anvil()
-    except Exception as exc:  # noqa: BLE001 (AnvilError, reported as a skip or a CI failure)
+    except Exception as exc:  # AnvilError, reported as a skip or a CI failure
         need(str(exc))
     config = tmp_path / "dvp.toml"
     config.write_text(BEFORE.format(tmp=tmp_path))
@@ -85,7 +85,7 @@ def test_chain_up_writes_the_deployment_and_seed_mints_and_approves_on_chain(
     process, config_path, port = chain_up
     try:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         end = time.monotonic() + 60
         while not any("Ctrl-C" in line for line in lines):
             line = process.stdout.readline()

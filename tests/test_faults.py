@@ -206,7 +206,7 @@ def assert_whole(
             assert all(h is None or h.status is HoldStatus.RELEASED for h in holds), (view.trade_id, holds)
     assert all_open_holds(ledgers) == []
     for ledger in ledgers.values():
-        assert ledger.verify() == [], ledger.name  # type: ignore[attr-defined]
+        assert ledger.verify() == [], ledger.name
 
 
 def kill_window(

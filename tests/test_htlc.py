@@ -104,7 +104,7 @@ async def test_htlc_trade_settles_when_the_seller_claims(settlement: Engine) -> 
     holds = {h.hold_id: h for h in settlement.open_holds()}
     assert {h.hashlock for h in holds.values()} == {hashlock}
     # the seller's leg has the longer timelock
-    assert holds["H-settle#0"].expires_at > holds["H-settle#1"].expires_at  # type: ignore[operator]
+    assert holds["H-settle#0"].expires_at > holds["H-settle#1"].expires_at
 
     await settlement.client.claim("H-settle", preimage)
     final = await settlement.client.wait("H-settle", timeout=60)

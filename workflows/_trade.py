@@ -522,8 +522,8 @@ class TradeSaga(TradeSagaBase):
                 )
             return await self._ledger_call(ledger, activity, argument(ledger, items), forever=forever)
 
-        results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
-        return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
+        per_ledger = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
+        return {index[o.hold_id]: o for result in per_ledger.values() for o in result.outcomes}
 
     def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
         leg = self._instruction.legs[i]

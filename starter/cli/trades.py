@@ -59,8 +59,8 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     else:
         if views:
             print(trades_table(views))
-        for i, exc in refused:
-            print(f"instruction {i} refused: {exc}", file=sys.stderr)
+        for i, error in refused:
+            print(f"instruction {i} refused: {error}", file=sys.stderr)
     if refused:
         return EXIT_BAD_INPUT
     if args.wait and any(v.status is not TradeStatus.SETTLED for v in views):
