@@ -138,7 +138,9 @@ class Anvil:
                 "--mnemonic", self.mnemonic,
                 *self.extra_args,
             ]  # fmt: skip
-            self._child = Child(args, name="anvil", log_path=self.log_file, stop_timeout=5)
+            self._child = Child(
+                args, name="anvil", log_path=self.log_file, stop_timeout=5, anonymous_log=True
+            )
             try:
                 self._child.start()
                 self._child.wait_ready(self._answers, self.startup_timeout, interval=0.05)

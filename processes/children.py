@@ -31,11 +31,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import IO, Any, Literal, Self
 
 __all__ = ["DEATH_SIGNAL", "Child", "ChildError", "Watch", "default_watch", "parent_of", "pid_alive"]
 
@@ -164,7 +164,9 @@ class Child:
     """A command run as a child process in its own session, logging to ``log_path``.
 
     ``log_path`` None logs to a temporary file, deleted by ``stop()`` unless
-    ``keep_log()`` was called. ``env`` None inherits this process's environment.
+    ``keep_log()`` was called; with ``anonymous_log`` one that has no name from the
+    start, so that nothing is left behind however the parent ends (an error message
+    then quotes it but cannot name it). ``env`` None inherits this process's environment.
     ``pass_fds`` are file descriptors the child inherits (e.g. a lock it must hold
     while it lives). ``watch`` picks how the child learns its parent is gone
     (``default_watch()`` for the platform). ``start()`` may be called again after the
@@ -182,6 +184,7 @@ class Child:
         stop_timeout: float = 10.0,
         pass_fds: Sequence[int] = (),
         watch: Watch | None = None,
+        anonymous_log: bool = False,
     ) -> None:
         self.command = [os.fspath(part) for part in command]
         self.name = name or Path(self.command[0]).name
@@ -192,6 +195,8 @@ class Child:
         self.watch: Watch = watch or default_watch()
         self._log_path = Path(log_path) if log_path is not None else None
         self._temporary_log = log_path is None
+        self._anonymous_log = anonymous_log and log_path is None
+        self._log_file: IO[bytes] | None = None  # the anonymous log, open while the child may write
         self._process: subprocess.Popen[bytes] | None = None
         self._watch_fd: int | None = None  # the parent's end of the watched pipe
 
@@ -230,7 +235,10 @@ class Child:
         if self.running:
             return self
         self._close_watch()
-        if self._log_path is None:
+        if self._anonymous_log:
+            if self._log_file is None:
+                self._log_file = tempfile.TemporaryFile(prefix=f"{Path(self.command[0]).name}-")  # noqa: SIM115
+        elif self._log_path is None:
             fd, name = tempfile.mkstemp(prefix=f"{Path(self.command[0]).name}-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
@@ -252,9 +260,8 @@ class Child:
             read_fd, self._watch_fd = os.pipe()  # both ends close on exec unless passed
             command = [sys.executable, "-I", "-S", "-c", _PIPE_WATCHER, str(read_fd), *command]
             pass_fds = (*pass_fds, read_fd)
-        assert self._log_path is not None
         try:
-            with self._log_path.open("ab") as log:
+            with self._log_file_for_child() as log:
                 return subprocess.Popen(
                     command,
                     cwd=self.cwd,
@@ -273,6 +280,15 @@ class Child:
             if read_fd is not None:
                 os.close(read_fd)
 
+    @contextlib.contextmanager
+    def _log_file_for_child(self) -> Iterator[IO[bytes]]:
+        if self._log_file is not None:
+            yield self._log_file
+            return
+        assert self._log_path is not None
+        with self._log_path.open("ab") as log:
+            yield log
+
     # --------------------------------------------------------- readiness
 
     def check_alive(self) -> None:
@@ -280,7 +296,7 @@ class Child:
         code = self.returncode
         if self._process is not None and code is not None:
             raise ChildError(
-                f"{self.name} exited with code {code}; last lines of {self._log_path}:\n{self.log_tail()}"
+                f"{self.name} exited with code {code}; last lines of {self._log_name}:\n{self.log_tail()}"
             )
 
     def wait_ready(self, ready: Callable[[], bool], timeout: float, interval: float = 0.1) -> None:
@@ -309,7 +325,7 @@ class Child:
 
     def _not_ready(self, timeout: float) -> ChildError:
         return ChildError(
-            f"{self.name} was not ready within {timeout:.0f}s; last lines of {self._log_path}:\n"
+            f"{self.name} was not ready within {timeout:.0f}s; last lines of {self._log_name}:\n"
             f"{self.log_tail()}"
         )
 
@@ -318,25 +334,34 @@ class Child:
         return text in self.log_text()
 
     def log_text(self) -> str:
-        if self._log_path is None:
-            return ""
-        try:
-            return self._log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return self._read_log(None).decode(errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         """The log's last ``lines`` lines, or a note that it is empty."""
-        if self._log_path is None:
-            return ""
-        try:
-            with self._log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
-                text = log.read().decode(errors="replace")
-        except OSError:
-            return ""
+        text = self._read_log(_LOG_TAIL_BYTES).decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:]) or "(the log is empty)"
+
+    @property
+    def _log_name(self) -> str:
+        return str(self._log_path) if self._log_path is not None else "its log"
+
+    def _read_log(self, last: int | None) -> bytes:
+        """The log's content (its ``last`` bytes only, if given)."""
+        try:
+            if self._log_file is not None:
+                fd = self._log_file.fileno()
+                size = os.fstat(fd).st_size
+                start = 0 if last is None else max(0, size - last)
+                return os.pread(fd, size - start, start)
+            if self._log_path is None:
+                return b""
+            with self._log_path.open("rb") as log:
+                if last is not None:
+                    log.seek(0, os.SEEK_END)
+                    log.seek(max(0, log.tell() - last))
+                return log.read()
+        except (OSError, ValueError):
+            return b""
 
     # -------------------------------------------------------------- stop
 
@@ -366,6 +391,9 @@ class Child:
             with contextlib.suppress(FileNotFoundError):
                 self._log_path.unlink()
             self._log_path = None
+        log_file, self._log_file = self._log_file, None
+        if log_file is not None:
+            log_file.close()
         return process.returncode if process is not None else None
 
     def kill(self, timeout: float = 10.0) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -71,22 +72,33 @@ def dvp_server(log_path: Path, port: int, ui_port: int, db: Path | None = None) 
     return dvp_command(log_path, *args, *(["--db", str(db)] if db else []))
 
 
+@dataclass
+class Leftovers:
+    """What a test's processes may leave behind when they are killed, removed after it."""
+
+    pids: list[int] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
 @pytest.fixture
-def leftovers() -> Iterator[list[int]]:
-    """Pids to SIGKILL after the test if still alive (what a failing test may leave behind)."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
+def leftovers() -> Iterator[Leftovers]:
+    left = Leftovers()
+    yield left
+    for pid in left.pids:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+    for path in left.files:
+        path.unlink(missing_ok=True)
 
 
-def serving(server: Child, leftovers: list[int], timeout: float = 60) -> int:
+def serving(server: Child, leftovers: Leftovers, timeout: float = 60) -> int:
     """Wait until ``dvp server`` serves; the pid of its Temporal server (its only child)."""
     server.wait_ready(lambda: server.logged("Press Ctrl-C"), timeout)
     assert server.pid is not None
     found = children_of(server.pid)
-    leftovers += found
+    leftovers.pids += found
+    # A server's temporary log outlives a dvp server that is killed.
+    leftovers.files += [Path(log) for log in re.findall(r"^Log\s+(\S+)", server.log_text(), re.M)]
     assert len(found) == 1, (found, server.log_text())
     return found[0]
 
@@ -132,7 +144,7 @@ def plain_bind_fails(port: int) -> bool:
 
 @pytest.mark.slow
 async def test_after_the_temporal_server_is_killed_dvp_server_restarts_at_once_and_trades_end_whole(
-    tmp_path: Path, leftovers: list[int]
+    tmp_path: Path, leftovers: Leftovers
 ) -> None:
     """Given the standard accounts and 24 trades in flight (20 that settle, 4 whose seller is
     short), the Temporal server and the worker are SIGKILLed. ``dvp server`` on the same
@@ -218,7 +230,7 @@ def test_the_port_check_ignores_time_wait_but_not_a_listener() -> None:
 
 @pytest.mark.slow
 def test_killing_dvp_server_takes_its_temporal_server_and_frees_the_port(
-    tmp_path: Path, leftovers: list[int]
+    tmp_path: Path, leftovers: Leftovers
 ) -> None:
     port, ui_port = free_port(), free_port()
     server = dvp_server(tmp_path / "server.log", port, ui_port, tmp_path / "temporal.db").start()
@@ -235,7 +247,7 @@ def test_killing_dvp_server_takes_its_temporal_server_and_frees_the_port(
 
 @pytest.mark.slow
 def test_killing_dvp_chain_up_takes_its_anvil_and_frees_the_port(
-    tmp_path: Path, leftovers: list[int]
+    tmp_path: Path, leftovers: Leftovers
 ) -> None:
     try:
         find_anvil()
@@ -249,7 +261,7 @@ def test_killing_dvp_chain_up_takes_its_anvil_and_frees_the_port(
         chain.wait_ready(lambda: chain.logged("Press Ctrl-C"), 60)
         assert chain.pid is not None
         nodes = children_of(chain.pid)
-        leftovers += nodes
+        leftovers.pids += nodes
         assert len(nodes) == 1 and port_in_use(port), chain.log_text()
         os.kill(chain.pid, signal.SIGKILL)
         assert gone_within(5, nodes, [port]), f"anvil {nodes} outlived dvp chain up"
@@ -262,7 +274,7 @@ def test_killing_dvp_chain_up_takes_its_anvil_and_frees_the_port(
 PARENT = """
 import sys, threading, time
 from processes.children import Child
-child = Child(["sleep", "600"], watch=sys.argv[1])
+child = Child(["sleep", "600"], watch=sys.argv[1], anonymous_log=True)
 thread = threading.Thread(target=child.start)
 thread.start()
 thread.join()
@@ -322,7 +334,7 @@ def test_the_bank_service_dies_with_the_process_that_started_it(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_a_second_dvp_server_on_a_database_in_use_is_refused_naming_the_first(
-    tmp_path: Path, leftovers: list[int]
+    tmp_path: Path, leftovers: Leftovers
 ) -> None:
     db = tmp_path / "temporal.db"
     first = dvp_server(tmp_path / "server-1.log", free_port(), free_port(), db).start()
@@ -335,7 +347,7 @@ def test_a_second_dvp_server_on_a_database_in_use_is_refused_naming_the_first(
             assert second.process.wait(30) == 1, second.log_text()
         finally:
             if second.pid is not None:
-                leftovers += children_of(second.pid)
+                leftovers.pids += children_of(second.pid)
             second.kill()
         message = second.log_text()
         assert f"the database file {db} is in use" in message
@@ -353,7 +365,7 @@ def test_a_second_dvp_server_on_a_database_in_use_is_refused_naming_the_first(
 
 
 @pytest.mark.slow
-def test_a_taken_port_is_refused_naming_what_holds_it(tmp_path: Path, leftovers: list[int]) -> None:
+def test_a_taken_port_is_refused_naming_what_holds_it(tmp_path: Path, leftovers: Leftovers) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -373,7 +385,7 @@ def test_a_taken_port_is_refused_naming_what_holds_it(tmp_path: Path, leftovers:
         capture_output=True, text=True, check=True, timeout=30,
     )  # fmt: skip
     orphan = int(spawned.stdout)
-    leftovers.append(orphan)
+    leftovers.pids.append(orphan)
     end = time.monotonic() + 30
     while not port_in_use(port):
         assert pid_alive(orphan) and time.monotonic() < end, "the orphan server did not start"
