@@ -171,7 +171,7 @@ def _port_taken(name: str, port: int, db_file: Path | None) -> DevServerError:
     held = listener(port)
     if held is None:
         return DevServerError(
-            f"{name} {port} on {HOST} is already in use (by a process this user cannot see); "
+            f"{name} {port} on {HOST} is already in use (by a process whose pid is not known here); "
             "choose another port"
         )
     pid, shown = held
