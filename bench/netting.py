@@ -11,9 +11,6 @@ the trades settled one by one (gross), each ledger's ``verify()`` and open holds
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import sys
 import time
 import tomllib
 import uuid
@@ -23,10 +20,10 @@ from typing import Any
 
 from connection import connect_client
 from domain import BatchStatus, Config, parse_config
+from processes.workers import WorkerProcess
 from starter.batch import BatchClient, parse_batch
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
-REPO = Path(__file__).resolve().parent.parent
 PARTICIPANTS = 20
 SEED = 20240601
 MEASURE = "trades in memory -> checked, stored, netted, every net leg committed (client clock)"
@@ -94,15 +91,7 @@ async def run_netting(
     with opened(config) as ledgers:
         seed(config, parse_seed({"accounts": _accounts()}, config), ledgers)
         before = all_balances(ledgers)
-    log = (base / "worker-netting.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py"), "--config", str(config_path)],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    worker = WorkerProcess(config_path, base / "worker-netting.log", stop_timeout=30).start()
     try:
         client = BatchClient(await connect_client(address, namespace), config)
         warm = random_trades(20, f"{run}w", SEED + 1)
@@ -115,14 +104,7 @@ async def run_netting(
         done = time.perf_counter()
         client.store.close()
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        log.close()
+        worker.stop()
     wall = done - started
     return {
         "trades": n,

@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +76,7 @@ from domain import (
     parse_config,
 )
 from processes.devserver import DYNAMIC_CONFIG, DevServer, find_temporal_binary
+from processes.workers import WorkerProcess
 from starter.client import SettlementClient, parse_instruction
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
@@ -209,36 +209,24 @@ def tree_peak_rss_mb(root: int) -> float:
     return total_kb / 1024
 
 
-class _WorkerProcess:
+class _WorkerProcess(WorkerProcess):
     """One ``bench.worker`` process, as a worker would be deployed."""
 
     def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", "--config", str(config_path)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid = self.process.pid
+        super().__init__(config_path, log_path, module="bench.worker", stop_timeout=30)
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        pid = super().pid
+        assert pid is not None, "started in __init__"
+        return pid
 
     def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-            raise BenchFailed(f"bench worker {self.pid} exited with code {self.process.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        if not self.running:
+            raise BenchFailed(
+                f"bench worker {self.pid} exited with code {self.returncode}:\n{self.log_tail(30)}"
+            )
 
 
 @dataclass

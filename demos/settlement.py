@@ -13,7 +13,6 @@ import hashlib
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -24,13 +23,14 @@ from typing import Any
 
 from connection import connect_client
 from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
-from processes.devserver import DevServer, _port_is_free
+from processes.devserver import DevServer
+from processes.ports import port_in_use
+from processes.workers import WorkerProcess
 from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = Path(".dvp") / "demo"
 
 ACCOUNTS = [
@@ -267,29 +267,6 @@ async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]
     return ok, [t for t in trades if t["trade_id"] not in gone] if view.status is BatchStatus.SETTLED else []
 
 
-class _Worker:
-    """A worker in its own process, as it would be deployed."""
-
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "worker.py"), "--config", str(config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
 async def _play(client: SettlementClient, scenario: Scenario) -> tuple[TradeView, list[str]]:
     trade_id = scenario.instruction["trade_id"]
     await client.submit(scenario.instruction)
@@ -336,7 +313,7 @@ def run_demo(keep: bool = False) -> int:
     base = DEMO_DIR.resolve()
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
-    port = 7233 if _port_is_free(7233) and _port_is_free(8233) else None
+    port = None if port_in_use(7233) or port_in_use(8233) else 7233
     server = DevServer(port=port, db_file=base / "temporal.db", log_file=base / "temporal.log")
     config, text = demo_config(base, f"127.0.0.1:{server.port}")
     config_path = base / "dvp.toml"
@@ -345,12 +322,12 @@ def run_demo(keep: bool = False) -> int:
     print(f"Starting the Temporal dev server (state in {base / 'temporal.db'})...", flush=True)
     started = time.monotonic()
     server.start()
-    worker = _Worker(config_path, base / "worker.log")
+    worker = WorkerProcess(config_path, base / "worker.log").start()
     try:
         with opened(config) as ledgers:
             seed(config, parse_seed({"accounts": ACCOUNTS}, config), ledgers)
             before = all_balances(ledgers)
-        print(f"Worker pid {worker.process.pid}; ledgers seeded: {', '.join(sorted(config.ledgers))}\n")
+        print(f"Worker pid {worker.pid}; ledgers seeded: {', '.join(sorted(config.ledgers))}\n")
         print("Balances before")
         print(balances_table(before))
 

@@ -23,6 +23,7 @@ from web3 import Web3
 from adapters.evm import EvmLedger, load_artefact
 from domain import LedgerConfig, load_config
 from processes.anvil import find_anvil
+from processes.ports import free_port
 from starter import cli
 
 from ._fixtures_evm import need
@@ -51,12 +52,6 @@ SEED = {
         {"ledger": "cash", "id": "alice-eur", "asset": "EUR", "owner": "alice", "balance": "100.00"},
     ]
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

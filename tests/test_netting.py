@@ -503,7 +503,7 @@ async def test_worker_killed_mid_batch_still_settles_it_whole(
         async with workers() as started:
             first = WorkerProcess(config_path, tmp_path / "worker-1.log")
             started.append(first)
-            await first.start()
+            await first.started()
             client = BatchClient(temporal_client, config)
             await client.submit(trades, batch_id="killed")
             loop = asyncio.get_running_loop()
@@ -514,7 +514,7 @@ async def test_worker_killed_mid_batch_still_settles_it_whole(
             first.kill()
             second = WorkerProcess(config_path, tmp_path / "worker-2.log")
             started.append(second)
-            await second.start()
+            await second.started()
             view = await client.wait("killed", timeout=120)
         assert view.status is BatchStatus.SETTLED, view.reason
         assert view.settled == 3000
