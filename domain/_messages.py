@@ -73,7 +73,8 @@ class HoldOutcome(_Model):
 
     When ``ok``, ``status`` and ``amount`` are the hold's after the call (amount 0 for
     a key released before anything was placed under it): all a workflow needs of the
-    hold, so its history does not carry the whole hold once per call.
+    hold, so its history does not carry the whole hold once per call. A release that
+    is refused because the hold is committed says so in ``status`` too.
     """
 
     hold_id: str
@@ -92,6 +93,11 @@ class HoldOutcome(_Model):
     def open(self) -> bool:
         """The call succeeded and the hold is open (placed, not yet committed or released)."""
         return self.ok and self.status is HoldStatus.OPEN
+
+    @property
+    def committed(self) -> bool:
+        """The ledger reports the hold committed, whatever the call was."""
+        return self.status is HoldStatus.COMMITTED
 
     @property
     def placed(self) -> bool:

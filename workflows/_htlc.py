@@ -29,6 +29,13 @@ engine's promise but the ledgers'. The workflow's timers release each leg at its
 timelock as well, and a release that finds the hold committed records the leg as
 claimed at the ledger.
 
+After ``temporal workflow reset`` the trade re-runs and meets, under its idempotent
+hold keys, what its earlier run did: a lock that answers committed is a leg claimed
+(COMMITTED), one that answers released a leg refunded, and the trade ends as its legs
+stand (SETTLED, ONE_SIDED or EXPIRED), or waits on the legs still locked. A re-run
+does not know a preimage revealed before the reset: the other party claims with it.
+See docs/operations.md, "Resetting a trade".
+
 The preimage never enters a workflow payload before the claim: the instruction
 carries only its hash; the preimage arrives in the ``claim`` update, whose
 validator checks it (a wrong one is rejected without entering the history) before
@@ -126,7 +133,10 @@ class HtlcSaga(TradeSagaBase):
             await self._lock_all()
         except _Abort as abort:
             await self._shielded(self._release_locked())
-            self._set_status(abort.status, abort.reason)
+            if self._ended_by_earlier_run():
+                self._finish()
+            else:
+                self._set_status(abort.status, abort.reason)
         except asyncio.CancelledError:
             # nothing can have been claimed yet: the locks go back at once
             self._event("cancel requested through Temporal")
@@ -199,7 +209,17 @@ class HtlcSaga(TradeSagaBase):
                         f"leg {i} locked", f"{self._describe(i)}; refunds at {self._timelocks[i].isoformat()}"
                     )
                     break
-                if outcome.ok:
+                if outcome.committed:  # claimed in an earlier run of the trade (before a reset)
+                    self._states[i] = LegState.COMMITTED
+                    self._details[i] = "claimed at the ledger"
+                    self._event(f"leg {i} found claimed at the ledger", self._describe(i))
+                    break
+                if outcome.ok:  # released at the ledger (refunded by an earlier run): it cannot lock again
+                    self._states[i] = LegState.RELEASED
+                    self._details[i] = "refunded at the ledger"
+                    if i == SECRET_HOLDER_LEG:
+                        # Never lock the payment now; releasing its key finds whether it was claimed.
+                        self._locking.append(PAYMENT_LEG)
                     raise _Abort(TradeStatus.EXPIRED, f"the lock of leg {i} was released at the ledger")
                 if self._details[i] != outcome.detail:
                     self._event(f"leg {i} short, recycling", outcome.detail)
@@ -294,7 +314,16 @@ class HtlcSaga(TradeSagaBase):
                 placed = outcome.placed
                 self._states[i] = LegState.RELEASED
                 self._event(f"leg {i} released", "lock returned" if placed else "nothing was locked")
+            elif outcome.committed and self._states[i] is not LegState.COMMITTED:
+                self._states[i] = LegState.COMMITTED
+                self._details[i] = "claimed at the ledger"
+                self._event(f"leg {i} claimed at the ledger", outcome.detail)
         self._locking.clear()
+
+    def _ended_by_earlier_run(self) -> bool:
+        """After an abort: a leg is claimed and none is open, as an earlier run (before a reset) left them."""
+        ended = (LegState.COMMITTED, LegState.RELEASED)
+        return LegState.COMMITTED in self._states and all(state in ended for state in self._states)
 
     def _finish(self) -> None:
         claimed = [i for i, s in enumerate(self._states) if s is LegState.COMMITTED]

@@ -6,6 +6,15 @@ Every ending but SETTLED releases what was reserved. The guarantees (why a hold 
 expire between the commit decision and the commits, cancellation, compensation,
 partial fills) and the full state diagram are in docs/design.md.
 
+After ``temporal workflow reset`` (the Web UI's Reset) a trade re-runs from an earlier
+point of its history and meets, under its idempotent hold keys, what its earlier run
+did at the ledgers. A hold found committed, by a reservation, a pin or a refused
+release, means that run took the commit decision: it stands, the leg is COMMITTED and
+the rest of the trade is committed, never released; a trade whose holds are all
+committed ends SETTLED without moving anything again. A partial trade follows its
+earlier run's fill attempts at the ledgers (``look_up``), so a committed fill counts
+with its amounts. See docs/operations.md, "Resetting a trade".
+
 This module is the saga as plain deterministic Python (``TradeSaga``); its Temporal
 definition, ``SettlementWorkflow`` in ``workflows/settlement.py``, only hands it the
 run and the handlers. The worker passes this module through the sandbox
@@ -41,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
         HoldRefs,
         HoldRefsBatch,
         HoldRequest,
+        HoldStatus,
         LegState,
         ReserveBatch,
         ReserveRequest,
@@ -59,6 +69,9 @@ T = TypeVar("T")
 _LOCAL = "*local"  # (trades without local_steps) the key of the commits on all local ledgers
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
+# workflow.patched id: an abort after every pin looks the holds up before releasing them
+# (see TradeSaga._unwind); trades that aborted there before this change replay without.
+_LOOK_BEFORE_RELEASE = "look-up-before-release"
 
 
 # Each one-ledger activity's form for several ledgers at once, and its request type.
@@ -68,6 +81,7 @@ _BATCHES: dict[Callable[..., Any], tuple[Callable[..., Any], type]] = {
     LedgerActivities.pin: (LedgerActivities.pin_local, HoldRefsBatch),
     LedgerActivities.commit: (LedgerActivities.commit_local, HoldRefsBatch),
     LedgerActivities.release: (LedgerActivities.release_local, HoldRefsBatch),
+    LedgerActivities.look_up: (LedgerActivities.look_up_local, HoldRefsBatch),
 }
 
 
@@ -94,6 +108,7 @@ class TradeSaga(TradeSagaBase):
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
         self._decided = False
+        self._pinned = False  # every hold of this attempt pinned, no decision yet (see _unwind)
         self._compensations: list[int] = []  # leg indexes to release, LIFO
         # One call per step for all the local ledgers (_step), or, for a trade whose
         # client predates that, one per local ledger (_per_ledger).
@@ -106,12 +121,10 @@ class TradeSaga(TradeSagaBase):
         try:
             await self._settle()
         except _Abort as abort:
-            await self._shielded(self._compensate())
-            self._end_unsettled(abort.status, abort.reason)
+            await self._shielded(self._unwind(abort.status, abort.reason))
         except asyncio.CancelledError:
             self._event("cancel requested through Temporal")
-            await self._shielded(self._compensate())
-            self._end_unsettled(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
+            await self._shielded(self._unwind(TradeStatus.CANCELLED, "workflow cancelled through Temporal"))
         self._publish()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
@@ -123,12 +136,36 @@ class TradeSaga(TradeSagaBase):
         await self._await_approvals()
         while True:
             await self._reserve_all()
-            await self._prepare()
-            self._decide()
+            # Either may find the decision taken by an earlier run (see _resume_decided).
+            if not self._decided:
+                await self._prepare()
+            if not self._decided:
+                self._decide()
             await self._shielded(self._commit_all())
             if not self._rest_open():
                 break
         self._set_status(TradeStatus.SETTLED)
+
+    async def _unwind(self, status: TradeStatus, reason: str) -> None:
+        """Release what the trade holds and end it unsettled, unless a hold is found committed."""
+        if self._pinned and workflow.patched(_LOOK_BEFORE_RELEASE):
+            # Every hold is pinned, the point where a run takes its decision: an earlier run
+            # of this trade (before a reset to here) may have taken it and committed some
+            # legs. Releasing the others, one call per ledger, would break the trade: look
+            # first. Patched, so that a trade that aborted here before replays as it ran.
+            await self._look_up_committed()
+        if not self._committed_legs():
+            await self._compensate()
+        if not self._committed_legs():
+            self._end_unsettled(status, reason)
+            return
+        # Committed by an earlier run of this trade (before a reset): its decision stands.
+        self._resume_decided()
+        await self._commit_all()
+        if self._rest_open():  # a partial trade: this fill counts, the rest is not tried
+            self._end_unsettled(status, reason)
+        else:
+            self._set_status(TradeStatus.SETTLED)
 
     # --------------------------------------------------------------- steps
 
@@ -189,6 +226,20 @@ class TradeSaga(TradeSagaBase):
             )
             for i, outcome in outcomes.items():
                 self._record_reservation(i, outcome)
+            if self._committed_legs():
+                self._resume_decided()
+                return
+            if released := [i for i in pending if self._leg_states[i] is LegState.RELEASED]:
+                # The key was released at the ledger (by an earlier run, before a reset): it
+                # can never be held again.
+                if self._rule is None:
+                    raise _Abort(TradeStatus.EXPIRED, f"hold of leg {released[0]} was released at the ledger")
+                await self._follow_earlier_run()
+                if self._decided or all(state is LegState.HELD for state in self._leg_states):
+                    return
+                if workflow.now() >= self._deadline:
+                    raise _Abort(TradeStatus.EXPIRED, "the deadline passed before the rest was reserved")
+                continue
             if all(state is LegState.HELD for state in self._leg_states):
                 return
             if (fill := self._smaller_fill(outcomes)) is not None:
@@ -203,12 +254,19 @@ class TradeSaga(TradeSagaBase):
 
     async def _prepare(self) -> None:
         outcomes = await self._holds_call(list(range(len(self._hold_ids))), LedgerActivities.pin, self._refs)
+        for i, outcome in outcomes.items():
+            if outcome.committed:
+                self._record_committed(i)
+        if self._committed_legs():
+            self._resume_decided()
+            return
         lost = [i for i, outcome in outcomes.items() if not outcome.ok]
         if lost:
             for i in lost:
                 self._leg_states[i] = LegState.RELEASED
                 self._leg_details[i] = outcomes[i].detail
             raise _Abort(TradeStatus.EXPIRED, f"hold of leg {lost[0]} ended at the ledger before the commit")
+        self._pinned = True
         self._raise_if_cancelled()
         if workflow.now() >= self._deadline:
             raise _Abort(TradeStatus.EXPIRED, "every leg was held, but only after the deadline")
@@ -226,8 +284,22 @@ class TradeSaga(TradeSagaBase):
         # publishes COMMITTING in _stuck. The decision itself is recorded when the
         # commits are scheduled (see ledger_call).
 
+    def _resume_decided(self) -> None:
+        """A leg was found committed at its ledger: an earlier run of this trade (before a
+        reset) took the commit decision. It stands: from here on, only commits."""
+        self._decided = True
+        committed = self._committed_legs()
+        legs = f"leg{'s' if len(committed) > 1 else ''} {', '.join(map(str, committed))}"
+        detail = f"{legs} committed at the ledger"
+        if len(committed) < len(self._leg_states):
+            detail += "; committing the rest"
+        if self._rule is not None:
+            detail = f"fill {len(self._fills) + 1}: {detail}"
+        self._event("commit decision found taken by an earlier run", detail)
+        self._set_status(TradeStatus.COMMITTING)
+
     async def _commit_all(self) -> None:
-        remaining = list(range(len(self._hold_ids)))
+        remaining = [i for i, state in enumerate(self._leg_states) if state is not LegState.COMMITTED]
         pause = _STUCK_RETRY
         while remaining:
             try:
@@ -242,6 +314,21 @@ class TradeSaga(TradeSagaBase):
                     self._leg_states[i] = LegState.COMMITTED
                     self._event(f"leg {i} committed", self._describe_leg(i))
             remaining = [i for i in remaining if self._leg_states[i] is not LegState.COMMITTED]
+
+    async def _look_up_committed(self) -> None:
+        """Record each leg whose hold its ledger reports committed; retried until every ledger answers."""
+        legs = list(range(len(self._hold_ids)))
+        pause = _STUCK_RETRY
+        while True:
+            try:
+                outcomes = await self._holds_call(legs, LedgerActivities.look_up, self._refs, forever=True)
+            except FailureError as err:
+                pause = await self._stuck("look-up failed, retrying", err, pause)
+                continue
+            for i, outcome in outcomes.items():
+                if outcome.committed:
+                    self._record_committed(i)
+            return
 
     async def _compensate(self) -> None:
         to_release = list(reversed(self._compensations))
@@ -259,6 +346,8 @@ class TradeSaga(TradeSagaBase):
                     self._leg_states[i] = LegState.RELEASED
                     placed = outcome.placed
                     self._event(f"leg {i} released", "hold returned" if placed else "nothing was held")
+                elif outcome.committed:
+                    self._record_committed(i)
                 else:
                     self._event(f"leg {i} could not be released", outcome.detail)
             to_release = []
@@ -305,6 +394,45 @@ class TradeSaga(TradeSagaBase):
         await self._compensate()
         self._next_attempt(fill)
 
+    async def _follow_earlier_run(self) -> None:
+        """This attempt's keys were released at the ledger: an earlier run of the trade
+        (before a reset) resized the fill or ended the attempt, and the amounts of its next
+        attempt, sized by what was available then, are known only to the ledgers.
+
+        Release what is left of the attempt, then look up the next attempt's keys and take
+        their amounts: a committed hold makes it a fill (decided, see _resume_decided), one
+        held on every leg is taken over, and one released or held on some legs only is
+        released in turn and passed. Returns at the first attempt the earlier run did not
+        reach, whose legs are then reserved afresh.
+        """
+        legs = list(range(len(self._hold_ids)))
+        passed = "released by an earlier run"
+        while True:
+            self._event(f"fill attempt {self._attempt} {passed}", ", ".join(self._hold_ids))
+            self._compensations = [
+                i for i in self._compensations if self._leg_states[i] is not LegState.RELEASED
+            ]
+            await self._compensate()
+            self._next_attempt(self._instruction.legs[0].amount - self._settled[0])
+            self._compensations = list(legs)  # whatever the earlier run placed under these keys
+            outcomes = await self._holds_call(legs, LedgerActivities.look_up, self._refs)
+            found = {i: outcome for i, outcome in outcomes.items() if outcome.ok}
+            if not found:
+                return
+            for i, outcome in found.items():
+                if outcome.status is not HoldStatus.RELEASED and outcome.amount:
+                    self._amounts[i] = outcome.amount
+                self._record_reservation(i, outcome)
+            if self._committed_legs():
+                self._resume_decided()
+                return
+            if all(state is LegState.HELD for state in self._leg_states):
+                return
+            if not any(state is LegState.RELEASED for state in self._leg_states):
+                passed = "held in part by an earlier run; releasing it"
+            else:
+                passed = "released by an earlier run"
+
     def _rest_open(self) -> bool:
         """After a commit: record a partial trade's fill; True while a rest remains to settle."""
         if self._rule is None:
@@ -342,6 +470,7 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(self._hold_ids)
         self._compensations.clear()
         self._decided = False
+        self._pinned = False
 
     def _filled(self) -> str:
         leg = self._instruction.legs[0]
@@ -546,12 +675,28 @@ class TradeSaga(TradeSagaBase):
             self._leg_details[i] = ""
             self._event(f"leg {i} held", self._describe_leg(i))
             return
-        if outcome.ok:  # the key was released at the ledger: it can never be held again
-            raise _Abort(TradeStatus.EXPIRED, f"hold of leg {i} was released at the ledger")
+        if outcome.committed:
+            self._record_committed(i)
+            return
+        if outcome.ok:  # released at the ledger: the caller decides what that means
+            self._leg_states[i] = LegState.RELEASED
+            self._leg_details[i] = "released at the ledger"
+            return
         if self._leg_details[i] != outcome.detail:
             self._event(f"leg {i} short, recycling", outcome.detail)
         self._leg_states[i] = LegState.SHORT
         self._leg_details[i] = outcome.detail
+
+    def _record_committed(self, i: int) -> None:
+        """Leg ``i``'s hold is committed at its ledger (by an earlier run of this trade)."""
+        if self._leg_states[i] is LegState.COMMITTED:
+            return
+        self._leg_states[i] = LegState.COMMITTED
+        self._leg_details[i] = "committed at the ledger by an earlier run"
+        self._event(f"leg {i} found committed", self._describe_leg(i))
+
+    def _committed_legs(self) -> list[int]:
+        return [i for i, state in enumerate(self._leg_states) if state is LegState.COMMITTED]
 
     def _shortfall(self) -> str:
         short = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
