@@ -25,6 +25,7 @@ from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from adapters import Ledger
 from adapters.sql import SqlLedger
 from domain import Hold, HoldStatus, LedgerUnavailable, LegState, TradeStatus, TradeView
 from processes.devserver import DevServer, find_temporal_binary
@@ -118,7 +119,7 @@ async def task_that_scheduled(engine: Engine, trade_id: str, activity: str) -> i
     raise AssertionError(f"{trade_id} never scheduled {activity}")
 
 
-async def hold_status(ledger: SqlLedger, hold_id: str, status: HoldStatus) -> None:
+async def hold_status(ledger: Ledger, hold_id: str, status: HoldStatus) -> None:
     for _ in range(300):
         if ledger.get_hold(hold_id).status is status:
             return
