@@ -69,9 +69,9 @@ T = TypeVar("T")
 _LOCAL = "*local"  # (trades without local_steps) the key of the commits on all local ledgers
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
-# workflow.patched id (docs/decisions/0010-reset-reads-the-ledgers.md): an abort after every pin
-# looks the holds up before releasing them
-# (see TradeSaga._unwind); trades that aborted there before this change replay without.
+# workflow.patched id: an abort after every pin looks the holds up before releasing them
+# (TradeSaga._unwind); trades that aborted there before it replay without. See
+# docs/decisions/0010-reset-reads-the-ledgers.md.
 _LOOK_BEFORE_RELEASE = "look-up-before-release"
 
 
