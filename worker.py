@@ -1,6 +1,6 @@
 """The dvp worker: settlement workflows and ledger activities.
 
-    python worker.py [--config FILE] [--ledger NAME ...] [--no-workflows]
+    python worker.py [--config FILE] [--ledger NAME ...] [--no-workflows] [--metrics-port N]
 
 Runs the settlement workflows on ``<prefix>-settlement``, with the ledger calls of
 every ledger configured with ``local_activities = true`` (the default) as local
@@ -9,7 +9,12 @@ named), that ledger's activities on ``<prefix>-ledger-<name>``, for ledgers whos
 calls go through their own task queue so that they run only where the credentials
 are. Any number of workers may run side by side against the same server and
 ledgers. Every ledger a worker opens is also swept for expired holds, the backstop
-for an orchestrator that vanished.
+for an orchestrator that vanished, and its open holds are measured (the
+``dvp_open_holds`` and ``dvp_held_amount`` gauges).
+
+``--metrics-port N`` serves Prometheus metrics at ``http://127.0.0.1:N/metrics``: the
+Temporal SDK's and dvp's (docs/operations.md, "Metrics"). Traces are exported when the
+``OTEL_*`` environment asks for them (``connection.telemetry``).
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from temporalio.client import Client
+from temporalio.common import MetricMeter
+from temporalio.runtime import Runtime
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown
+from connection.telemetry import configure_tracing, metrics_runtime
 from domain import Config, DvpError, load_config
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
@@ -58,13 +67,38 @@ WORKFLOW_RUNNER = SandboxedWorkflowRunner(
 )
 
 
-async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
+class HoldGauges:
+    """``dvp_open_holds`` and ``dvp_held_amount`` of one ledger, by asset, as last measured."""
+
+    def __init__(self, meter: MetricMeter, ledger: str) -> None:
+        self._ledger = ledger
+        self._count = meter.create_gauge("dvp_open_holds", "Open holds, by ledger and asset")
+        self._amount = meter.create_gauge_float(
+            "dvp_held_amount", "Amount held by open holds, by ledger and asset"
+        )
+        self._assets: set[str] = set()  # every asset measured so far: one with no hold left reads 0
+
+    def measure(self, ledger: Ledger) -> None:
+        totals: dict[str, tuple[int, Decimal]] = {}
+        for hold in ledger.open_holds():
+            count, amount = totals.get(hold.asset, (0, Decimal(0)))
+            totals[hold.asset] = (count + 1, amount + hold.amount)
+        self._assets.update(totals)
+        for asset in self._assets:
+            count, amount = totals.get(asset, (0, Decimal(0)))
+            labels = {"ledger": self._ledger, "asset": asset}
+            self._count.set(count, labels)
+            self._amount.set(float(amount), labels)
+
+
+async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event, gauges: HoldGauges) -> None:
     interval = config.settlement.sweep_interval.total_seconds()
     while not stop.is_set():
         try:
             expired = await asyncio.to_thread(ledger.expire_holds, datetime.now(UTC))
             for hold in expired:
                 log.warning("ledger %s: hold %s expired and was released", ledger.name, hold.hold_id)
+            await asyncio.to_thread(gauges.measure, ledger)
         except DvpError as exc:
             log.warning("ledger %s: sweep failed: %s", ledger.name, exc)
         with contextlib.suppress(TimeoutError):
@@ -134,7 +168,11 @@ async def run_worker(
                 max_concurrent_activities=ACTIVITY_THREADS,
             )
         )
-    sweepers = [asyncio.create_task(_sweep(ledger, config, stop)) for ledger in opened.values()]
+    meter = (client.service_client.config.runtime or Runtime.default()).metric_meter
+    sweepers = [
+        asyncio.create_task(_sweep(ledger, config, stop, HoldGauges(meter, name)))
+        for name, ledger in opened.items()
+    ]
     try:
         async with _all_running(workers):
             log.info(
@@ -206,9 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML configuration (default: $DVP_CONFIG or the embedded default)")
     parser.add_argument("--ledger", action="append", help="run only this ledger's activities (repeatable)")
     parser.add_argument("--no-workflows", action="store_true", help="run ledger activities only")
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="N", help="serve Prometheus metrics at http://HOST:N/metrics"
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics endpoint"
+    )
     args = parser.parse_args(argv)
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        print(
+            f"dvp worker: --metrics-port: {args.metrics_port} is not a TCP port (1 to 65535)", file=sys.stderr
+        )
+        return 2
     tune_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_tracing("dvp-worker")
     try:
         config = load_config(args.config)
     except DvpError as exc:
@@ -220,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        options = {}
+        if args.metrics_port is not None:
+            try:
+                options["runtime"] = metrics_runtime(args.metrics_port, args.metrics_host)
+            except Exception as exc:  # the SDK's runtime reports a port it cannot bind as a plain error
+                raise DvpError(
+                    f"--metrics-port: cannot serve metrics on {args.metrics_port}: {exc}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, **options)
         await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
 
     try:

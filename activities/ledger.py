@@ -20,13 +20,22 @@ after ``temporal workflow reset`` find what its earlier run did: a reservation o
 of a key already committed answers COMMITTED (the hold keys are idempotent), a release
 refused because the hold is committed says so, and ``look_up`` reads holds without
 changing them.
+
+Each call is a span of the trade's trace (``<step> <ledger>``, e.g. ``reserve cash``) with
+its outcome code (``dvp.outcome``: ``ok``, or the codes of the holds refused, or the
+error's), and counted in the ``dvp_ledger_calls`` metric by step, ledger and outcome.
+Neither names an account, an owner or an amount.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -49,6 +58,62 @@ from domain import (
     ReserveRequest,
     UnknownHold,
 )
+
+_tracer = trace.get_tracer("dvp.ledger")
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def _outcome(result: object) -> str:
+    """A call's outcome code: ``ok``, or the sorted codes of the holds or checks refused."""
+    if isinstance(result, HoldOutcomes):
+        codes = sorted({o.code or "refused" for o in result.outcomes if not o.ok})
+        return ",".join(codes) or "ok"
+    if isinstance(result, CheckAccountsResult):
+        return "problems" if result.problems else "ok"
+    return "ok"
+
+
+def _record(step: str, ledger: str, outcome: str) -> None:
+    try:
+        meter = activity.metric_meter()
+    except RuntimeError:  # called outside an activity (a test, a tool): nothing to count in
+        return
+    meter.create_counter("dvp_ledger_calls", "Ledger calls by step, ledger and outcome code").add(
+        1, {"step": step, "ledger": ledger, "outcome": outcome}
+    )
+
+
+def _traced(step: str) -> Callable[[_Call], _Call]:
+    """Run a one-ledger call in a span ``<step> <ledger>`` that ends with its outcome code."""
+
+    def wrap(method: _Call) -> _Call:
+        @functools.wraps(method)
+        def traced(self: LedgerActivities, request: Any) -> Any:
+            ledger = self._ledger(request.ledger).name
+            span: Span
+            with _tracer.start_as_current_span(
+                f"{step} {ledger}",
+                attributes={"dvp.step": step, "dvp.ledger": ledger},
+                # An error's message may name an account or an amount: only its code is kept.
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    result = method(self, request)
+                except ApplicationError as exc:
+                    code = exc.type or "error"
+                    span.set_attribute("dvp.outcome", code)
+                    span.set_status(Status(StatusCode.ERROR, code))
+                    _record(step, ledger, code)
+                    raise
+                outcome = _outcome(result)
+                span.set_attribute("dvp.outcome", outcome)
+                _record(step, ledger, outcome)
+                return result
+
+        return traced  # type: ignore[return-value]
+
+    return wrap
 
 
 def _application_error(exc: LedgerError) -> ApplicationError:
@@ -129,6 +194,7 @@ class LedgerActivities:
             ) from None
 
     @activity.defn(name="ledger.check_accounts")
+    @_traced("check_accounts")
     def check_accounts(self, request: CheckAccountsRequest) -> CheckAccountsResult:
         """Check every account exists and holds the leg's asset; return their owners."""
         ledger = self._ledger(request.ledger)
@@ -159,6 +225,7 @@ class LedgerActivities:
         return CheckAccountsResult(owners=owners, problems=problems)
 
     @activity.defn(name="ledger.reserve")
+    @_traced("reserve")
     def reserve(self, request: ReserveRequest) -> HoldOutcomes:
         """Place each hold; a hold that lacks funds is reported short, not raised."""
         ledger = self._ledger(request.ledger)
@@ -182,16 +249,19 @@ class LedgerActivities:
         )
 
     @activity.defn(name="ledger.pin")
+    @_traced("pin")
     def pin(self, request: HoldRefs) -> HoldOutcomes:
         """Prepare each hold for commit: clear its expiry. A hold no longer open is reported."""
         return _each(request.hold_ids, self._ledger(request.ledger).pin_hold, _not_open)
 
     @activity.defn(name="ledger.commit")
+    @_traced("commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         """Commit each hold (transfer to its beneficiary)."""
         return _each(request.hold_ids, self._ledger(request.ledger).commit_hold)
 
     @activity.defn(name="ledger.claim")
+    @_traced("claim")
     def claim(self, request: ClaimRequest) -> HoldOutcomes:
         """Commit each hashlocked hold with the preimage; a refusal (timelock passed, already
         released, wrong preimage) is reported, not raised."""
@@ -203,6 +273,7 @@ class LedgerActivities:
         )
 
     @activity.defn(name="ledger.release")
+    @_traced("release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
         """Release each hold; an unknown key is recorded released so a late hold is refused.
 
@@ -211,6 +282,7 @@ class LedgerActivities:
         return _standing(ledger, _each(request.hold_ids, ledger.release_hold, _not_open))
 
     @activity.defn(name="ledger.look_up")
+    @_traced("look_up")
     def look_up(self, request: HoldRefs) -> HoldOutcomes:
         """Each hold as the ledger has it, changing nothing; a key never used is reported unknown."""
         return _each(request.hold_ids, self._ledger(request.ledger).get_hold, _unknown)

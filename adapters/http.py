@@ -21,6 +21,10 @@ ledger activities retry further. Retrying is safe because every call is idempote
 on its key: a commit whose answer was lost is committed once and answered twice.
 One call never takes longer than ``deadline``, retries included, so it stays within
 the ledger activities' heartbeat timeout (they heartbeat once per hold).
+
+Every request is a span of the caller's trace (OpenTelemetry's httpx instrumentation),
+and carries that trace's context to the bank (``traceparent``), whose own spans join it.
+A span names the route, never the account or hold in the path (``redacted_path``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor, RequestInfo
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from domain import (
@@ -48,7 +54,7 @@ from domain import (
 
 from ._base import Ledger
 
-__all__ = ["HttpLedger"]
+__all__ = ["HttpLedger", "redacted_path"]
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 3
@@ -77,6 +83,45 @@ def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return (value.replace(tzinfo=UTC) if value.tzinfo is None else value).isoformat()
+
+
+_HOLD_ACTIONS = frozenset({"pin", "commit", "release"})
+# The span attributes in which OpenTelemetry's HTTP instrumentations put the request's
+# URL or path (the older and the stable semantic conventions).
+URL_ATTRIBUTES = ("http.url", "url.full")
+PATH_ATTRIBUTES = ("http.target", "url.path")
+
+
+def redacted_path(path: str) -> str:
+    """``path`` of the bank's API with its account or hold id replaced by a placeholder.
+
+    ``/holds/T-1%230/commit`` -> ``/holds/{hold_id}/commit``; ``/accounts/alice-cash`` ->
+    ``/accounts/{account_id}``. Spans carry this, never the id: an account id names a
+    client, and what a trace holds is readable by whoever runs the tracing backend.
+    """
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if parts[0] == "accounts" and len(parts) > 1:
+        return "/accounts/{account_id}"
+    if parts[0] == "holds" and len(parts) > 1 and parts[1:] != ["expire"]:
+        action = f"/{parts[-1]}" if len(parts) > 2 and parts[-1] in _HOLD_ACTIONS else ""
+        return "/holds/{hold_id}" + action
+    return path
+
+
+def redact_span(span: Span) -> None:
+    """Replace the URL and path attributes of an HTTP span with their redacted forms."""
+    attributes = getattr(span, "attributes", None) or {}
+    for key in URL_ATTRIBUTES:
+        if isinstance(url := attributes.get(key), str):
+            parsed = httpx.URL(url)
+            span.set_attribute(key, str(parsed.copy_with(raw_path=redacted_path(parsed.path).encode())))
+    for key in PATH_ATTRIBUTES:
+        if isinstance(path := attributes.get(key), str):
+            span.set_attribute(key, redacted_path(path))
+
+
+def _redact_request(span: Span, request: RequestInfo) -> None:
+    redact_span(span)
 
 
 def _segment(key: str) -> str:
@@ -111,6 +156,7 @@ class HttpLedger(Ledger):
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
             timeout=httpx.Timeout(timeout),
         )
+        HTTPXClientInstrumentor.instrument_client(self._client, request_hook=_redact_request)
 
     @classmethod
     def from_config(cls, name: str, config: LedgerConfig) -> Self:

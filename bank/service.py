@@ -1,6 +1,6 @@
 """The bank's core-ledger service: a ledger of accounts and holds behind a REST API.
 
-    dvp bank serve [--config FILE] [--port N]        (or python -m bank serve ...)
+    dvp bank serve [--config FILE] [--port N] [--metrics-port N]   (or python -m bank serve ...)
 
 A small ASGI app (FastAPI) over one ledger, normally the SQL ledger (SQLite by
 default, PostgreSQL when its URL says so), where the bank keeps its state. The
@@ -40,6 +40,14 @@ Configuration, a TOML file of its own (``--config``, else ``$DVP_BANK_CONFIG``):
 
     [bank.tokens]                      # client name = bearer token
     dvp-worker = "secret-token"
+
+Every request is a span (OpenTelemetry's FastAPI instrumentation) that joins the
+caller's trace when the request carries its context (``traceparent``, as the engine's
+``HttpLedger`` sends), exported by the standard ``OTEL_*`` variables
+(``connection.telemetry``); paths in spans name the route, never the account or hold.
+``--metrics-port N`` serves Prometheus metrics at ``http://127.0.0.1:N/metrics``: the
+requests by route and status, and the open holds and held amounts by asset
+(docs/operations.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.trace import Span
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -74,6 +87,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters import Ledger
+from adapters.http import redact_span, redacted_path
+from connection.telemetry import configure_tracing, flush_tracing
 from domain import (
     AccountBalance,
     AssetMismatch,
@@ -273,11 +288,81 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+# -------------------------------------------------------------------- metrics
+
+
+class BankMetrics(Collector):
+    """The service's Prometheus metrics: requests counted as they end, holds read at each scrape."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dvp_bank_requests",
+            "Requests by method, route (ids replaced by placeholders) and HTTP status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(self)
+
+    def collect(self) -> Any:
+        holds = GaugeMetricFamily(
+            "dvp_open_holds", "Open holds by ledger and asset", labels=["ledger", "asset"]
+        )
+        held = GaugeMetricFamily(
+            "dvp_held_amount", "Amount held by open holds, by ledger and asset", labels=["ledger", "asset"]
+        )
+        totals: dict[str, tuple[int, Decimal]] = {}
+        for hold in self.ledger.open_holds():
+            count, amount = totals.get(hold.asset, (0, Decimal(0)))
+            totals[hold.asset] = (count + 1, amount + hold.amount)
+        for asset, (count, amount) in sorted(totals.items()):
+            holds.add_metric([self.ledger.name, asset], count)
+            held.add_metric([self.ledger.name, asset], float(amount))
+        yield holds
+        yield held
+
+    def serve(self, port: int, host: str) -> None:
+        """Serve ``/metrics`` on ``host:port`` from a thread of this process."""
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: count each request by method, redacted route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: BankMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = "500"
+
+        async def send_counted(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.labels(scope["method"], redacted_path(scope["path"]), status).inc()
+
+
+def _redact_server_span(span: Span, scope: dict[str, Any]) -> None:
+    redact_span(span)
+
+
 # ------------------------------------------------------------------------ app
 
 
-def create_app(ledger: Ledger, tokens: Mapping[str, str]) -> FastAPI:
+def create_app(ledger: Ledger, tokens: Mapping[str, str], metrics: BankMetrics | None = None) -> FastAPI:
     """The service over ``ledger``; ``tokens`` maps each bearer token to its client's name.
+
+    ``metrics``, when given, counts every request.
 
     The ledger's calls are synchronous: the endpoints are plain ``def`` functions, so
     FastAPI runs each in its thread pool and the event loop never blocks.
@@ -291,6 +376,16 @@ def create_app(ledger: Ledger, tokens: Mapping[str, str]) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(BearerAuth, tokens=dict(tokens))
+    if metrics is not None:
+        app.add_middleware(CountRequests, metrics=metrics)
+    # Outermost: a refused token is a span too. The hook runs once the span has its
+    # attributes, before the request is handled.
+    FastAPIInstrumentor.instrument_app(
+        app,
+        server_request_hook=_redact_server_span,
+        excluded_urls="/health",
+        exclude_spans=["receive", "send"],
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -476,7 +571,11 @@ def load_bank_config(path: str | os.PathLike[str] | None = None) -> BankConfig:
 # ---------------------------------------------------------------------- serve
 
 
-def serve(config_path: str | os.PathLike[str] | None = None, port: int | None = None) -> None:
+def serve(
+    config_path: str | os.PathLike[str] | None = None,
+    port: int | None = None,
+    metrics_port: int | None = None,
+) -> None:
     """Run the service with uvicorn until interrupted (SIGINT/SIGTERM)."""
     import uvicorn
 
@@ -484,22 +583,36 @@ def serve(config_path: str | os.PathLike[str] | None = None, port: int | None = 
     listen = config.port if port is None else port
     if not 0 <= listen <= 65535:
         raise ConfigError(f"--port: {listen} is not a TCP port (0 to 65535)")
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port: {metrics_port} is not a TCP port (1 to 65535)")
+    configure_tracing("dvp-bank")
     ledger = config.open_ledger()
     try:
-        app = create_app(ledger, config.tokens)
+        metrics = None
+        if metrics_port is not None:
+            metrics = BankMetrics(ledger)
+            try:
+                metrics.serve(metrics_port, config.host)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--metrics-port: cannot listen on {metrics_port}: {exc.strerror}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+        app = create_app(ledger, config.tokens, metrics)
         log.info("bank ledger %r on %r for clients %s", config.name, ledger, sorted(config.tokens.values()))
         uvicorn.run(app, host=config.host, port=listen, log_level="info", lifespan="off")
     finally:
+        flush_tracing()
         ledger.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve(args.bank_config, args.port)
+    serve(args.bank_config, args.port, args.metrics_port)
     return 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bank serve [--config FILE] [--port N]`` on the dvp CLI's subparsers.
+    """Register ``bank serve [--config FILE] [--port N] [--metrics-port N]`` on the dvp CLI's subparsers.
 
     The handler (``args.handler``) returns an exit code; a ``ConfigError`` propagates
     to the CLI, which reports it and exits 2.
@@ -520,6 +633,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--config", dest="bank_config", metavar="FILE", help="the service's TOML (default: $DVP_BANK_CONFIG)"
     )
     p.add_argument("--port", type=int, help="listen on this port (default: bank.port in the file, else 8081)")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="N", help="serve Prometheus metrics on this port (at /metrics)"
+    )
     p.set_defaults(handler=cmd_serve)
     return bank
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._saga import (
+        MEMO_REASON,
         SEARCH_ATTRIBUTES,
         account_checks,
         initial_search_attributes,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "HtlcWorkflow": ".htlc",
+    "MEMO_REASON": "._saga",
     "SEARCH_ATTRIBUTES": "._saga",
     "SettlementWorkflow": ".settlement",
     "account_checks": "._saga",
@@ -37,6 +39,7 @@ _HOMES = {
 }
 
 __all__ = [
+    "MEMO_REASON",
     "SEARCH_ATTRIBUTES",
     "HtlcWorkflow",
     "NettingBatchWorkflow",

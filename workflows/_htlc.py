@@ -89,7 +89,7 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, count_refusal, shielded
 from .calls import STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
@@ -147,6 +147,7 @@ class HtlcSaga(TradeSagaBase):
             await self._shielded(self._claim_or_refund())
             self._finish()
         self._publish()
+        self._ended()
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self.view()
 
@@ -355,6 +356,13 @@ class HtlcSaga(TradeSagaBase):
     def check_claim(self, message: ClaimMessage) -> None:
         """Refuse a claim (before it enters the history) that is wrong or cannot be made now."""
         try:
+            self._check_claim(message)
+        except ApplicationError as exc:
+            count_refusal("claim", exc.type or "refused")
+            raise
+
+    def _check_claim(self, message: ClaimMessage) -> None:
+        try:
             preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         except ValueError as exc:
             raise ApplicationError(f"preimage: {exc}", type="InvalidPreimage", non_retryable=True) from None
@@ -388,14 +396,19 @@ class HtlcSaga(TradeSagaBase):
         return leg
 
     def approve(self, message: ApprovalMessage) -> Decision:
-        return self._rejected(f"approval by {message.party}", "an htlc trade needs no approval")
+        return self._rejected(
+            f"approval by {message.party}", "an htlc trade needs no approval", "no_approval_needed"
+        )
 
     def cancel(self, message: CancelMessage) -> Decision:
         if self._status.terminal:
-            return self._rejected(f"cancel by {message.party}", f"trade is already {self._status.value}")
+            return self._rejected(
+                f"cancel by {message.party}", f"trade is already {self._status.value}", "ended"
+            )
         return self._rejected(
             f"cancel by {message.party}",
             "an htlc trade cannot be cancelled: each leg refunds at its timelock",
+            "not_cancellable",
         )
 
     # ------------------------------------------------------------- helpers

@@ -4,6 +4,10 @@ Deterministic and free of side effects and of state at import, like the workflow
 themselves. The worker passes this module through the sandbox
 (``worker.TRADE_WORKFLOW_MODULES``); the trade sagas import it unpassed, so the replay
 tests check it in the sandbox. See docs/decisions/0003-sagas-passed-through-the-sandbox.md.
+
+Metrics (docs/operations.md, "Metrics") are recorded through ``workflow.metric_meter()``,
+which records nothing while a workflow replays, so each is counted once however often
+its trade is replayed; refusals are counted in one place, ``count_refusal``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
 ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
 DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
 
+# workflow.patched id: a trade that ends puts its reason in its memo (``MEMO_REASON``), so
+# that ``dvp list`` reads it from visibility; trades that ended before replay without.
+OUTCOME_IN_MEMO = "outcome-in-memo"
+MEMO_REASON = "reason"
+
 SEARCH_ATTRIBUTES = {
     "DvpStatus": "Keyword",
     "DvpTradeId": "Keyword",
@@ -91,6 +100,23 @@ def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes
         deadline=instruction.deadline,
     )
     return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
+
+
+def count_refusal(request: str, reason: str) -> None:
+    """Count one refused request to a trade: ``dvp_refusals`` by ``request`` and ``reason`` code.
+
+    Every refusal a saga reports comes through here (``TradeSagaBase._rejected``, the
+    validators), so a new kind of refusal lands in the metric by calling it. ``reason``
+    is a short code, never the message (which names parties).
+    """
+    workflow.metric_meter().create_counter(
+        "dvp_refusals", "Requests to trades refused, by request and reason code"
+    ).add(1, {"request": request, "reason": reason})
+
+
+def count(name: str, description: str, value: int = 1, **labels: str) -> None:
+    """Add ``value`` to the workflow counter ``name`` (nothing while replaying)."""
+    workflow.metric_meter().create_counter(name, description).add(value, labels)
 
 
 def workflow_id_for(trade_id: str) -> str:
@@ -218,6 +244,7 @@ class TradeSagaBase:
     def check_submit(self, check: SubmitCheck) -> None:
         """Refuse a submission of the same trade id with different content."""
         if check.fingerprint != self._request.fingerprint:
+            count_refusal("submit", "DuplicateTrade")
             raise ApplicationError(
                 f"trade {self._instruction.trade_id} already exists with different content",
                 type="DuplicateTrade",
@@ -251,9 +278,28 @@ class TradeSagaBase:
             raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
         self._event("compliance screen passed")
 
-    def _rejected(self, what: str, reason: str) -> Decision:
+    def _rejected(self, what: str, reason: str, code: str = "refused") -> Decision:
+        """Refuse ``what`` ("approval by alice"): recorded in the timeline, counted by ``code``."""
         self._event(f"{what} rejected", reason)
+        count_refusal(what.partition(" by ")[0], code)
         return Decision(accepted=False, reason=reason)
+
+    def _ended(self) -> None:
+        """The trade has its final status: put its reason in its memo and count it.
+
+        After the final ``_publish``, in the same workflow task. The memo is a payload (the
+        data converter's, encrypted where payloads are), so a reason naming an account or
+        an amount is no plainer there than in the trade's result.
+        """
+        if workflow.patched(OUTCOME_IN_MEMO):
+            workflow.upsert_memo({MEMO_REASON: self._reason})
+        meter = workflow.metric_meter()
+        labels = {"status": self._status.value}
+        meter.create_counter("dvp_trades_ended", "Trades ended, by final status").add(1, labels)
+        elapsed = (workflow.now() - workflow.info().start_time).total_seconds()
+        meter.create_histogram_float(
+            "dvp_settlement_latency", "Time from a trade's start to its end, by final status", "s"
+        ).record(max(elapsed, 0.0), labels)
 
     async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
         remaining = until - workflow.now()

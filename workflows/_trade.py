@@ -61,7 +61,7 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, count, shielded
 from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
@@ -127,6 +127,7 @@ class TradeSaga(TradeSagaBase):
             self._event("cancel requested through Temporal")
             await self._shielded(self._unwind(TradeStatus.CANCELLED, "workflow cancelled through Temporal"))
         self._publish()
+        self._ended()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self.view()
@@ -248,6 +249,7 @@ class TradeSaga(TradeSagaBase):
                 continue
             if workflow.now() >= self._deadline:
                 raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: {self._shortfall()}")
+            count("dvp_recycles", "Reservation attempts that found a leg short and recycle")
             await self._wait_until(
                 lambda: self._cancel is not None, min(workflow.now() + interval, self._deadline)
             )
@@ -346,6 +348,12 @@ class TradeSaga(TradeSagaBase):
                 if outcome.ok:
                     self._leg_states[i] = LegState.RELEASED
                     placed = outcome.placed
+                    count(
+                        "dvp_compensations",
+                        "Legs released by a compensation, by ledger and whether a hold was there",
+                        ledger=self._instruction.legs[i].ledger,
+                        held=str(bool(placed)).lower(),
+                    )
                     self._event(f"leg {i} released", "hold returned" if placed else "nothing was held")
                 elif outcome.committed:
                     self._record_committed(i)
@@ -450,6 +458,7 @@ class TradeSaga(TradeSagaBase):
             )
         )
         legs = self._instruction.legs
+        count("dvp_fills", "Fills of partial trades settled")
         self._event(
             f"fill {number} settled",
             f"{format(self._amounts[0], 'f')} {legs[0].asset} against "
@@ -492,16 +501,18 @@ class TradeSaga(TradeSagaBase):
     def approve(self, message: ApprovalMessage) -> Decision:
         party = message.party
         if self._status.terminal:
-            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}")
+            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}", "ended")
         if not self._instruction.approvers:
-            return self._rejected(f"approval by {party}", "trade needs no approval")
+            return self._rejected(f"approval by {party}", "trade needs no approval", "no_approval_needed")
         if party not in self._instruction.approvers:
             approvers = ", ".join(self._instruction.approvers)
             return self._rejected(
-                f"approval by {party}", f"{party} is not an approver of this trade (approvers: {approvers})"
+                f"approval by {party}",
+                f"{party} is not an approver of this trade (approvers: {approvers})",
+                "not_an_approver",
             )
         if party in self._approved:
-            return self._rejected(f"approval by {party}", f"{party} has already approved")
+            return self._rejected(f"approval by {party}", f"{party} has already approved", "already_approved")
         self._approved.append(party)
         self._event(f"approved by {party}")
         return Decision(accepted=True)
@@ -512,16 +523,20 @@ class TradeSaga(TradeSagaBase):
         await self.screened()
         party, what = message.party, f"cancel by {message.party}"
         if self._status.terminal:
-            return self._rejected(what, f"trade is already {self._status.value}")
+            return self._rejected(what, f"trade is already {self._status.value}", "ended")
         if self._decided:
             return self._rejected(
-                what, "the commit decision is recorded; the trade can no longer be cancelled"
+                what, "the commit decision is recorded; the trade can no longer be cancelled", "decided"
             )
         if self._cancel is not None:
-            return self._rejected(what, f"cancel already accepted from {self._cancel.party}")
+            return self._rejected(
+                what, f"cancel already accepted from {self._cancel.party}", "already_cancelled"
+            )
         owners = set(self._owners.values())
         if party not in owners and party not in self._operators:
-            return self._rejected(what, f"{party} is neither a party to this trade nor an operator")
+            return self._rejected(
+                what, f"{party} is neither a party to this trade nor an operator", "not_a_party"
+            )
         self._cancel = message
         self._event(f"cancel accepted from {party}", message.reason)
         return Decision(accepted=True)

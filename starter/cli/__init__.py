@@ -15,6 +15,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from opentelemetry import trace
+
+from connection.telemetry import configure_tracing
 from domain import ConfigError, DuplicateTrade, DvpError, InvalidInstruction, RequestRejected, TradeNotFound
 
 from . import batch, chain, ledger, server, trades
@@ -43,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_tracing("dvp-cli")
     try:
-        result = args.handler(args)
-        if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+        # The command's span: the root of the trace of a trade it submits (connection.telemetry).
+        # An error's message may name an account or an amount: the span does not keep it.
+        with trace.get_tracer("dvp.cli").start_as_current_span(
+            f"dvp {args.command}", record_exception=False, set_status_on_exception=False
+        ):
+            result = args.handler(args)
+            if asyncio.iscoroutine(result):
+                result = asyncio.run(result)
         return int(result)
     except CliError as exc:
         print(f"dvp: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv = (["--config", args.config] if args.config else []) + sum(
         (["--ledger", n] for n in args.ledger or []), []
     )
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
     return worker.main(argv + (["--no-workflows"] if args.no_workflows else []))
 
 
@@ -41,3 +43,12 @@ def add_parser(sub: Any) -> None:
     p = command(sub, "worker", cmd_worker, "run a worker: settlement workflows and ledger activities")
     p.add_argument("--ledger", action="append", help="run only this ledger's activities (repeatable)")
     p.add_argument("--no-workflows", action="store_true", help="run ledger activities only")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics (the Temporal SDK's and dvp's) at http://HOST:N/metrics",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics endpoint"
+    )

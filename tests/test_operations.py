@@ -1,0 +1,233 @@
+"""Operating dvp: traces, metrics, the trade list without a worker, reconciliation, the Web UI.
+
+Every process here is the real one a deployment runs: ``dvp`` commands, ``worker.py``,
+the bank service (``python -m bank serve``), the Temporal dev server and its Web UI in
+headless Chromium. Spans are received over OTLP/HTTP by a small receiver in this test,
+metrics read from the worker's Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from domain import Config, LedgerConfig
+from processes.bank import BankService
+from processes.ports import free_port
+from processes.workers import WorkerProcess
+from starter.instructions import dvp_instruction
+from starter.ledgers import opened, parse_seed, seed
+
+from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, sqlite_urls, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+D = Decimal
+BANK_TOKEN = "ops-bank-token"
+
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def dvp(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``dvp ARGS`` as a user runs it, with ``config``."""
+    full = {**os.environ, "DVP_CONFIG": str(config), **(env or {})}
+    full.pop("TEMPORAL_ADDRESS", None)
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "starter.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=full,
+        timeout=180,
+    )
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    end = time.monotonic() + timeout
+    while not (value := await asyncio.to_thread(condition)):
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        await asyncio.sleep(0.1)
+    return value
+
+
+def seeded(config: Config) -> None:
+    with opened(config) as ledgers:
+        seed(config, parse_seed({"accounts": STANDARD_ACCOUNTS}, config), ledgers)
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on 127.0.0.1: every span it was sent, decoded."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.spans: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/traces":
+                    receiver._received(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _received(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource_spans in request.resource_spans:
+            service = next(
+                (_value(a.value) for a in resource_spans.resource.attributes if a.key == "service.name"), ""
+            )
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    with self._lock:
+                        self.spans.append(
+                            {
+                                "service": service,
+                                "name": span.name,
+                                "trace_id": span.trace_id.hex(),
+                                "span_id": span.span_id.hex(),
+                                "parent_id": span.parent_span_id.hex(),
+                                "attributes": {a.key: _value(a.value) for a in span.attributes},
+                                "events": [
+                                    {a.key: _value(a.value) for a in event.attributes}
+                                    for event in span.events
+                                ],
+                                "status": span.status.message,
+                            }
+                        )
+
+    def received(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.spans)
+
+    def __enter__(self) -> OtlpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+def bank_service(tmp_path: Path) -> BankService:
+    config = tmp_path / "bank.toml"
+    config.write_text(
+        f'[bank]\nurl = "sqlite:///{tmp_path / "bank.db"}"\nport = 1\nname = "bank"\n\n'
+        f'[bank.tokens]\ndvp-worker = "{BANK_TOKEN}"\n'
+    )
+    return BankService(config, free_port(), tmp_path / "bank.log")
+
+
+def with_bank(config: Config, bank: BankService) -> Config:
+    """``config`` with its ``cash`` ledger at the bank (kind http)."""
+    cash = LedgerConfig.model_validate({"kind": "http", "url": bank.url, "token": BANK_TOKEN})
+    return config.model_copy(update={"ledgers": {**config.ledgers, "cash": cash}})
+
+
+# ------------------------------------------------------------------ tracing
+
+
+async def test_one_trade_is_one_trace_from_dvp_submit_to_the_bank(
+    temporal_server: Any, task_queue_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the worker, the bank and ``dvp submit`` exporting to an OTLP/HTTP receiver: the
+    spans of one settled DvP (cash at the bank) form one trace holding the CLI's, the
+    client's, the workflow's, each ledger call's and the bank service's spans; none of
+    them carries an account id, an owner or an amount."""
+    with OtlpReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s: processes get killed
+        bank = await asyncio.to_thread(bank_service(tmp_path).start)
+        try:
+            config = with_bank(make_config(sqlite_urls(tmp_path), task_queue_prefix), bank)
+            seeded(config)
+            path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
+            (tmp_path / "trade.json").write_text(
+                json.dumps(dvp_instruction("OT-1", "bob", "alice", "100", "9950.00"))
+            )
+            with WorkerProcess(path, tmp_path / "worker.log") as worker:
+                await worker.started()
+                submitted = await dvp(path, "submit", str(tmp_path / "trade.json"), "--wait", "--json")
+                assert submitted.returncode == 0, submitted.stderr
+                assert json.loads(submitted.stdout)["status"] == "SETTLED"
+
+                def complete() -> list[dict[str, Any]] | None:
+                    spans = receiver.received()
+                    names = {s["name"] for s in spans}
+                    wanted = {"dvp submit", "commit cash", "commit securities"}
+                    bank_commit = any(s["service"] == "dvp-bank" and "commit" in s["name"] for s in spans)
+                    return spans if wanted <= names and bank_commit else None
+
+                spans = await until(complete, "the trade's spans arrived")
+        finally:
+            bank.kill()
+
+    root = next(s for s in spans if s["name"] == "dvp submit")
+    trace = [s for s in spans if s["trace_id"] == root["trace_id"]]
+    by_service = {s["service"] for s in trace}
+    names = {s["name"] for s in trace}
+    assert {"dvp-cli", "dvp-worker", "dvp-bank"} <= by_service, by_service
+    assert "StartUpdateWithStartWorkflow:Settlement" in names, names
+    assert "RunWorkflow:Settlement" in names, names
+    for step in ("check_accounts", "reserve", "pin", "commit"):
+        for ledger in ("cash", "securities"):
+            span = next(s for s in trace if s["name"] == f"{step} {ledger}")
+            assert span["attributes"]["dvp.outcome"] == "ok", span
+            assert span["attributes"]["dvp.ledger"] == ledger
+    bank_spans = [s for s in trace if s["service"] == "dvp-bank"]
+    assert any(s["name"] == "POST /holds/{hold_id:path}/commit" for s in bank_spans), bank_spans
+    # every span of the trade has a parent in the trade's trace, but the root
+    ids = {s["span_id"] for s in trace}
+    assert [s["name"] for s in trace if s["parent_id"] not in ids] == ["dvp submit"]
+
+    secrets = {a["id"] for a in STANDARD_ACCOUNTS} | {a["owner"] for a in STANDARD_ACCOUNTS}
+    amounts = {"100", "9950.00", "9950"}
+    for span in spans:
+        values = [*span["attributes"].values(), *(v for e in span["events"] for v in e.values())]
+        for value in values:
+            text = str(value)
+            leaked = [x for x in secrets if re.search(rf"(?<![\w-]){re.escape(x)}(?![\w-])", text)]
+            assert not leaked, f"span {span['name']} holds {leaked}: {text}"
+            assert text not in amounts, f"span {span['name']} holds an amount: {text}"
+            assert not re.search(r"(?<![\w.#-])(9950(\.00)?)(?![\w.])", text), f"{span['name']}: {text}"
