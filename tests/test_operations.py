@@ -9,15 +9,20 @@ metrics read from the worker's Prometheus endpoint.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,15 +30,18 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from temporalio.client import Client
 
-from domain import Config, LedgerConfig
+from adapters import Ledger
+from domain import Config, HoldStatus, LedgerConfig, TradeStatus
 from processes.bank import BankService
 from processes.ports import free_port
 from processes.workers import WorkerProcess
+from starter.client import SettlementClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import opened, parse_seed, seed
 
-from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, sqlite_urls, write_config
+from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, run_engine, sqlite_urls, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 D = Decimal
@@ -231,3 +239,104 @@ async def test_one_trade_is_one_trace_from_dvp_submit_to_the_bank(
             assert not leaked, f"span {span['name']} holds {leaked}: {text}"
             assert text not in amounts, f"span {span['name']} holds an amount: {text}"
             assert not re.search(r"(?<![\w.#-])(9950(\.00)?)(?![\w.])", text), f"{span['name']}: {text}"
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a Prometheus endpoint: (name, labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)", line.strip())
+        if not match or line.startswith("#"):
+            continue
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+async def test_worker_metrics_count_exactly_the_outcomes_of_a_run(
+    temporal_client: Client, temporal_server: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """Given a worker with --metrics-port: two trades settle, one is rejected (a sanctioned
+    party), one cancelled (after a refused approval), one expires short of funds after
+    recycling. /metrics then counts exactly those endings, that refusal, the recycles and
+    the compensations, and the open-holds gauges read 0 once every trade has ended."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix, sweep_interval="PT0.3S")
+    seeded(config)
+    path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
+    port = free_port()
+    client = SettlementClient(temporal_client, config)
+    with WorkerProcess(path, tmp_path / "worker.log", "--metrics-port", str(port)) as worker:
+        await worker.started()
+        before = await asyncio.to_thread(scrape, port)
+        assert total(before, "dvp_trades_ended_total") == 0
+
+        await client.submit(dvp_instruction("M-ok-1", "bob", "alice", "10", "995.00"))
+        await client.submit(dvp_instruction("M-ok-2", "bob", "alice", "20", "1990.00"))
+        await client.submit(dvp_instruction("M-sanctioned", "mallory", "alice", "1", "99.50"))
+        await client.submit(dvp_instruction("M-cancel", "bob", "alice", "5", "497.50", approvers=["notary"]))
+        with contextlib.suppress(Exception):
+            await client.approve("M-cancel", "eve")  # not an approver: refused
+        await client.cancel("M-cancel", "ops", "metrics test")
+        # carol has 5,000.00 EUR: she recycles until the deadline, holding her bonds' counterpart
+        await client.submit(dvp_instruction("M-short", "bob", "carol", "1", "6000.00", settle_within="PT2S"))
+        ends = {
+            t: (await client.wait(t, timeout=30)).status
+            for t in ("M-ok-1", "M-ok-2", "M-sanctioned", "M-cancel", "M-short")
+        }
+        assert ends == {
+            "M-ok-1": TradeStatus.SETTLED,
+            "M-ok-2": TradeStatus.SETTLED,
+            "M-sanctioned": TradeStatus.REJECTED,
+            "M-cancel": TradeStatus.CANCELLED,
+            "M-short": TradeStatus.EXPIRED,
+        }
+
+        def settled_down() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+            samples = scrape(port)
+            gauges = [v for (n, _), v in samples.items() if n == "dvp_open_holds"]
+            measured = any(
+                n == "dvp_open_holds" and ("ledger", "securities") in ls for (n, ls), _ in samples.items()
+            )
+            return (
+                samples
+                if measured and total(samples, "dvp_trades_ended_total") == 5 and not any(gauges)
+                else None
+            )
+
+        samples = await until(settled_down, "every trade counted and no hold open", timeout=20)
+
+    ended = {
+        status: total(samples, "dvp_trades_ended_total", status=status)
+        for status in ("SETTLED", "REJECTED", "CANCELLED", "EXPIRED", "SETTLED_PARTIAL", "ONE_SIDED")
+    }
+    assert ended == {
+        "SETTLED": 2,
+        "REJECTED": 1,
+        "CANCELLED": 1,
+        "EXPIRED": 1,
+        "SETTLED_PARTIAL": 0,
+        "ONE_SIDED": 0,
+    }
+    assert total(samples, "dvp_settlement_latency_count") == 5
+    assert total(samples, "dvp_settlement_latency_count", status="SETTLED") == 2
+    assert total(samples, "dvp_refusals_total") == 1
+    assert total(samples, "dvp_refusals_total", request="approval", reason="not_an_approver") == 1
+    assert total(samples, "dvp_recycles_total") >= 1
+    assert total(samples, "dvp_fills_total") == 0
+    # M-short's bond hold was released at its expiry; the cancelled trade reserved nothing
+    assert total(samples, "dvp_compensations_total", ledger="securities", held="true") == 1
+    assert total(samples, "dvp_held_amount") == 0
+    assert total(samples, "dvp_ledger_calls_total", step="commit", outcome="ok") >= 2
+    # the SDK's own metrics are there too
+    assert any(n.startswith("temporal_") for n, _ in samples)
