@@ -69,7 +69,9 @@ from ._models import (
     Protocol,
     SeedFile,
     TimelineEvent,
+    TradePage,
     TradeStatus,
+    TradeSummary,
     TradeView,
     normalise_sha256,
 )
@@ -175,6 +177,8 @@ __all__ = [
     "TimelineEvent",
     "TradeNotFound",
     "TradeStatus",
+    "TradePage",
+    "TradeSummary",
     "TradeView",
     "UnknownAccount",
     "UnknownHold",

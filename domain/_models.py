@@ -352,6 +352,34 @@ class TradeView(_Model):
     fills: list[FillView] = Field(default_factory=list)  # partial trades only
 
 
+class TradeSummary(_Model):
+    """One trade as Temporal's visibility has it: what ``dvp list`` shows, with no worker asked.
+
+    ``status`` is the trade's (``DvpStatus``) as last published; ``workflow_status`` its
+    workflow's (``RUNNING``, ``COMPLETED``, ``TERMINATED``...), which alone says that a
+    trade was terminated through Temporal. ``reason`` is known once the trade has ended.
+    """
+
+    trade_id: str
+    workflow_id: str
+    protocol: str = "escrow"
+    status: TradeStatus | None = None
+    reason: str = ""
+    workflow_status: str = ""
+    started_at: datetime | None = None
+    closed_at: datetime | None = None
+    deadline: datetime | None = None
+    parties: list[str] = Field(default_factory=list)
+    assets: list[str] = Field(default_factory=list)
+
+
+class TradePage(_Model):
+    """One page of ``dvp list``: its trades, newest first, and the next page's token (None at the end)."""
+
+    trades: list[TradeSummary]
+    next_page_token: str | None = None
+
+
 class HoldStatus(StrEnum):
     OPEN = "open"
     COMMITTED = "committed"

@@ -17,6 +17,8 @@ both alike; ``claim`` hands it the secret.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,11 +27,12 @@ from pydantic import ValidationError
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecution,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import SearchAttributeKey, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -47,14 +50,25 @@ from domain import (
     SettlementRequest,
     SubmitCheck,
     TradeNotFound,
+    TradePage,
     TradeStatus,
+    TradeSummary,
     TradeView,
     load_config,
     normalise_sha256,
 )
-from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
+from workflows import (
+    MEMO_REASON,
+    HtlcWorkflow,
+    SettlementWorkflow,
+    initial_search_attributes,
+    workflow_id_for,
+)
 
 from ._checks import check_ledger, check_precision, invalid_from
+
+LIST_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 1000  # the server's own cap on a visibility page
 
 
 def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:
@@ -188,9 +202,18 @@ class SettlementClient:
         return list(await asyncio.gather(*(one(item) for item in items)))
 
     async def status(self, trade_id: str) -> TradeView:
-        """The trade as it stands: status, legs and timeline."""
+        """The trade as it stands: status, legs and timeline.
+
+        An open trade answers its query; a trade that has ended is read from its result,
+        so that needs no worker. One terminated through Temporal has no result: its
+        query replays it, on a worker, to where it was stopped.
+        """
+        handle = self._handle(trade_id)
         try:
-            return await self._handle(trade_id).query(SettlementWorkflow.status)
+            described = await handle.describe()
+            if described.status is WorkflowExecutionStatus.COMPLETED:
+                return await handle.result()
+            return await handle.query(SettlementWorkflow.status)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise TradeNotFound(f"no trade {trade_id!r}") from None
@@ -252,21 +275,96 @@ class SettlementClient:
             raise RequestRejected(decision.reason)
         return decision
 
-    async def list(self, status: TradeStatus | str | None = None, limit: int = 1000) -> list[TradeView]:
-        """Trades, newest first, optionally only those in ``status`` (without timelines)."""
+    async def list(
+        self, status: TradeStatus | str | None = None, limit: int | None = None
+    ) -> list[TradeSummary]:
+        """Trades, newest first, optionally only those in ``status``; every page up to ``limit``.
+
+        From Temporal's visibility alone (``list_page``): no worker is asked.
+        """
+        trades: list[TradeSummary] = []
+        token: str | None = None
+        while limit is None or len(trades) < limit:
+            size = LIST_PAGE_SIZE if limit is None else min(LIST_PAGE_SIZE, limit - len(trades))
+            page = await self.list_page(status, page_size=size, page_token=token)
+            trades += page.trades
+            token = page.next_page_token
+            if token is None:
+                break
+        return trades
+
+    async def list_page(
+        self,
+        status: TradeStatus | str | None = None,
+        *,
+        page_size: int = LIST_PAGE_SIZE,
+        page_token: str | None = None,
+    ) -> TradePage:
+        """One page of trades, newest first, from Temporal's visibility alone (no worker asked).
+
+        Each trade's status, parties, assets and deadline are its search attributes, its
+        reason is in its memo once it has ended, its times are its workflow's.
+        ``page_token`` is a previous page's ``next_page_token``; ``InvalidInstruction``
+        names it if it is not one.
+        """
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidInstruction("limit", f"must be from 1 to {MAX_PAGE_SIZE}, got {page_size}")
         query = 'WorkflowType IN ("Settlement", "Htlc")'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
-        trade_ids: list[str] = []
-        async for execution in self.client.list_workflows(query, limit=limit):
-            if execution.status in (WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT):
-                continue
-            trade_ids.append(execution.id.removeprefix("trade-"))
-        semaphore = asyncio.Semaphore(16)
+        token = _decode_token(page_token) if page_token else None
+        executions = self.client.list_workflows(query, page_size=page_size, next_page_token=token)
+        try:
+            await executions.fetch_next_page()
+        except RPCError as exc:
+            # The server answers a token it did not issue with INVALID_ARGUMENT, or with an
+            # internal error when the token does not even decode.
+            transient = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+            if page_token and exc.status not in transient:
+                raise InvalidInstruction(
+                    "page_token", f"not a page token of this listing: {exc.message}"
+                ) from None
+            raise
+        trades = await asyncio.gather(*(_summary(e) for e in executions.current_page or []))
+        next_token = executions.next_page_token
+        return TradePage(
+            trades=list(trades), next_page_token=_encode_token(next_token) if next_token else None
+        )
 
-        async def one(trade_id: str) -> TradeView:
-            async with semaphore:
-                view = await self.status(trade_id)
-                return view.model_copy(update={"timeline": []})
 
-        return list(await asyncio.gather(*(one(t) for t in trade_ids)))
+_STATUS = SearchAttributeKey.for_keyword("DvpStatus")
+_PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
+_ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
+_DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
+
+
+async def _summary(execution: WorkflowExecution) -> TradeSummary:
+    attributes = execution.typed_search_attributes
+    status = attributes.get(_STATUS)
+    reason = ""
+    if execution.close_time is not None:
+        reason = str(await execution.memo_value(MEMO_REASON, "", type_hint=str))
+    return TradeSummary(
+        trade_id=execution.id.removeprefix("trade-"),
+        workflow_id=execution.id,
+        protocol="htlc" if execution.workflow_type == "Htlc" else "escrow",
+        status=TradeStatus(status) if status in TradeStatus.__members__ else None,
+        reason=reason,
+        workflow_status=execution.status.name if execution.status else "",
+        started_at=execution.start_time,
+        closed_at=execution.close_time,
+        deadline=attributes.get(_DEADLINE),
+        parties=list(attributes.get(_PARTIES) or []),
+        assets=list(attributes.get(_ASSETS) or []),
+    )
+
+
+def _encode_token(token: bytes) -> str:
+    return base64.urlsafe_b64encode(token).decode().rstrip("=")
+
+
+def _decode_token(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidInstruction("page_token", f"{text[:40]!r} is not a page token of dvp list") from None

@@ -9,20 +9,17 @@ metrics read from the worker's Prometheus endpoint.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from temporalio.client import Client
 
-from adapters import Ledger
-from domain import Config, HoldStatus, LedgerConfig, TradeStatus
+from domain import Config, LedgerConfig, TradeStatus
 from processes.bank import BankService
 from processes.ports import free_port
 from processes.workers import WorkerProcess
@@ -340,3 +336,82 @@ async def test_worker_metrics_count_exactly_the_outcomes_of_a_run(
     assert total(samples, "dvp_ledger_calls_total", step="commit", outcome="ok") >= 2
     # the SDK's own metrics are there too
     assert any(n.startswith("temporal_") for n, _ in samples)
+
+
+# ------------------------------------------------------------------ dvp list
+
+
+async def test_dvp_list_pages_through_200_trades_with_no_worker_running(
+    temporal_client: Client, temporal_server: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """Given a run of 200 trades (150 settled, 25 rejected for a sanctioned party, 25
+    cancelled while awaiting approval) and then no worker at all: ``dvp list --json``
+    pages through them 40 at a time and shows each with its status and reason, and
+    without --limit lists them all at once."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    ids = {f"{task_queue_prefix}-L{i:03d}": i for i in range(200)}
+
+    def instruction(trade_id: str, i: int) -> dict[str, Any]:
+        if i < 150:
+            return dvp_instruction(trade_id, "bob", "alice", "1", "99.50")
+        if i < 175:
+            return dvp_instruction(trade_id, "mallory", "alice", "1", "99.50")
+        return dvp_instruction(trade_id, "bob", "alice", "1", "99.50", approvers=["notary"])
+
+    expected = {t: "SETTLED" if i < 150 else "REJECTED" if i < 175 else "CANCELLED" for t, i in ids.items()}
+    async with run_engine(temporal_client, config) as engine:
+        results = await engine.client.submit_many(instruction(t, i) for t, i in ids.items())
+        assert not [r for r in results if isinstance(r, Exception)]
+        await asyncio.gather(
+            *(engine.client.cancel(t, "ops", "not needed") for t, i in ids.items() if i >= 175)
+        )
+        finals = await asyncio.gather(*(engine.client.wait(t, timeout=60) for t in ids))
+        assert {f.trade_id: f.status.value for f in finals} == expected
+    # the worker has stopped: nothing answers a query now
+    path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
+
+    async def listed_everything() -> tuple[dict[str, dict[str, Any]], int] | None:
+        seen: dict[str, dict[str, Any]] = {}
+        token: str | None = None
+        pages = 0
+        while True:
+            args = ["list", "--json", "--limit", "40", *(["--page-token", token] if token else [])]
+            result = await dvp(path, *args)
+            assert result.returncode == 0, result.stderr
+            page = json.loads(result.stdout)
+            assert len(page["trades"]) <= 40
+            pages += 1
+            seen.update({t["trade_id"]: t for t in page["trades"] if t["trade_id"] in ids})
+            token = page["next_page_token"]
+            if token is None:
+                break
+        return (seen, pages) if {t: s["status"] for t, s in seen.items()} == expected else None
+
+    for _ in range(50):  # visibility is eventually consistent
+        found = await listed_everything()
+        if found:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("dvp list never showed every trade with its final status")
+    seen, pages = found
+    assert pages >= 5
+    cancelled = seen[f"{task_queue_prefix}-L199"]
+    assert cancelled["reason"] == "cancelled by ops: not needed"
+    assert cancelled["workflow_status"] == "COMPLETED" and cancelled["closed_at"]
+    assert "sanctioned party: mallory" in seen[f"{task_queue_prefix}-L160"]["reason"]
+    assert seen[f"{task_queue_prefix}-L000"]["reason"] == ""
+
+    everything = await dvp(path, "list", "--json")
+    assert everything.returncode == 0, everything.stderr
+    assert {
+        t["trade_id"]: t["status"] for t in json.loads(everything.stdout) if t["trade_id"] in ids
+    } == expected
+    text = await dvp(path, "list", "--status", "CANCELLED")
+    assert text.returncode == 0 and f"{task_queue_prefix}-L180" in text.stdout
+    assert "cancelled by ops: not needed" in text.stdout
+    status = await dvp(path, "status", f"{task_queue_prefix}-L199", "--json")  # from its result
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] == "CANCELLED"
+    bad = await dvp(path, "list", "--limit", "40", "--page-token", "not-a-token")
+    assert bad.returncode == 2 and "page_token" in bad.stderr, bad.stderr

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from domain import AccountBalance, BatchView, Hold, TradeView
+from domain import AccountBalance, BatchView, Hold, TradeSummary, TradeView
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -91,6 +91,26 @@ def trades_table(views: Sequence[TradeView]) -> str:
         for v in views
     ]
     return table(rows, ["trade", "status", "legs", "reason"])
+
+
+def summary_json(summary: TradeSummary) -> dict[str, Any]:
+    return summary.model_dump(mode="json")
+
+
+def summaries_table(trades: Sequence[TradeSummary]) -> str:
+    """``dvp list``: a trade terminated through Temporal shows its workflow's status beside its own."""
+
+    def status(t: TradeSummary) -> str:
+        shown = t.status.value if t.status else "?"
+        if t.workflow_status not in ("RUNNING", "COMPLETED", ""):
+            shown += f" (workflow {t.workflow_status})"
+        return shown
+
+    def at(value: Any) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+    rows = [(t.trade_id, status(t), at(t.started_at), at(t.closed_at), t.reason) for t in trades]
+    return table(rows, ["trade", "status", "started", "ended", "reason"])
 
 
 def trade_text(view: TradeView) -> str:

@@ -18,6 +18,8 @@ from .output import (
     command,
     emit_json,
     read_json,
+    summaries_table,
+    summary_json,
     trade_json,
     trade_text,
     trades_table,
@@ -78,11 +80,21 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    views = await (await _client(args)).list(status=args.status)
+    client = await _client(args)
+    if args.limit is None and args.page_token is None:
+        trades = await client.list(status=args.status)
+        if args.json:
+            emit_json([summary_json(t) for t in trades])
+        else:
+            print(summaries_table(trades) if trades else "no trades")
+        return EXIT_OK
+    page = await client.list_page(status=args.status, page_size=args.limit or 100, page_token=args.page_token)
     if args.json:
-        emit_json([trade_json(v, timeline=False) for v in views])
-    else:
-        print(trades_table(views) if views else "no trades")
+        emit_json({"trades": [summary_json(t) for t in page.trades], "next_page_token": page.next_page_token})
+        return EXIT_OK
+    print(summaries_table(page.trades) if page.trades else "no trades")
+    if page.next_page_token:
+        print(f"\nmore: dvp list --limit {args.limit or 100} --page-token {page.next_page_token}")
     return EXIT_OK
 
 
@@ -120,8 +132,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("trade_id")
     p.add_argument("--json", action="store_true")
 
-    p = command(sub, "list", cmd_list, "trades, optionally those in one status")
+    p = command(
+        sub,
+        "list",
+        cmd_list,
+        "trades, newest first, optionally those in one status; from Temporal's visibility (no worker needed)",
+    )
     p.add_argument("--status", choices=[s.value for s in TradeStatus])
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="one page of at most N trades (1 to 1000); --json then prints "
+        '{"trades": [...], "next_page_token": ...}',
+    )
+    p.add_argument("--page-token", metavar="TOKEN", help="the page after the one that gave this token")
     p.add_argument("--json", action="store_true")
 
     p = command(sub, "approve", cmd_approve, "approve a trade as one of its required approvers")
