@@ -348,7 +348,7 @@ async def _summary(execution: WorkflowExecution) -> TradeSummary:
         trade_id=execution.id.removeprefix("trade-"),
         workflow_id=execution.id,
         protocol="htlc" if execution.workflow_type == "Htlc" else "escrow",
-        status=TradeStatus(status) if status in TradeStatus.__members__ else None,
+        status=TradeStatus(status) if status is not None and status in TradeStatus.__members__ else None,
         reason=reason,
         workflow_status=execution.status.name if execution.status else "",
         started_at=execution.start_time,
