@@ -8,6 +8,7 @@ COPY stores stores
 COPY activities activities
 COPY workflows workflows
 COPY connection connection
+COPY operations operations
 COPY processes processes
 COPY starter starter
 COPY bank bank

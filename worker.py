@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
 from temporalio.client import Client
 from temporalio.common import MetricMeter
 from temporalio.runtime import Runtime
@@ -44,6 +45,7 @@ from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown
 from connection.telemetry import configure_tracing, metrics_runtime
 from domain import Config, DvpError, load_config
+from operations import reconcile
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
@@ -105,6 +107,43 @@ async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event, gauges: Ho
             await asyncio.wait_for(stop.wait(), interval)
 
 
+async def _reconcile(
+    client: Client, ledgers: dict[str, Ledger], every: timedelta, stop: asyncio.Event, meter: MetricMeter
+) -> None:
+    """``dvp ledger reconcile`` on a schedule, reporting only: what it finds is logged and measured."""
+    findings = meter.create_gauge("dvp_reconcile_findings", "What the last reconciliation found, by kind")
+    runs = meter.create_counter("dvp_reconcile_runs", "Reconciliations run, by result")
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every.total_seconds())
+        if stop.is_set():
+            return
+        try:
+            found = await reconcile(client, ledgers)
+        except Exception as exc:  # Temporal or a ledger down: the next run tries again
+            log.warning("reconcile failed: %s", exc)
+            runs.add(1, {"result": "failed"})
+            continue
+        for orphan in found.orphans:
+            log.warning(
+                "reconcile: ledger %s: hold %s is open but its trade's workflow %s is %s (%s)",
+                orphan.ledger,
+                orphan.hold_id,
+                orphan.workflow_id or "-",
+                orphan.workflow_status,
+                orphan.why,
+            )
+        for trade in found.stuck:
+            log.warning(
+                "reconcile: trade %s is stuck in COMMITTING since %s", trade.trade_id, trade.started_at
+            )
+        for problem in found.problems:
+            log.warning("reconcile: ledger %s: %s", problem.ledger, problem.problem)
+        for kind, items in (("orphans", found.orphans), ("stuck", found.stuck), ("problems", found.problems)):
+            findings.set(len(items), {"kind": kind})
+        runs.add(1, {"result": "found" if found.found else "clean"})
+
+
 async def run_worker(
     config: Config,
     client: Client,
@@ -113,11 +152,13 @@ async def run_worker(
     workflows: bool = True,
     stop: asyncio.Event | None = None,
     instances: dict[str, Ledger] | None = None,
+    reconcile_every: timedelta | None = None,
 ) -> None:
     """Run until ``stop`` is set (or forever).
 
     ``instances`` supplies already opened ledgers (they are not closed here);
-    otherwise each ledger is opened from its configuration.
+    otherwise each ledger is opened from its configuration. ``reconcile_every``, on a
+    settlement worker, reconciles the ledgers it opened with their trades that often.
     """
     stop = stop or asyncio.Event()
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
@@ -173,6 +214,8 @@ async def run_worker(
         asyncio.create_task(_sweep(ledger, config, stop, HoldGauges(meter, name)))
         for name, ledger in opened.items()
     ]
+    if reconcile_every and workflows:
+        sweepers.append(asyncio.create_task(_reconcile(client, opened, reconcile_every, stop, meter)))
     try:
         async with _all_running(workers):
             log.info(
@@ -250,7 +293,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics endpoint"
     )
+    parser.add_argument(
+        "--reconcile-every",
+        default="PT5M",
+        metavar="DURATION",
+        help="reconcile open holds with their trades this often, reporting only (ISO 8601; PT0S: never)",
+    )
     args = parser.parse_args(argv)
+    try:
+        reconcile_every = TypeAdapter(timedelta).validate_python(args.reconcile_every)
+    except ValidationError:
+        print(
+            f"dvp worker: --reconcile-every: {args.reconcile_every!r} is not an ISO 8601 duration",
+            file=sys.stderr,
+        )
+        return 2
     if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
         print(
             f"dvp worker: --metrics-port: {args.metrics_port} is not a TCP port (1 to 65535)", file=sys.stderr
@@ -280,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
                 ) from None
             log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
         client = await connect_client(config.temporal.address, config.temporal.namespace, **options)
-        await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
+        await run_worker(
+            config,
+            client,
+            ledgers=args.ledger,
+            workflows=not args.no_workflows,
+            stop=stop,
+            reconcile_every=reconcile_every or None,
+        )
 
     try:
         asyncio.run(serve())

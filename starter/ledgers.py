@@ -1,19 +1,22 @@
 """Direct ledger administration: open the configured ledgers, seed accounts, read them.
 
 These run where the ledgers' credentials are (like a ledger worker), not through
-Temporal.
+Temporal; ``reconcile_ledgers`` also asks Temporal about each open hold's trade.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from adapters import Ledger, open_ledger
+from connection import connect_client
 from domain import AccountBalance, Config, Hold, SeedFile
+from operations import DEFAULT_GRACE, DEFAULT_STUCK_AFTER, Reconciliation, reconcile
 
 from ._checks import check_ledger, check_precision, invalid_from
 
@@ -59,3 +62,16 @@ def all_balances(ledgers: Mapping[str, Ledger]) -> list[AccountBalance]:
 
 def all_open_holds(ledgers: Mapping[str, Ledger]) -> list[Hold]:
     return [h for name in sorted(ledgers) for h in ledgers[name].open_holds()]
+
+
+async def reconcile_ledgers(
+    config: Config,
+    *,
+    release: bool = False,
+    stuck_after: timedelta = DEFAULT_STUCK_AFTER,
+    grace: timedelta = DEFAULT_GRACE,
+) -> Reconciliation:
+    """Every configured ledger's open holds against their trades (``operations.reconcile``)."""
+    client = await connect_client(config.temporal.address, config.temporal.namespace)
+    with opened(config) as ledgers:
+        return await reconcile(client, ledgers, stuck_after=stuck_after, release=release, grace=grace)

@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from temporalio.client import Client
 
-from domain import Config, LedgerConfig, TradeStatus
+from domain import Config, HoldStatus, LedgerConfig, TradeStatus
 from processes.bank import BankService
 from processes.ports import free_port
 from processes.workers import WorkerProcess
@@ -415,3 +415,96 @@ async def test_dvp_list_pages_through_200_trades_with_no_worker_running(
     assert json.loads(status.stdout)["status"] == "CANCELLED"
     bad = await dvp(path, "list", "--limit", "40", "--page-token", "not-a-token")
     assert bad.returncode == 2 and "page_token" in bad.stderr, bad.stderr
+
+
+# ------------------------------------------------------------------ reconcile
+
+
+def three_legs(trade_id: str, payer: str, cash: str) -> dict[str, Any]:
+    """Bob delivers a bond to alice against 99.50 EUR, and ``payer`` pays bob ``cash`` EUR too."""
+    instruction = dvp_instruction(trade_id, "bob", "alice", "1", "99.50", settle_within="PT120S")
+    extra = {"ledger": "cash", "asset": "EUR", "from": f"{payer}-cash", "to": "bob-cash", "amount": cash}
+    return {**instruction, "legs": [*instruction["legs"], extra]}
+
+
+async def test_reconcile_reports_and_releases_the_holds_of_a_terminated_trade(
+    temporal_client: Client, temporal_server: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """Given a trade holding a bond and 99.50 EUR while it recycles for carol's 6,000.00 EUR
+    (she has 5,000.00), terminated through the Temporal API, beside another trade recycling
+    the same way and left running: ``dvp ledger reconcile`` reports the terminated trade's
+    two holds and exits 1; ``--release-orphans`` releases exactly those; a second run finds
+    nothing; no balance changes and the running trade's holds stay as they were."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
+    orphan, running = f"{task_queue_prefix}-orphan", f"{task_queue_prefix}-running"
+    async with run_engine(temporal_client, config) as engine:
+        await engine.client.submit(three_legs(orphan, "carol", "6000.00"))
+        await engine.client.submit(three_legs(running, "carol", "6000.00"))
+
+        def held(trade_id: str) -> list[Any]:
+            return sorted((h.ledger, h.hold_id) for h in engine.open_holds() if h.trade_id == trade_id)
+
+        await until(lambda: len(held(orphan)) == 2 and len(held(running)) == 2, "both trades hold two legs")
+        await temporal_client.get_workflow_handle(f"trade-{orphan}").terminate(reason="ops test")
+        balances = engine.balances()
+        running_holds = [h for h in engine.open_holds() if h.trade_id == running]
+
+        found = await dvp(path, "ledger", "reconcile", "--json", "--stuck-after", "P1D")
+        assert found.returncode == 1, found.stderr
+        report = json.loads(found.stdout)
+        assert sorted((o["ledger"], o["hold_id"]) for o in report["orphans"]) == held(orphan)
+        assert {(o["workflow_status"], o["releasable"], o["released"]) for o in report["orphans"]} == {
+            ("TERMINATED", True, False)
+        }
+        assert report["stuck"] == [] and report["problems"] == []
+        assert len(engine.open_holds()) == 4  # reporting changes nothing
+
+        text = await dvp(path, "ledger", "reconcile", "--stuck-after", "P1D")
+        assert text.returncode == 1 and f"{orphan}#0" in text.stdout and "TERMINATED" in text.stdout
+
+        # A worker reconciles on its own too, logging and measuring what it finds (it serves
+        # task queues of its own here, so that the trades stay with the engine above).
+        other = write_config(
+            tmp_path / "other.toml",
+            config.model_copy(
+                update={
+                    "temporal": config.temporal.model_copy(
+                        update={"task_queue_prefix": f"{task_queue_prefix}-r"}
+                    )
+                }
+            ),
+            address=temporal_server.address,
+        )
+        port = free_port()
+        args = ("--reconcile-every", "PT0.5S", "--metrics-port", str(port))
+        with WorkerProcess(other, tmp_path / "reconciling.log", *args) as reconciling:
+            await reconciling.started()
+            await until(lambda: reconciling.logged(f"hold {orphan}#1 is open"), "the worker logs the orphan")
+            samples = await until(
+                lambda: (s := scrape(port)) and total(s, "dvp_reconcile_findings", kind="orphans") == 2 and s,
+                "the worker measures the orphans",
+            )
+            assert total(samples, "dvp_reconcile_runs_total", result="found") >= 1
+            assert len(held(orphan)) == 2  # it reports, never releases
+
+        released = await dvp(
+            path, "ledger", "reconcile", "--release-orphans", "--json", "--stuck-after", "P1D"
+        )
+        assert released.returncode == 1, released.stderr
+        assert sorted(
+            (o["ledger"], o["hold_id"]) for o in json.loads(released.stdout)["orphans"] if o["released"]
+        ) == [("cash", f"{orphan}#1"), ("securities", f"{orphan}#0")]
+        assert held(orphan) == []
+        assert [h for h in engine.open_holds() if h.trade_id == running] == running_holds
+        assert engine.balances() == balances
+        assert engine.ledgers["cash"].get_hold(f"{orphan}#1").status is HoldStatus.RELEASED
+        engine.assert_invariants()
+
+        again = await dvp(path, "ledger", "reconcile", "--release-orphans", "--json", "--stuck-after", "P1D")
+        assert again.returncode == 0, again.stdout
+        assert json.loads(again.stdout) == {"orphans": [], "stuck": [], "problems": []}
+        assert engine.balances() == balances
+
+        await engine.client.cancel(running, "ops")
+        assert (await engine.client.wait(running, timeout=30)).status is TradeStatus.CANCELLED

@@ -1,14 +1,30 @@
-"""``dvp ledger seed``, ``balances`` and ``holds``: the configured ledgers, read and seeded directly."""
+"""``dvp ledger seed``, ``balances``, ``holds`` and ``reconcile``: the configured ledgers, directly."""
 
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from typing import Any
 
-from domain import load_config
-from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
+from pydantic import TypeAdapter, ValidationError
 
-from .output import EXIT_OK, balance_json, balances_table, emit_json, hold_json, holds_table, read_json
+from domain import load_config
+from operations import DEFAULT_GRACE, DEFAULT_STUCK_AFTER, Reconciliation
+from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, reconcile_ledgers, seed
+
+from .output import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    CliError,
+    balance_json,
+    balances_table,
+    emit_json,
+    hold_json,
+    holds_table,
+    read_json,
+    table,
+)
 
 
 def cmd_ledger_seed(args: argparse.Namespace) -> int:
@@ -44,8 +60,71 @@ def cmd_ledger_holds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration(option: str, text: str) -> timedelta:
+    try:
+        value = TypeAdapter(timedelta).validate_python(text)
+    except ValidationError:
+        raise CliError(
+            f"{option}: {text!r} is not an ISO 8601 duration such as PT5M", EXIT_BAD_INPUT
+        ) from None
+    if value < timedelta(0):
+        raise CliError(f"{option}: must not be negative, got {text}", EXIT_BAD_INPUT)
+    return value
+
+
+async def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
+    stuck_after = _duration("--stuck-after", args.stuck_after)
+    grace = _duration("--grace", args.grace)
+    config = load_config(args.config)
+    try:
+        found = await reconcile_ledgers(
+            config, release=args.release_orphans, stuck_after=stuck_after, grace=grace
+        )
+    except RuntimeError as exc:
+        raise CliError(f"cannot reach Temporal at {config.temporal.address}: {exc}") from None
+    if args.json:
+        emit_json(found.model_dump(mode="json"))
+    else:
+        print(reconciliation_text(found))
+    return EXIT_FAILED if found.found else EXIT_OK
+
+
+def reconciliation_text(found: Reconciliation) -> str:
+    if not found.found:
+        return "every open hold belongs to an open trade; no trade is stuck; every ledger is consistent"
+    parts: list[str] = []
+    if found.orphans:
+        rows = [
+            (
+                o.ledger,
+                o.hold_id,
+                o.account,
+                o.amount,
+                o.asset,
+                f"{o.workflow_status} {o.trade_status}".strip(),
+                "released" if o.released else "releasable" if o.releasable else "kept",
+                o.why,
+            )
+            for o in found.orphans
+        ]
+        parts.append(f"{len(found.orphans)} open hold(s) whose trade is closed or unknown")
+        parts.append(
+            table(
+                rows, ["ledger", "hold", "account", "amount", "asset", "trade", "action", "why"], right=(3,)
+            )
+        )
+    if found.stuck:
+        rows2 = [(t.trade_id, t.status, t.started_at.isoformat()) for t in found.stuck]
+        parts.append(f"{len(found.stuck)} trade(s) stuck in COMMITTING")
+        parts.append(table(rows2, ["trade", "status", "started"]))
+    if found.problems:
+        parts.append(f"{len(found.problems)} ledger problem(s)")
+        parts.append(table([(p.ledger, p.problem) for p in found.problems], ["ledger", "problem"]))
+    return "\n\n".join(parts)
+
+
 def add_parser(sub: Any) -> None:
-    """``dvp ledger seed``, ``balances`` and ``holds``."""
+    """``dvp ledger seed``, ``balances``, ``holds`` and ``reconcile``."""
     ledger = sub.add_parser("ledger", help="administer the configured ledgers directly")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
     p = lsub.add_parser("seed", help="open accounts with opening balances from a JSON file (safe to re-run)")
@@ -60,3 +139,27 @@ def add_parser(sub: Any) -> None:
     p = lsub.add_parser("holds", help="open holds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ledger_holds)
+    p = lsub.add_parser(
+        "reconcile",
+        help="every open hold against its trade; trades stuck committing; each ledger's invariants "
+        "(exit 1 if anything is found)",
+    )
+    p.add_argument(
+        "--release-orphans",
+        action="store_true",
+        help="release the open holds of trades that are closed and committed none of their legs",
+    )
+    p.add_argument(
+        "--stuck-after",
+        default=f"PT{int(DEFAULT_STUCK_AFTER.total_seconds())}S",
+        metavar="DURATION",
+        help="a trade COMMITTING that started longer ago than this is stuck (ISO 8601, default PT5M)",
+    )
+    p.add_argument(
+        "--grace",
+        default=f"PT{int(DEFAULT_GRACE.total_seconds())}S",
+        metavar="DURATION",
+        help="pinned holds of a closed trade are released only this long after it closed (default PT2M)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_ledger_reconcile)

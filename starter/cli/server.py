@@ -26,6 +26,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     if args.metrics_port is not None:
         argv += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
+    argv += ["--reconcile-every", args.reconcile_every]
     return worker.main(argv + (["--no-workflows"] if args.no_workflows else []))
 
 
@@ -51,4 +52,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics endpoint"
+    )
+    p.add_argument(
+        "--reconcile-every",
+        default="PT5M",
+        metavar="DURATION",
+        help="reconcile open holds with their trades this often, reporting only (ISO 8601; PT0S: never)",
     )
