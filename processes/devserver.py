@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
@@ -42,7 +43,9 @@ from .children import Child, ChildError, parent_of, pid_alive
 from .ports import HOST, accepts_connections, command_line, free_port, listener, port_in_use
 
 __all__ = [
+    "ATTENTION_STATUSES",
     "SEARCH_ATTRIBUTES",
+    "UI_LIST_COLUMNS",
     "DevServer",
     "DevServerError",
     "find_temporal_binary",
@@ -67,6 +70,27 @@ DYNAMIC_CONFIG: dict[str, str] = {
     "system.enableActivityEagerExecution": "true",
     "history.eventsCacheMaxSizeBytes": str(32 * 1024 * 1024),
 }
+
+
+# The Web UI's workflow list shows Temporal's status (a trade that ended CANCELLED is a
+# workflow that COMPLETED); the trade's own is the DvpStatus search attribute. The UI
+# keeps its columns per browser ("Configure columns", in localStorage): these are the
+# ones the README has an operator pick, the UI's defaults with DvpStatus beside Status.
+UI_LIST_COLUMNS = ("Status", "DvpStatus", "Workflow ID", "Type", "Start", "End")
+# Open trades that wait for a person (an approval, an affirmation) or for a ledger that
+# refuses its commits.
+ATTENTION_STATUSES = ("AWAITING_APPROVAL", "AWAITING_AFFIRMATION", "COMMITTING")
+
+
+def attention_query() -> str:
+    """The visibility query of the open trades that need attention (``ATTENTION_STATUSES``)."""
+    statuses = ", ".join(f'"{s}"' for s in ATTENTION_STATUSES)
+    return f'ExecutionStatus = "Running" AND DvpStatus IN ({statuses})'
+
+
+def attention_url(ui_url: str, namespace: str = "default") -> str:
+    """The Web UI's list of the trades that need attention: a link to bookmark."""
+    return f"{ui_url}/namespaces/{quote(namespace)}/workflows?query={quote(attention_query())}"
 
 
 class DevServerError(DvpError):
@@ -381,6 +405,7 @@ class DevServer:
             print(f"Server pid           {self.pid}", flush=True)
             if self.ui_url:
                 print(f"Web UI               {self.ui_url}", flush=True)
+                print(f"Needs attention      {attention_url(self.ui_url, self.namespace)}", flush=True)
             store = self.db_file or "in memory (lost on stop)"
             print(f"Persistence          {store}", flush=True)
             print(f"Log                  {self._log_path}", flush=True)

@@ -9,13 +9,16 @@ metrics read from the worker's Prometheus endpoint.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -508,3 +511,154 @@ async def test_reconcile_reports_and_releases_the_holds_of_a_terminated_trade(
 
         await engine.client.cancel(running, "ops")
         assert (await engine.client.wait(running, timeout=30)).status is TradeStatus.CANCELLED
+
+
+# ------------------------------------------------------------------ the Web UI
+
+# Where the Web UI's "Configure columns" dialog keeps the workflow list's columns (the
+# browser's localStorage): set here as an operator following the README sets it there.
+UI_COLUMNS_KEY = "namespace-workflow-table-columns"
+
+
+def chromium() -> str:
+    found = shutil.which("chromium")
+    assert found, "chromium is not installed: apt-get install -y chromium (make setup installs it)"
+    return found
+
+
+class Browser:
+    """Headless Chromium driven over its DevTools protocol (one page)."""
+
+    def __init__(self, profile: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={self.port}",
+                "--window-size=1600,900",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._next = 0
+        self._socket: Any = None
+
+    async def __aenter__(self) -> Browser:
+        import websockets
+
+        def page_socket() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=1) as r:
+                    pages = [t for t in json.loads(r.read()) if t["type"] == "page"]
+            except OSError:
+                return None
+            return str(pages[0]["webSocketDebuggerUrl"]) if pages else None
+
+        url = await until(page_socket, "chromium answers on its DevTools port")
+        self._socket = await websockets.connect(url, max_size=None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+        self.process.kill()
+        self.process.wait(10)
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        await self._socket.send(json.dumps({"id": self._next, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self._socket.recv())
+            if message.get("id") == self._next:
+                assert "error" not in message, message
+                return dict(message.get("result", {}))
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        return result["result"].get("value")
+
+
+async def test_the_web_ui_lists_a_cancelled_trade_as_cancelled(
+    task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """Given a dev server with its Web UI, one trade cancelled, one settled and one awaiting
+    approval: the UI's workflow list, with the columns the README has an operator pick,
+    shows the cancelled trade's row as CANCELLED (and the settled one's as SETTLED), though
+    Temporal's own status column says COMPLETED for both; and the "needs attention" link
+    that ``dvp server`` prints lists the one awaiting approval and neither of the others."""
+    from processes.devserver import UI_LIST_COLUMNS, DevServer, attention_url
+
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    cancelled, settled = f"{task_queue_prefix}-ui-cancelled", f"{task_queue_prefix}-ui-settled"
+    waiting = f"{task_queue_prefix}-ui-waiting"
+    with DevServer(log_file=tmp_path / "server.log") as server:
+        client = await server.connect()
+        async with run_engine(client, config) as engine:
+            await engine.client.submit(
+                dvp_instruction(cancelled, "bob", "alice", "1", "99.50", approvers=["notary"])
+            )
+            await engine.client.cancel(cancelled, "ops", "UI test")
+            await engine.client.submit(dvp_instruction(settled, "bob", "alice", "1", "99.50"))
+            await engine.client.submit(
+                dvp_instruction(waiting, "bob", "alice", "1", "99.50", approvers=["notary"])
+            )
+            assert (await engine.client.wait(cancelled, timeout=30)).status is TradeStatus.CANCELLED
+            assert (await engine.client.wait(settled, timeout=30)).status is TradeStatus.SETTLED
+
+        assert server.ui_url is not None
+        workflows = f"{server.ui_url}/namespaces/default/workflows"
+        with tempfile.TemporaryDirectory(prefix="dvp-chromium-") as profile:
+            async with Browser(profile) as browser:
+                await browser.call("Page.enable")
+                await browser.call("Page.navigate", url=workflows)
+                await until(lambda: True, "")  # let the first load begin
+                columns = json.dumps({"default": [{"label": c} for c in UI_LIST_COLUMNS]})
+                await browser.evaluate(
+                    f"localStorage.setItem({json.dumps(UI_COLUMNS_KEY)}, {json.dumps(columns)})"
+                )
+                await browser.call("Page.navigate", url=workflows)
+
+                async def row(workflow_id: str) -> str:
+                    script = f"""(() => {{
+                        const cell = [...document.querySelectorAll('a, td, span')]
+                            .find(e => e.textContent.trim() === {json.dumps(workflow_id)});
+                        const row = cell && (cell.closest('tr') || cell.closest('[role="row"]'));
+                        return row ? row.innerText : '';
+                    }})()"""
+                    end = time.monotonic() + 60
+                    while time.monotonic() < end:
+                        text = str(await browser.evaluate(script) or "")
+                        if re.search(r"\b(CANCELLED|SETTLED|AWAITING_APPROVAL)\b", text):
+                            return text
+                        await asyncio.sleep(0.5)
+                    return text
+
+                cancelled_row = await row(f"trade-{cancelled}")
+                settled_row = await row(f"trade-{settled}")
+                shot = await browser.call("Page.captureScreenshot", format="png")
+                (tmp_path / "web-ui.png").write_bytes(base64.b64decode(shot["data"]))
+                page_text = str(await browser.evaluate("document.body.innerText"))
+
+                await browser.call("Page.navigate", url=attention_url(server.ui_url))
+                waiting_row = await row(f"trade-{waiting}")
+                attention_text = str(await browser.evaluate("document.body.innerText"))
+                shot = await browser.call("Page.captureScreenshot", format="png")
+                (tmp_path / "web-ui-attention.png").write_bytes(base64.b64decode(shot["data"]))
+
+    assert "CANCELLED" in cancelled_row and "SETTLED" not in cancelled_row, (cancelled_row, page_text[:2000])
+    assert "COMPLETED" in cancelled_row.upper()  # Temporal's own status: the outcome is only in DvpStatus
+    assert "SETTLED" in settled_row and "CANCELLED" not in settled_row, settled_row
+    assert (tmp_path / "web-ui.png").stat().st_size > 10_000
+    assert "AWAITING_APPROVAL" in waiting_row, (waiting_row, attention_text[:2000])
+    assert f"trade-{cancelled}" not in attention_text and f"trade-{settled}" not in attention_text
