@@ -5,7 +5,7 @@
     service.start()                                               # back on the same port
 
 The configuration file is the bank's own (``bank/service.py``); ``port`` overrides its
-``[bank] port``.
+``[bank] port``; ``metrics_port`` serves its Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -35,9 +35,21 @@ class BankService(Child):
         log_path: str | os.PathLike[str] | None = None,
         *,
         startup_timeout: float = 30.0,
+        metrics_port: int | None = None,
     ) -> None:
+        metrics = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
         super().__init__(
-            [sys.executable, "-m", "bank", "serve", "--config", os.fspath(config_path), "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "bank",
+                "serve",
+                "--config",
+                os.fspath(config_path),
+                "--port",
+                str(port),
+                *metrics,
+            ],  # fmt: skip
             name="the bank service",
             cwd=REPO,
             log_path=log_path,

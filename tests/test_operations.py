@@ -157,13 +157,13 @@ def _value(value: AnyValue) -> Any:
     return getattr(value, kind) if kind else None
 
 
-def bank_service(tmp_path: Path) -> BankService:
+def bank_service(tmp_path: Path, metrics_port: int | None = None) -> BankService:
     config = tmp_path / "bank.toml"
     config.write_text(
         f'[bank]\nurl = "sqlite:///{tmp_path / "bank.db"}"\nport = 1\nname = "bank"\n\n'
         f'[bank.tokens]\ndvp-worker = "{BANK_TOKEN}"\n'
     )
-    return BankService(config, free_port(), tmp_path / "bank.log")
+    return BankService(config, free_port(), tmp_path / "bank.log", metrics_port=metrics_port)
 
 
 def with_bank(config: Config, bank: BankService) -> Config:
@@ -662,3 +662,49 @@ async def test_the_web_ui_lists_a_cancelled_trade_as_cancelled(
     assert (tmp_path / "web-ui.png").stat().st_size > 10_000
     assert "AWAITING_APPROVAL" in waiting_row, (waiting_row, attention_text[:2000])
     assert f"trade-{cancelled}" not in attention_text and f"trade-{settled}" not in attention_text
+
+
+async def test_the_bank_service_serves_its_requests_and_holds_as_metrics(tmp_path: Path) -> None:
+    """``dvp bank serve --metrics-port N``: after a hold is placed and another committed over
+    HTTP, /metrics counts the requests by route (no account or hold id in a label) and
+    reads the open holds and the amount they hold, per asset."""
+    import httpx
+
+    port = free_port()
+    bank = bank_service(tmp_path, metrics_port=port)
+    await asyncio.to_thread(bank.start)
+    try:
+        auth = {"Authorization": f"Bearer {BANK_TOKEN}"}
+        async with httpx.AsyncClient(base_url=bank.url, headers=auth) as http:
+            for account, balance in (("alice-cash", "1000.00"), ("bob-cash", "0.00")):
+                body = {
+                    "account": account,
+                    "asset": "EUR",
+                    "owner": account,
+                    "balance": balance,
+                    "precision": 2,
+                }
+                assert (await http.post("/accounts", json=body)).status_code == 200
+            for hold_id, amount in (("T-1#1", "100.00"), ("T-2#1", "25.50")):
+                hold = {
+                    "hold_id": hold_id,
+                    "account": "alice-cash",
+                    "to_account": "bob-cash",
+                    "asset": "EUR",
+                    "amount": amount,
+                    "expires_at": None,
+                    "trade_id": hold_id[:3],
+                }
+                assert (await http.post("/holds", json=hold)).status_code == 200
+            assert (await http.post("/holds/T-2%231/commit", json={})).status_code == 200
+            assert (await http.get("/accounts/nobody")).status_code == 404
+        samples = await asyncio.to_thread(scrape, port)
+    finally:
+        bank.kill()
+    assert total(samples, "dvp_bank_requests_total", route="/holds", method="POST", status="200") == 2
+    assert total(samples, "dvp_bank_requests_total", route="/holds/{hold_id}/commit") == 1
+    assert total(samples, "dvp_bank_requests_total", route="/accounts/{account_id}", status="404") == 1
+    assert total(samples, "dvp_open_holds", ledger="bank", asset="EUR") == 1
+    assert total(samples, "dvp_held_amount", ledger="bank", asset="EUR") == 100.0
+    labels = {value for (_, ls) in samples for _, value in ls}
+    assert not labels & {"alice-cash", "bob-cash", "nobody", "T-1#1", "T-2#1"}
