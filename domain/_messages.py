@@ -33,6 +33,11 @@ class SettlementRequest(_Model):
     # the history, so that a replay takes the path its trade took. Why not workflow.patched:
     # docs/decisions/0002-local-steps-in-the-request.md.
     local_steps: bool = False
+    # True: the trade puts its reason in its memo when it ends (workflows/_saga.py,
+    # TradeSagaBase._ended), so that `dvp list` reads it from visibility; the client asks
+    # for it since that change. A flag in the input rather than workflow.patched for the
+    # reason local_steps gives: no marker and no TemporalChangeVersion upsert per trade.
+    outcome_memo: bool = False
 
 
 class AccountCheck(_Model):

@@ -131,6 +131,7 @@ class SettlementClient:
             settlement=self.config.settlement,
             precisions={leg.asset: self.config.precision(leg.asset) for leg in instruction.legs},
             local_steps=True,
+            outcome_memo=True,
         )
 
     async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:

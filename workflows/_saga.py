@@ -57,9 +57,7 @@ PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
 ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
 DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
 
-# workflow.patched id: a trade that ends puts its reason in its memo (``MEMO_REASON``), so
-# that ``dvp list`` reads it from visibility; trades that ended before replay without.
-OUTCOME_IN_MEMO = "outcome-in-memo"
+# The memo key of a trade's reason, set when it ends (``SettlementRequest.outcome_memo``).
 MEMO_REASON = "reason"
 
 SEARCH_ATTRIBUTES = {
@@ -287,11 +285,13 @@ class TradeSagaBase:
     def _ended(self) -> None:
         """The trade has its final status: put its reason in its memo and count it.
 
-        After the final ``_publish``, in the same workflow task. The memo is a payload (the
-        data converter's, encrypted where payloads are), so a reason naming an account or
-        an amount is no plainer there than in the trade's result.
+        After the final ``_publish``, in the same workflow task; the memo only for a trade
+        whose client asked for it (``outcome_memo``), so that trades started before replay
+        as they ran. The memo is a payload (the data converter's, encrypted where payloads
+        are), so a reason naming an account or an amount is no plainer there than in the
+        trade's result.
         """
-        if workflow.patched(OUTCOME_IN_MEMO):
+        if self._request.outcome_memo:
             workflow.upsert_memo({MEMO_REASON: self._reason})
         meter = workflow.metric_meter()
         labels = {"status": self._status.value}
