@@ -1,7 +1,10 @@
 """The dvp domain model, shared by every layer. Imports nothing else of the project."""
 
 from ._config import (
+    LOCAL_ISSUER,
     AssetConfig,
+    AuthConfig,
+    AuthKeyConfig,
     BatchesConfig,
     ComplianceConfig,
     Config,
@@ -16,6 +19,7 @@ from ._config import (
 from ._errors import (
     LEDGER_ERRORS,
     AssetMismatch,
+    AuthError,
     ConfigError,
     DuplicateTrade,
     DvpError,
@@ -118,6 +122,7 @@ __all__ = [
     "SettleRequest",
     "TradeOutcome",
     "LEDGER_ERRORS",
+    "LOCAL_ISSUER",
     "AccountBalance",
     "AccountCheck",
     "AccountSpec",
@@ -125,6 +130,9 @@ __all__ = [
     "ApprovalMessage",
     "AssetConfig",
     "AssetMismatch",
+    "AuthConfig",
+    "AuthError",
+    "AuthKeyConfig",
     "CancelMessage",
     "CheckAccountsBatch",
     "CheckAccountsRequest",
