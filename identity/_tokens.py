@@ -42,6 +42,7 @@ __all__ = [
     "TokenIssuer",
     "Verifier",
     "check_subject",
+    "unverified_claims",
 ]
 
 MAX_TOKEN_LENGTH = 4096
@@ -251,3 +252,21 @@ class TokenIssuer:
         if roles:
             claims["roles"] = list(roles)
         return jwt.encode(claims, self._key, algorithm=self._algorithm, headers={"kid": self.kid})
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of ``token`` read WITHOUT checking its signature: never the basis of a decision.
+
+    For a client's courtesy checks of its own token before it sends anything (is it
+    expired? is it the ``--as`` party's?); the engine verifies every token itself.
+    ``AuthError`` if ``token`` is not a JWT.
+    """
+    if not isinstance(token, str) or not token:
+        raise AuthError("token: missing")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise AuthError(f"token: longer than {MAX_TOKEN_LENGTH} characters")
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise AuthError("token: not a signed JWT") from None
+    return claims
