@@ -6,6 +6,8 @@ queue (``workflow.info().task_queue``) to check the tokens of approvals, cancels
 affirmations and claims. State at module level on purpose: the worker passes this
 package through the workflow sandbox, so every workflow sees the one the worker
 installed, and no key ever enters a history. Nothing installed: every token is refused.
+(A ``temporalio.worker.Replayer`` runs its workflows on task queue
+``replay-<build_id>``: install the verifier under that name to replay signals.)
 """
 
 from __future__ import annotations

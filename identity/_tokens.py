@@ -11,6 +11,7 @@ same history gives the same verdict on replay), and the subject and roles.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import LOCAL_ISSUER, AuthConfig, AuthError, ConfigError
 
@@ -98,6 +103,25 @@ def _at(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
+def _import_signature_errors() -> None:
+    """Have cryptography import the exception it raises for a bad signature, here and now.
+
+    Its Rust core imports ``InvalidSignature`` lazily, the first time it raises it; in
+    a workflow's sandbox that import fails and aborts the whole process. A verifier
+    is built outside any sandbox (a worker starting), so it makes that first raise.
+    """
+    for verify in (
+        lambda: Ed25519PrivateKey.generate().public_key().verify(b"\0" * 64, b""),
+        lambda: (
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .verify(b"0\x06\x02\x01\x01\x02\x01\x01", b"", ec.ECDSA(hashes.SHA256()))
+        ),
+    ):
+        with contextlib.suppress(InvalidSignature):
+            verify()
+
+
 class Verifier:
     """Checks tokens against known keys, accepted issuers and one audience. Holds no state but those.
 
@@ -113,6 +137,7 @@ class Verifier:
         audience: str,
         max_lifetime: timedelta = timedelta(days=1),
     ) -> None:
+        _import_signature_errors()
         self._keys = {key.kid: key for key in keys}
         self._issuers = frozenset(issuers)
         self._audience = audience

@@ -291,7 +291,10 @@ class SettlementClient:
                 raise RequestRejected(f"trade is already {view.status.value}") from None
             raise
         except WorkflowUpdateFailedError as exc:
-            raise RequestRejected(str(exc.cause or exc)) from None
+            cause = exc.cause
+            raise RequestRejected(
+                cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
+            ) from None
 
     async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
         decision: Decision = await self._update(trade_id, update, message)

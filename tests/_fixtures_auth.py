@@ -8,9 +8,10 @@ configuration), so a test acts as anyone by asking for that party's token:
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,26 @@ def auth_section() -> dict[str, Any]:
     }
 
 
+def auth_toml() -> str:
+    """``auth_section`` as the ``[auth]`` of a TOML configuration file."""
+    section = auth_section()
+    lines = ["[auth]", *(f"{k} = {json.dumps(v)}" for k, v in section.items() if k != "keys")]
+    for key in section["keys"]:
+        lines += ["", "[[auth.keys]]", *(f"{k} = {json.dumps(v)}" for k, v in key.items())]
+    return "\n".join(lines) + "\n"
+
+
 @functools.cache
 def _issuer() -> TokenIssuer:
     config = parse_config({"ledgers": {}, "auth": auth_section()})
     return TokenIssuer.from_config(config.auth)
 
 
-def token(subject: str, roles: Sequence[str] = (), ttl: timedelta = timedelta(hours=1)) -> str:
-    """A token for ``subject`` signed by the test issuer."""
-    return _issuer().issue(subject, roles, ttl=ttl)
+def token(
+    subject: str, roles: Sequence[str] = (), ttl: timedelta = timedelta(hours=1), now: datetime | None = None
+) -> str:
+    """A token for ``subject`` signed by the test issuer (issued at ``now``, default the clock)."""
+    return _issuer().issue(subject, roles, ttl=ttl, now=now)
 
 
 @pytest.fixture(scope="session")
@@ -77,4 +89,4 @@ def tokens() -> Callable[..., str]:
     return token
 
 
-__all__ = ["TEST_ISSUER", "TEST_KID", "auth_section", "token", "tokens", "write_key_pair"]
+__all__ = ["TEST_ISSUER", "TEST_KID", "auth_section", "auth_toml", "token", "tokens", "write_key_pair"]

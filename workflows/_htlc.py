@@ -86,7 +86,17 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, refusal, shielded, verified
+from ._saga import (
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
@@ -329,7 +339,7 @@ class HtlcSaga(TradeSagaBase):
 
     async def claim(self, message: ClaimMessage) -> None:
         """Claim a leg with the preimage; return once that claim (and any it unlocks) ended."""
-        by = f" by {verified(message.token).subject}" if self._trusted else ""
+        by = f" by {accepted_subject(message.token)[0]}" if self._trusted else ""
         leg = self._claim_target(message)
         self._preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         self._requested.append(leg)

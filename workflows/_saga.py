@@ -6,10 +6,12 @@ the trade sagas import it unpassed, so the replay tests check it in the sandbox.
 
 Authority (docs/trust.md). A trade acts only on verified tokens: the submitter's is
 judged by the worker when the trade starts (``SettlementActivities.admit``, a local
-activity whose verdict and routing are recorded), every later message's in the
-handler, at ``workflow.now()``, with the verifier the worker installed for its task
-queue (``identity.install_verifier``). Trades started before this carry no patch
-marker ``TRUST_PATCH`` and replay under the rules they ran with.
+activity whose verdict and routing are recorded); an update's in its validator, a
+signal's in its handler, at ``workflow.now()``, with the verifier the worker
+installed for its task queue (``identity.install_verifier``). So a replay needs the
+keys only for the signals it holds (they re-run), and finds the same verdicts as long
+as those keys are still known. Trades started before this carry no patch marker
+``TRUST_PATCH`` and replay under the rules they ran with.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ with workflow.unsafe.imports_passed_through():
         TradeStatus,
         TradeView,
     )
-    from identity import Principal, installed_verifier
+    from identity import Principal, installed_verifier, unverified_claims
 
 from .calls import CALL_TIMEOUT
 
@@ -180,6 +182,19 @@ def verified(token: str, party: str = "") -> Principal:
     if party and party != principal.subject:
         raise AuthError(f"party: {party!r} is not the token's subject {principal.subject!r}")
     return principal
+
+
+def accepted_subject(token: str) -> tuple[str, tuple[str, ...]]:
+    """The subject and roles of the token of an update its validator accepted.
+
+    Not verified again, on purpose: an update's handler runs only once its validator
+    has verified the token and accepted the update, and the history records that
+    acceptance; on replay validators do not run, so the history, not the keys of the
+    day, is the proof, and a replay of a trade's updates needs no key at all.
+    """
+    claims = unverified_claims(token)
+    roles = claims.get("roles")
+    return str(claims.get("sub")), tuple(roles) if isinstance(roles, list) else ()
 
 
 def routing_problems(request: SettlementRequest, routing: Routing) -> list[FieldError]:
@@ -407,8 +422,8 @@ class TradeSagaBase:
             raise refusal(problem)
 
     async def affirm(self, message: AffirmMessage) -> Decision:
-        """Consent, as the token's subject, to the debits of its accounts."""
-        subject = verified(message.token, message.party).subject
+        """Consent, as the token's subject, to the debits of its accounts (after ``check_affirm``)."""
+        subject, _ = accepted_subject(message.token)
         await workflow.wait_condition(lambda: self._consent_known or self._status.terminal)
         if problem := self._affirm_problem(subject):
             return self._rejected(f"affirmation by {subject}", problem)

@@ -95,7 +95,17 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, refusal, shielded, verified
+from ._saga import (
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
@@ -440,7 +450,7 @@ class TradeSaga(TradeSagaBase):
 
     def approve(self, message: ApprovalMessage) -> Decision:
         """The approve update (after ``check_approve``)."""
-        party = verified(message.token, message.party).subject if self._trusted else message.party
+        party = accepted_subject(message.token)[0] if self._trusted else message.party
         if problem := self._approve_problem(party):
             return self._rejected(f"approval by {party}", problem)
         self._approved.append(party)
@@ -492,18 +502,21 @@ class TradeSaga(TradeSagaBase):
         """The cancel update (after ``check_cancel``) or signal."""
         if not self._trusted:
             return await self._cancel_by_name(message)
-        try:
-            principal = verified(message.token, message.party)
-        except AuthError as exc:
-            if signal:
+        if signal:
+            try:
+                principal = verified(message.token, message.party)
+            except AuthError as exc:
                 self._refused_signal()
-            return Decision(accepted=False, reason=str(exc))
-        party, what = principal.subject, f"cancel by {principal.subject}"
+                return Decision(accepted=False, reason=str(exc))
+            party, roles = principal.subject, principal.roles
+        else:
+            party, roles = accepted_subject(message.token)
+        what = f"cancel by {party}"
         # Whether a party may cancel depends on the accounts' owners, known once the
         # trade is validated and screened; an operator may at once.
-        if not self._is_operator(party, principal.roles):
+        if not self._is_operator(party, roles):
             await self.screened()
-        if problem := self._cancel_problem(party, principal.roles, owners_known=True):
+        if problem := self._cancel_problem(party, roles, owners_known=True):
             if signal:
                 self._refused_signal()
                 return Decision(accepted=False, reason=problem)
