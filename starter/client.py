@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from temporalio.client import (
@@ -64,6 +64,8 @@ from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attribute
 
 from ._checks import check_ledger, check_precision, invalid_from
 
+T = TypeVar("T")
+
 
 def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:
     """Parse and check an instruction against the configuration.
@@ -89,6 +91,14 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
     if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
         raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
     return instruction
+
+
+def _message(model: type[T], **fields: Any) -> T:
+    """An acting message; ``InvalidInstruction`` naming the field that is out of bounds (nothing sent)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise invalid_from(exc, "(message)") from None
 
 
 class SettlementClient:
@@ -241,14 +251,14 @@ class SettlementClient:
 
     async def approve(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
         """Approve as the token's subject (``party``, if given, must be it); ``RequestRejected`` if not."""
-        message = ApprovalMessage(party=party or "", token=self._token(token, party))
+        message = _message(ApprovalMessage, party=party or "", token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.approve_update, message)
 
     async def cancel(
         self, trade_id: str, party: str | None = None, reason: str = "", *, token: str | None = None
     ) -> Decision:
         """Cancel as the token's subject; ``RequestRejected`` with the reason if refused."""
-        message = CancelMessage(party=party or "", reason=reason, token=self._token(token, party))
+        message = _message(CancelMessage, party=party or "", reason=reason, token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.cancel_update, message)
 
     async def affirm(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
@@ -257,7 +267,7 @@ class SettlementClient:
         A trade submitted by someone else waits in AWAITING_AFFIRMATION until every
         owner of an account it debits has affirmed. ``RequestRejected`` if refused.
         """
-        message = AffirmMessage(party=party or "", token=self._token(token, party))
+        message = _message(AffirmMessage, party=party or "", token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.affirm, message)
 
     async def claim(
@@ -276,7 +286,7 @@ class SettlementClient:
             normalise_sha256(preimage, "a 32-byte secret")
         except ValueError as exc:
             raise InvalidInstruction("preimage", str(exc)) from None
-        message = ClaimMessage(preimage=preimage, leg=leg, token=self._token(token))
+        message = _message(ClaimMessage, preimage=preimage, leg=leg, token=self._token(token))
         view: TradeView = await self._update(trade_id, HtlcWorkflow.claim, message)
         return view
 
