@@ -29,6 +29,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer, Worker
 
 from domain import (
+    AuthError,
+    BatchStatus,
     CheckAccountsResult,
     HoldOutcome,
     HoldOutcomes,
@@ -42,6 +44,7 @@ from domain import (
 )
 from identity import TokenIssuer, Verifier, install_verifier, uninstall_verifier
 from processes.devserver import DevServer, find_temporal_binary
+from starter.batch import BatchClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import parse_seed, seed
 from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
@@ -458,6 +461,28 @@ async def test_an_htlc_submitted_by_one_party_waits_for_the_others_affirmation(s
     await settlement.acting("bob").claim("TR-htlc", secret.hex())
 
     assert (await settlement.client.wait("TR-htlc", timeout=60)).status is TradeStatus.SETTLED
+
+
+# ------------------------------------------------------------ netting batches
+
+
+async def test_only_an_operator_submits_a_netting_batch(settlement: Engine, temporal_client: Client) -> None:
+    before = settlement.balances()
+    trades = [dvp_instruction(f"TR-b{i}", "bob", "alice", "1", "99.50") for i in range(3)]
+    for trade in trades:
+        del trade["settle_within"]
+
+    with pytest.raises(AuthError, match="no token"):
+        await BatchClient(temporal_client, settlement.config).submit(trades, batch_id="tr-anon")
+    async with BatchClient(temporal_client, settlement.config, token=token("alice")) as client:
+        refused = await client.submit(trades, batch_id="tr-alice", wait=True, timeout=60)
+    async with BatchClient(temporal_client, settlement.config, token=token("ops")) as client:
+        settled = await client.submit(trades, batch_id="tr-ops", wait=True, timeout=60)
+
+    assert refused.status is BatchStatus.REJECTED
+    assert refused.reason == "submitted by alice: only an operator submits batches"
+    assert settled.status is BatchStatus.SETTLED and settled.settled == 3
+    assert settlement.balance("cash", "bob-cash") == before[("cash", "bob-cash")] + Decimal("298.50")
 
 
 # ------------------------------------------------------------- bounded inputs
