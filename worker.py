@@ -10,6 +10,10 @@ calls go through their own task queue so that they run only where the credential
 are. Any number of workers may run side by side against the same server and
 ledgers. Every ledger a worker opens is also swept for expired holds, the backstop
 for an orchestrator that vanished.
+
+A worker that runs the workflows loads the keys of ``[auth]`` when it starts, and
+refuses to start without any: the workflows check every acting message's token
+with them (docs/trust.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from activities import BatchActivities, LedgerActivities, NettingLedgerActivitie
 from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown
 from domain import Config, DvpError, load_config
+from identity import Verifier, install_verifier, uninstall_verifier
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
@@ -46,6 +51,7 @@ ACTIVITY_THREADS = 16
 # they are loaded once per process, not afresh for every trade; they keep the workflow
 # rules on their own. Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md
 TRADE_WORKFLOW_MODULES = (
+    "identity",  # the worker's verifier, installed for the workflows (identity.install_verifier)
     "workflows.calls",
     "workflows._saga",
     "workflows._trade",
@@ -79,13 +85,18 @@ async def run_worker(
     workflows: bool = True,
     stop: asyncio.Event | None = None,
     instances: dict[str, Ledger] | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Run until ``stop`` is set (or forever).
 
     ``instances`` supplies already opened ledgers (they are not closed here);
-    otherwise each ledger is opened from its configuration.
+    otherwise each ledger is opened from its configuration. ``verifier`` checks the
+    workflows' tokens; by default it is built from ``[auth]``.
     """
     stop = stop or asyncio.Event()
+    # Keys first: a worker that cannot check tokens must not run a single trade.
+    if workflows and verifier is None:
+        verifier = Verifier.from_config(config.auth)
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
@@ -109,7 +120,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    SettlementActivities(config).screen,
+                    *SettlementActivities(config, verifier).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -135,6 +146,8 @@ async def run_worker(
             )
         )
     sweepers = [asyncio.create_task(_sweep(ledger, config, stop)) for ledger in opened.values()]
+    if verifier is not None:
+        install_verifier(config.settlement_queue(), verifier)
     try:
         async with _all_running(workers):
             log.info(
@@ -146,6 +159,8 @@ async def run_worker(
             await stop.wait()
     finally:
         stop.set()
+        if verifier is not None:
+            uninstall_verifier(config.settlement_queue(), verifier)
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
         if store is not None:
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
+        # before connecting: a worker without keys to check tokens with does not start
+        verifier = None if args.no_workflows else Verifier.from_config(config.auth)
     except DvpError as exc:
         print(f"dvp worker: {exc}", file=sys.stderr)
         return 2
@@ -221,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         client = await connect_client(config.temporal.address, config.temporal.namespace)
-        await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
+        await run_worker(
+            config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop, verifier=verifier
+        )
 
     try:
         asyncio.run(serve())
