@@ -62,7 +62,7 @@ from datetime import UTC, datetime
 from decimal import Context, Decimal
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 import requests
 from eth_abi import decode as abi_decode
@@ -120,7 +120,7 @@ def load_artefact(name: str) -> dict[str, Any]:
     """The compiled contract ``name``: ``abi``, ``bytecode`` and the source digest."""
     path = ARTEFACTS / f"{name}.json"
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing: run `npm run compile`") from None
 
@@ -395,7 +395,7 @@ class EvmLedger(Ledger):
         self._asset_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, name: str, config: LedgerConfig) -> EvmLedger:
+    def from_config(cls, name: str, config: LedgerConfig) -> Self:
         options = config.options()
         where = f"ledgers.{name}"
 

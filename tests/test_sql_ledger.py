@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import QueuePool
 
 from adapters.sql import SqlLedger
 from domain import (
@@ -746,8 +747,10 @@ def test_the_fast_path_uses_the_one_writer_connection_whichever_it_is(sqlite_url
         assert answers == Answers(
             ["place_hold", "commit_hold"], ["place_hold", "commit_hold"]
         )  # on the new one
+        assert ledger._fast is not None
         assert ledger._fast._driver.connection is pooled()
-        assert ledger._writer.pool.checkedin() == 1  # type: ignore[attr-defined]
+        assert isinstance(ledger._writer.pool, QueuePool)  # a file database's default pool
+        assert ledger._writer.pool.checkedin() == 1
         assert balance(ledger) == {"alice": D(480), "bob": D(20), "issuer:USD": D(-500)}
         assert ledger.verify() == []
     finally:
@@ -759,7 +762,9 @@ def test_a_sqlite_write_lock_held_past_the_busy_timeout_is_unavailable(
 ) -> None:
     monkeypatch.setattr("adapters.sql.SQLITE_BUSY_TIMEOUT_S", 0.2)
     ledger = SqlLedger("cash", sqlite_url)
-    other = sqlite3.connect(str(make_url(sqlite_url).database), isolation_level=None)
+    database = make_url(sqlite_url).database
+    assert database is not None
+    other = sqlite3.connect(database, isolation_level=None)
     try:
         answers = warm(ledger, alice="500.00", bob="0")
         ledger.place_hold("a", "alice", "bob", "USD", D(10), LATER)

@@ -21,13 +21,13 @@ import json
 import os
 import re
 import signal
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from domain import ConfigError, LedgerError, load_config, parse_config
 from processes.anvil import Anvil, AnvilError, find_anvil
+from processes.ports import listener, port_in_use
 
 from .output import EXIT_BAD_INPUT, CliError
 
@@ -104,15 +104,6 @@ def write_section(path: Path, name: str, section: dict[str, Any]) -> str:
     return new
 
 
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> int:
     """Start anvil, deploy, write the configuration, then wait for a signal (see module doc)."""
     from adapters.evm import deploy_contracts
@@ -136,8 +127,11 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
     except AnvilError as exc:
         raise CliError(str(exc)) from None
     host = "127.0.0.1"
-    if _port_taken(host, port):
-        raise CliError(f"--port: {host}:{port} is taken; stop what listens there or give another --port")
+    if port_in_use(port, host):
+        held = listener(port)
+        stop = f"stop it (kill {held[0]})" if held else "stop what listens there"
+        by = f" by pid {held[0]} ({held[1]})" if held else ""
+        raise CliError(f"--port: {host}:{port} is taken{by}; {stop} or give another --port")
 
     node = Anvil(host=host, port=port)
     signals = {signal.SIGINT, signal.SIGTERM}
@@ -152,7 +146,10 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
             raise CliError(f"deploying the contracts failed: {exc}") from None
         config_path.parent.mkdir(parents=True, exist_ok=True)
         write_section(config_path, ledger, section)
-        print(f"anvil is up at {node.url} (chain id {section['chain_id']}); the dvp contracts are deployed.")
+        print(
+            f"anvil is up at {node.url} (chain id {section['chain_id']}, pid {node.pid}); "
+            "the dvp contracts are deployed."
+        )
         print(f"Wrote [ledgers.{ledger}] into {config_path}:\n")
         print(render_section(ledger, section))
         print(f"Seed accounts on it:  dvp --config {config_path} ledger seed SEED.json")
