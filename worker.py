@@ -12,6 +12,10 @@ ledgers. Every ledger a worker opens is also swept for expired holds, the backst
 for an orchestrator that vanished, and its open holds are measured (the
 ``dvp_open_holds`` and ``dvp_held_amount`` gauges).
 
+A worker that runs the workflows loads the keys of ``[auth]`` when it starts, and
+refuses to start without any: the workflows check every acting message's token
+with them (docs/trust.md).
+
 ``--metrics-port N`` serves Prometheus metrics at ``http://127.0.0.1:N/metrics``: the
 Temporal SDK's and dvp's (docs/operations.md, "Metrics"). Traces are exported when the
 ``OTEL_*`` environment asks for them (``connection.telemetry``).
@@ -45,6 +49,7 @@ from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown
 from connection.telemetry import configure_tracing, metrics_runtime
 from domain import Config, DvpError, load_config
+from identity import Verifier, install_verifier, uninstall_verifier
 from operations import reconcile
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
@@ -57,6 +62,7 @@ ACTIVITY_THREADS = 16
 # they are loaded once per process, not afresh for every trade; they keep the workflow
 # rules on their own. Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md
 TRADE_WORKFLOW_MODULES = (
+    "identity",  # the worker's verifier, installed for the workflows (identity.install_verifier)
     "workflows.calls",
     "workflows._saga",
     "workflows._trade",
@@ -153,14 +159,19 @@ async def run_worker(
     stop: asyncio.Event | None = None,
     instances: dict[str, Ledger] | None = None,
     reconcile_every: timedelta | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Run until ``stop`` is set (or forever).
 
     ``instances`` supplies already opened ledgers (they are not closed here);
-    otherwise each ledger is opened from its configuration. ``reconcile_every``, on a
+    otherwise each ledger is opened from its configuration. ``verifier`` checks the
+    workflows' tokens; by default it is built from ``[auth]``. ``reconcile_every``, on a
     settlement worker, reconciles the ledgers it opened with their trades that often.
     """
     stop = stop or asyncio.Event()
+    # Keys first: a worker that cannot check tokens must not run a single trade.
+    if workflows and verifier is None:
+        verifier = Verifier.from_config(config.auth)
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
@@ -184,7 +195,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    SettlementActivities(config).screen,
+                    *SettlementActivities(config, verifier).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -216,6 +227,8 @@ async def run_worker(
     ]
     if reconcile_every and workflows:
         sweepers.append(asyncio.create_task(_reconcile(client, opened, reconcile_every, stop, meter)))
+    if verifier is not None:
+        install_verifier(config.settlement_queue(), verifier)
     try:
         async with _all_running(workers):
             log.info(
@@ -227,6 +240,8 @@ async def run_worker(
             await stop.wait()
     finally:
         stop.set()
+        if verifier is not None:
+            uninstall_verifier(config.settlement_queue(), verifier)
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
         if store is not None:
@@ -318,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_tracing("dvp-worker")
     try:
         config = load_config(args.config)
+        # before connecting: a worker without keys to check tokens with does not start
+        verifier = None if args.no_workflows else Verifier.from_config(config.auth)
     except DvpError as exc:
         print(f"dvp worker: {exc}", file=sys.stderr)
         return 2
@@ -343,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             ledgers=args.ledger,
             workflows=not args.no_workflows,
             stop=stop,
+            verifier=verifier,
             reconcile_every=reconcile_every or None,
         )
 

@@ -32,6 +32,7 @@ from adapters import open_ledger
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
 from demos.settlement import _expected_balances, _sums
 from domain import Config, LedgerError, TradeStatus, TradeView, parse_config
+from identity import TokenIssuer
 from processes.anvil import Anvil, AnvilError
 from processes.bank import BankService
 from processes.devserver import DevServer
@@ -96,6 +97,10 @@ sanctioned = ["mallory"]
 [roles]
 operators = ["ops"]
 
+[auth]
+local_issuer = true
+local_keys = "{base / "auth"}"
+
 [assets."{BOND}"]
 precision = 0
 
@@ -127,7 +132,8 @@ class _Escrow:
 
 
 async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
-    client = await SettlementClient.connect(config)
+    # the venue, an operator, submits the locked-in trades (a token from the local issuer)
+    client = await SettlementClient.connect(config, TokenIssuer.from_config(config.auth).issue("ops"))
     chain = open_ledger("chain", config.ledgers["chain"])
     plays = [
         (

@@ -53,6 +53,7 @@ from worker import run_worker
 from workflows import workflow_id_for
 from workflows._saga import STATUS
 
+from ._fixtures_auth import token
 from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -241,7 +242,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix)
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-dvp-{i}", "bob", "10", f"{100 + i}.25") for i in range(20)]
     good += [four_legs(f"K-{uid}-4leg-{i}", i) for i in range(5)]
@@ -320,7 +321,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
     instruction = Instruction.model_validate(dvp(trade_id, "bob", "100", "9950.00"))
 
@@ -392,7 +393,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-l-dvp-{i}", "bob", "7", f"{70 + i}.50") for i in range(8)]
     good += [four_legs(f"K-{uid}-l-4leg-{i}", i) for i in range(2)]

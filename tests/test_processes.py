@@ -31,6 +31,7 @@ from processes.ports import free_port, port_in_use
 from starter.client import SettlementClient
 from starter.ledgers import all_open_holds
 
+from ._fixtures_auth import token
 from ._fixtures_evm import need
 from .test_faults import (
     WorkerProcess,
@@ -168,7 +169,7 @@ async def test_after_the_temporal_server_is_killed_dvp_server_restarts_at_once_a
                 worker = WorkerProcess(config_path, tmp_path / "worker-1.log")
                 started.append(worker)
                 await worker.started()
-                client = SettlementClient(await connect_client(config.temporal.address), config)
+                client = SettlementClient(await connect_client(config.temporal.address), config, token("ops"))
                 await client.submit_many(good + short, wait_accepted=False)
                 end = time.monotonic() + 20
                 while not all_open_holds(ledgers):
@@ -197,7 +198,9 @@ async def test_after_the_temporal_server_is_killed_dvp_server_restarts_at_once_a
                     again = WorkerProcess(config_path, tmp_path / "worker-2.log")
                     started.append(again)
                     await again.started()
-                    client = SettlementClient(await connect_client(config.temporal.address), config)
+                    client = SettlementClient(
+                        await connect_client(config.temporal.address), config, token("ops")
+                    )
                     views = await wait_all(client, trade_ids, timeout=90)
                 finally:
                     assert second.stop(20) == 0, second.log_tail()

@@ -1,7 +1,11 @@
 """The HTLC protocol: a two-leg swap locked by a secret's hash and two timelocks.
 
-    PENDING ── validate accounts (the legs must be a swap) ── compliance screen
+    PENDING ── admit: the submitter's token, the worker's routing
+            ── validate accounts (the legs must be a swap); the submitter is a party or an operator
+            ── compliance screen
                                                         ▼      (REJECTED: nothing locked)
+    AWAITING_AFFIRMATION ── the other party consents, unless an operator submitted
+                                                        ▼      (EXPIRED: nothing locked)
     RESERVING ── lock legs[0] (hashlock H, refunds at T0 = deadline + claim window)
              ── lock legs[1] (hashlock H, refunds at T1 = deadline)
                                                         ▼      (EXPIRED: a lock failed, the other released)
@@ -69,6 +73,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         ApprovalMessage,
+        AuthError,
         CancelMessage,
         CheckAccountsRequest,
         ClaimMessage,
@@ -89,7 +94,20 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, count_refusal, shielded
+from ._saga import (
+    Problem,
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    code_of,
+    count_refusal,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
@@ -110,10 +128,7 @@ class HtlcSaga(TradeSagaBase):
     def __init__(self, request: SettlementRequest) -> None:
         super().__init__(request)
         instruction = request.instruction
-        now = workflow.now()
-        self._remote = request.model_copy(update={"local_ledgers": []})
-        window = instruction.claim_window or max(self._deadline - now, timedelta(seconds=1))
-        self._timelocks = [self._deadline + window, self._deadline]
+        self._routed()
         self._auto_claim = instruction.auto_claim is not False
         self._hold_ids = [f"{instruction.trade_id}#{i}" for i in range(len(instruction.legs))]
         self._states = [LegState.PENDING] * len(instruction.legs)
@@ -122,14 +137,25 @@ class HtlcSaga(TradeSagaBase):
         self._preimage: str | None = None
         self._requested: list[int] = []  # legs to claim with the preimage, in order
 
+    def _routed(self) -> None:
+        self._remote = self._request.model_copy(update={"local_ledgers": []})
+        window = self._instruction.claim_window or max(self._deadline - self._started, timedelta(seconds=1))
+        self._timelocks = [self._deadline + window, self._deadline]
+
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
-        self._event("submitted", f"protocol htlc; timelocks: {when}")
         try:
+            if self._trusted:
+                await self._admit()
+            when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
+            self._event("submitted", f"protocol htlc; timelocks: {when}")
             await self._validate()
+            if self._trusted:
+                self._authorize_submission()
             await self._screen()
+            if self._trusted:
+                await self._await_consent()
             await self._lock_all()
         except _Abort as abort:
             await self._shielded(self._release_locked())
@@ -189,7 +215,7 @@ class HtlcSaga(TradeSagaBase):
     async def _lock_all(self) -> None:
         """Lock the secret holder's delivery first, then the payment, as the parties would."""
         self._set_status(TradeStatus.RESERVING)
-        interval = self._request.settlement.recycle_interval
+        interval = self._request.policy().recycle_interval
         for i in (SECRET_HOLDER_LEG, PAYMENT_LEG):
             self._locking.append(i)  # registered before the lock it undoes
             while True:
@@ -230,7 +256,7 @@ class HtlcSaga(TradeSagaBase):
                     raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: leg {i} ({outcome.detail})")
                 self._publish()
                 await workflow.sleep(min(interval, self._deadline - workflow.now()))
-                interval = min(interval * 2, self._request.settlement.max_recycle_interval)
+                interval = min(interval * 2, self._request.policy().max_recycle_interval)
 
     async def _claim_or_refund(self) -> None:
         self._set_status(TradeStatus.AWAITING_CLAIM)
@@ -347,14 +373,15 @@ class HtlcSaga(TradeSagaBase):
 
     async def claim(self, message: ClaimMessage) -> None:
         """Claim a leg with the preimage; return once that claim (and any it unlocks) ended."""
+        by = f" by {accepted_subject(message.token)[0]}" if self._trusted else ""
         leg = self._claim_target(message)
         self._preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         self._requested.append(leg)
-        self._event(f"claim of leg {leg} with the preimage", f"preimage {self._preimage} is now public")
+        self._event(f"claim of leg {leg} with the preimage{by}", f"preimage {self._preimage} is now public")
         await workflow.wait_condition(lambda: not self._pending_claims() or self._status.terminal)
 
     def check_claim(self, message: ClaimMessage) -> None:
-        """Refuse a claim (before it enters the history) that is wrong or cannot be made now."""
+        """Refuse a claim (before it enters the history): wrong, impossible now, or not a party's."""
         try:
             self._check_claim(message)
         except ApplicationError as exc:
@@ -362,6 +389,13 @@ class HtlcSaga(TradeSagaBase):
             raise
 
     def _check_claim(self, message: ClaimMessage) -> None:
+        if self._trusted:
+            try:
+                subject = verified(message.token).subject
+            except AuthError as exc:
+                raise ApplicationError(str(exc), type="Unauthenticated", non_retryable=True) from None
+            if subject not in set(self._owners.values()):
+                raise _rejection(f"{subject} is not a party to this trade: only its parties may claim")
         try:
             preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         except ValueError as exc:
@@ -395,21 +429,36 @@ class HtlcSaga(TradeSagaBase):
             raise _rejection(f"leg: the timelock of leg {leg} passed at {self._timelocks[leg].isoformat()}")
         return leg
 
+    def check_approve(self, message: ApprovalMessage) -> None:
+        if self._trusted:
+            raise refusal(_NO_APPROVAL, request="approval")
+
     def approve(self, message: ApprovalMessage) -> Decision:
-        return self._rejected(
-            f"approval by {message.party}", "an htlc trade needs no approval", "no_approval_needed"
+        return self._rejected(f"approval by {message.party}", _NO_APPROVAL)
+
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        if self._trusted:
+            self._refused_signal("approval", _NO_APPROVAL.code)
+        else:
+            self.approve(message)
+
+    def _cancel_refusal(self) -> str:
+        if self._status.terminal:
+            return Problem(f"trade is already {self._status.value}", "ended")
+        return Problem(
+            "an htlc trade cannot be cancelled: each leg refunds at its timelock", "not_cancellable"
         )
 
-    def cancel(self, message: CancelMessage) -> Decision:
-        if self._status.terminal:
-            return self._rejected(
-                f"cancel by {message.party}", f"trade is already {self._status.value}", "ended"
-            )
-        return self._rejected(
-            f"cancel by {message.party}",
-            "an htlc trade cannot be cancelled: each leg refunds at its timelock",
-            "not_cancellable",
-        )
+    def check_cancel(self, message: CancelMessage) -> None:
+        if self._trusted:
+            raise refusal(self._cancel_refusal(), request="cancel")
+
+    def cancel(self, message: CancelMessage, signal: bool = False) -> Decision:
+        if self._trusted and signal:
+            problem = self._cancel_refusal()
+            self._refused_signal("cancel", code_of(problem, "refused"))
+            return Decision(accepted=False, reason=problem)
+        return self._rejected(f"cancel by {message.party}", self._cancel_refusal())
 
     # ------------------------------------------------------------- helpers
 
@@ -460,6 +509,9 @@ class HtlcSaga(TradeSagaBase):
 
     def view(self) -> TradeView:
         return self._view(self._hold_ids, self._states, self._details)
+
+
+_NO_APPROVAL = Problem("an htlc trade needs no approval", "no_approval_needed")
 
 
 def _rejection(reason: str) -> ApplicationError:

@@ -1,6 +1,7 @@
 """The settlement saga: one durable workflow per trade.
 
-    validate ── screen ── approvals ── reserve (a short leg recycles) ── pin ── decide ── commit
+    admit ── validate ── screen ── affirmations ── approvals ── reserve (a short leg recycles)
+          ── pin ── decide ── commit
 
 Every ending but SETTLED releases what was reserved. The guarantees (why a hold cannot
 expire between the commit decision and the commits, cancellation, compensation,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         ApprovalMessage,
+        AuthError,
         CancelMessage,
         CheckAccountsBatch,
         CheckAccountsRequest,
@@ -61,7 +63,20 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, count, shielded
+from ._saga import (
+    Problem,
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    code_of,
+    count,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
@@ -108,6 +123,7 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(instruction.legs)
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
+        self._cancelled_by = ""
         self._decided = False
         self._pinned = False  # every hold of this attempt pinned, no decision yet (see _unwind)
         self._compensations: list[int] = []  # leg indexes to release, LIFO
@@ -118,8 +134,10 @@ class TradeSaga(TradeSagaBase):
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
+            if self._trusted:
+                await self._admit()
+            self._event("submitted", f"deadline {self._deadline.isoformat()}")
             await self._settle()
         except _Abort as abort:
             await self._shielded(self._unwind(abort.status, abort.reason))
@@ -132,9 +150,17 @@ class TradeSaga(TradeSagaBase):
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self.view()
 
+    def _routed(self) -> None:
+        self._rule = _fill_rule(self._request)
+
     async def _settle(self) -> None:
         await self._validate()
+        if self._trusted:
+            self._authorize_submission()
         await self._screen()
+        if self._trusted:
+            await self._await_consent(lambda: self._cancel is not None)
+            self._raise_if_cancelled()
         await self._await_approvals()
         while True:
             await self._reserve_all()
@@ -209,8 +235,8 @@ class TradeSaga(TradeSagaBase):
     async def _reserve_all(self) -> None:
         if not self._fills:
             self._set_status(TradeStatus.RESERVING)
-        interval = self._request.settlement.recycle_interval
-        expires_at = self._deadline + self._request.settlement.hold_backstop
+        interval = self._request.policy().recycle_interval
+        expires_at = self._deadline + self._request.policy().hold_backstop
         while True:
             self._raise_if_cancelled()
             pending = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
@@ -253,7 +279,7 @@ class TradeSaga(TradeSagaBase):
             await self._wait_until(
                 lambda: self._cancel is not None, min(workflow.now() + interval, self._deadline)
             )
-            interval = min(interval * 2, self._request.settlement.max_recycle_interval)
+            interval = min(interval * 2, self._request.policy().max_recycle_interval)
 
     async def _prepare(self) -> None:
         outcomes = await self._holds_call(list(range(len(self._hold_ids))), LedgerActivities.pin, self._refs)
@@ -498,28 +524,112 @@ class TradeSaga(TradeSagaBase):
 
     # ------------------------------------------------------------ handlers
 
-    def approve(self, message: ApprovalMessage) -> Decision:
-        party = message.party
+    def _approve_problem(self, party: str) -> str:
+        """Why ``party`` may not approve now ("" if it may)."""
         if self._status.terminal:
-            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}", "ended")
+            return Problem(f"trade is already {self._status.value}", "ended")
         if not self._instruction.approvers:
-            return self._rejected(f"approval by {party}", "trade needs no approval", "no_approval_needed")
+            return Problem("trade needs no approval", "no_approval_needed")
         if party not in self._instruction.approvers:
             approvers = ", ".join(self._instruction.approvers)
-            return self._rejected(
-                f"approval by {party}",
-                f"{party} is not an approver of this trade (approvers: {approvers})",
-                "not_an_approver",
+            return Problem(
+                f"{party} is not an approver of this trade (approvers: {approvers})", "not_an_approver"
             )
         if party in self._approved:
-            return self._rejected(f"approval by {party}", f"{party} has already approved", "already_approved")
+            return Problem(f"{party} has already approved", "already_approved")
+        return ""
+
+    def check_approve(self, message: ApprovalMessage) -> None:
+        """Refuse an approval (before it is recorded) without a valid token of a named approver."""
+        if not self._trusted:
+            return  # a trade from before tokens answers as it did: in the handler
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated", request="approval") from None
+        if problem := self._approve_problem(party):
+            raise refusal(problem, request="approval")
+
+    def approve(self, message: ApprovalMessage) -> Decision:
+        """The approve update (after ``check_approve``)."""
+        party = accepted_subject(message.token)[0] if self._trusted else message.party
+        if problem := self._approve_problem(party):
+            return self._rejected(f"approval by {party}", problem)
         self._approved.append(party)
         self._event(f"approved by {party}")
         return Decision(accepted=True)
 
-    async def cancel(self, message: CancelMessage) -> Decision:
-        # Who may cancel depends on the accounts' owners and the operators, known
-        # once the trade is validated and screened.
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        """The approve signal: a refused one changes nothing and is only counted."""
+        if not self._trusted:
+            self.approve(message)
+            return
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError:
+            self._refused_signal("approval", "Unauthenticated")
+            return
+        if problem := self._approve_problem(party):
+            self._refused_signal("approval", code_of(problem, "refused"))
+            return
+        self._approved.append(party)
+        self._event(f"approved by {party}", "signal")
+
+    def _cancel_problem(self, party: str, roles: tuple[str, ...], owners_known: bool) -> str:
+        """Why ``party`` may not cancel now ("" if it may, or if that waits on the owners)."""
+        if self._status.terminal:
+            return Problem(f"trade is already {self._status.value}", "ended")
+        if self._decided:
+            return Problem("the commit decision is recorded; the trade can no longer be cancelled", "decided")
+        if self._cancel is not None:
+            return Problem(f"cancel already accepted from {self._cancelled_by}", "already_cancelled")
+        if self._is_operator(party, roles) or not owners_known:
+            return ""
+        if party not in set(self._owners.values()):
+            return Problem(f"{party} is neither a party to this trade nor an operator", "not_a_party")
+        return ""
+
+    def check_cancel(self, message: CancelMessage) -> None:
+        """Refuse a cancel (before it is recorded) without a valid token of a party or an operator."""
+        if not self._trusted:
+            return
+        try:
+            principal = verified(message.token, message.party)
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated", request="cancel") from None
+        if problem := self._cancel_problem(principal.subject, principal.roles, self._policy_known):
+            raise refusal(problem, request="cancel")
+
+    async def cancel(self, message: CancelMessage, signal: bool = False) -> Decision:
+        """The cancel update (after ``check_cancel``) or signal."""
+        if not self._trusted:
+            return await self._cancel_by_name(message)
+        if signal:
+            try:
+                principal = verified(message.token, message.party)
+            except AuthError as exc:
+                self._refused_signal("cancel", "Unauthenticated")
+                return Decision(accepted=False, reason=str(exc))
+            party, roles = principal.subject, principal.roles
+        else:
+            party, roles = accepted_subject(message.token)
+        what = f"cancel by {party}"
+        # Whether a party may cancel depends on the accounts' owners, known once the
+        # trade is validated and screened; an operator may at once.
+        if not self._is_operator(party, roles):
+            await self.screened()
+        if problem := self._cancel_problem(party, roles, owners_known=True):
+            if signal:
+                self._refused_signal("cancel", code_of(problem, "refused"))
+                return Decision(accepted=False, reason=problem)
+            return self._rejected(what, problem)
+        self._cancel = message
+        self._cancelled_by = party
+        self._event(f"cancel accepted from {party}", message.reason)
+        return Decision(accepted=True)
+
+    async def _cancel_by_name(self, message: CancelMessage) -> Decision:
+        # Trades started before tokens: the party is the name the message gives.
         await self.screened()
         party, what = message.party, f"cancel by {message.party}"
         if self._status.terminal:
@@ -538,6 +648,7 @@ class TradeSaga(TradeSagaBase):
                 what, f"{party} is neither a party to this trade nor an operator", "not_a_party"
             )
         self._cancel = message
+        self._cancelled_by = party
         self._event(f"cancel accepted from {party}", message.reason)
         return Decision(accepted=True)
 
@@ -552,7 +663,7 @@ class TradeSaga(TradeSagaBase):
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None:
-            reason = f"cancelled by {self._cancel.party}"
+            reason = f"cancelled by {self._cancelled_by}"
             if self._cancel.reason:
                 reason += f": {self._cancel.reason}"
             raise _Abort(TradeStatus.CANCELLED, reason)
@@ -572,7 +683,7 @@ class TradeSaga(TradeSagaBase):
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        if ledger not in self._request.local_ledgers:
+        if not self._request.is_local(ledger):
             self._publish()  # the call goes through the server: show where the trade stands
         return ledger_call(self._request, ledger, activity, argument, schedule_to_close=self._limit(forever))
 
@@ -592,7 +703,7 @@ class TradeSaga(TradeSagaBase):
         queue, all in parallel. Before the decision a failure aborts the trade.
         """
         ledgers = sorted(requests)
-        local = [lg for lg in ledgers if lg in self._request.local_ledgers]
+        local = [lg for lg in ledgers if self._request.is_local(lg)]
         calls: list[Awaitable[Any]] = []
         if local:
             batch_activity, batch_type = _BATCHES[activity]
@@ -652,7 +763,7 @@ class TradeSaga(TradeSagaBase):
 
         # Trades without local_steps: after the decision (only commits then)
         # the local ledgers' commits go together.
-        local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
+        local = [lg for lg in by_ledger if self._request.is_local(lg)] if self._decided else []
         batch: dict[str, list[Any]] = {}
         if local:
             batch = {_LOCAL: [argument(lg, by_ledger.pop(lg)) for lg in local]}
@@ -739,8 +850,8 @@ def _fill_rule(request: SettlementRequest) -> FillRule | None:
         return None
     delivery, payment = request.instruction.legs
 
-    def precision(asset: str, amount: Decimal) -> int:  # the client sends the configured one
-        return request.precisions.get(asset, max(0, -int(amount.as_tuple().exponent)))
+    def precision(asset: str, amount: Decimal) -> int:  # the worker's configured one
+        return (request.precisions or {}).get(asset, max(0, -int(amount.as_tuple().exponent)))
 
     return FillRule(
         delivery.amount,

@@ -68,12 +68,12 @@ def ledger_call(
         "retry_policy": RETRY,
         "result_type": result_type,
     }
-    if ledger in request.local_ledgers:
+    if request.is_local(ledger):
         return workflow.execute_local_activity(activity, argument, **options)
     return workflow.execute_activity(
         activity,
         argument,
-        task_queue=request.ledger_queues[ledger],
+        task_queue=request.queue_of(ledger),
         heartbeat_timeout=HEARTBEAT_TIMEOUT,
         **options,
     )
