@@ -40,6 +40,7 @@ from starter.client import SettlementClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import opened, parse_seed, seed
 
+from ._fixtures_auth import token
 from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, run_engine, sqlite_urls, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +56,8 @@ pytestmark = pytest.mark.slow
 async def dvp(
     config: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``dvp ARGS`` as a user runs it, with ``config``."""
-    full = {**os.environ, "DVP_CONFIG": str(config), **(env or {})}
+    """``dvp ARGS`` as a user runs it, with ``config``, acting as the operator ``ops``."""
+    full = {**os.environ, "DVP_CONFIG": str(config), "DVP_TOKEN": token("ops"), **(env or {})}
     full.pop("TEMPORAL_ADDRESS", None)
     return await asyncio.to_thread(
         subprocess.run,
@@ -75,6 +76,14 @@ async def until(condition: Callable[[], Any], what: str, timeout: float = 30) ->
         assert time.monotonic() < end, f"timed out waiting until {what}"
         await asyncio.sleep(0.1)
     return value
+
+
+def forged_token(subject: str) -> str:
+    """A real token of eve's whose subject was changed to ``subject`` after signing."""
+    header, payload, signature = token("eve").split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    changed = base64.urlsafe_b64encode(json.dumps({**claims, "sub": subject}).encode()).rstrip(b"=").decode()
+    return f"{header}.{changed}.{signature}"
 
 
 def seeded(config: Config) -> None:
@@ -267,14 +276,15 @@ async def test_worker_metrics_count_exactly_the_outcomes_of_a_run(
     temporal_client: Client, temporal_server: Any, task_queue_prefix: str, tmp_path: Path
 ) -> None:
     """Given a worker with --metrics-port: two trades settle, one is rejected (a sanctioned
-    party), one cancelled (after a refused approval), one expires short of funds after
-    recycling. /metrics then counts exactly those endings, that refusal, the recycles and
-    the compensations, and the open-holds gauges read 0 once every trade has ended."""
+    party), one cancelled (after two refused approvals: eve's, who is no approver, and a
+    forged token's), one expires short of funds after recycling. /metrics then counts
+    exactly those endings, those refusals by reason, the recycles and the compensations,
+    and the open-holds gauges read 0 once every trade has ended."""
     config = make_config(sqlite_urls(tmp_path), task_queue_prefix, sweep_interval="PT0.3S")
     seeded(config)
     path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
     port = free_port()
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     with WorkerProcess(path, tmp_path / "worker.log", "--metrics-port", str(port)) as worker:
         await worker.started()
         before = await asyncio.to_thread(scrape, port)
@@ -285,7 +295,9 @@ async def test_worker_metrics_count_exactly_the_outcomes_of_a_run(
         await client.submit(dvp_instruction("M-sanctioned", "mallory", "alice", "1", "99.50"))
         await client.submit(dvp_instruction("M-cancel", "bob", "alice", "5", "497.50", approvers=["notary"]))
         with contextlib.suppress(Exception):
-            await client.approve("M-cancel", "eve")  # not an approver: refused
+            await client.approve("M-cancel", token=token("eve"))  # not an approver: refused
+        with contextlib.suppress(Exception):  # signed by a key the worker does not know
+            await client.approve("M-cancel", token=forged_token("notary"))
         await client.cancel("M-cancel", "ops", "metrics test")
         # carol has 5,000.00 EUR: she recycles until the deadline, holding her bonds' counterpart
         await client.submit(dvp_instruction("M-short", "bob", "carol", "1", "6000.00", settle_within="PT2S"))
@@ -329,8 +341,9 @@ async def test_worker_metrics_count_exactly_the_outcomes_of_a_run(
     }
     assert total(samples, "dvp_settlement_latency_count") == 5
     assert total(samples, "dvp_settlement_latency_count", status="SETTLED") == 2
-    assert total(samples, "dvp_refusals_total") == 1
+    assert total(samples, "dvp_refusals_total") == 2
     assert total(samples, "dvp_refusals_total", request="approval", reason="not_an_approver") == 1
+    assert total(samples, "dvp_refusals_total", request="approval", reason="Unauthenticated") == 1
     assert total(samples, "dvp_recycles_total") >= 1
     assert total(samples, "dvp_fills_total") == 0
     # M-short's bond hold was released at its expiry; the cancelled trade reserved nothing
