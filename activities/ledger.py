@@ -41,6 +41,7 @@ from domain import (
     LedgerError,
     ReserveBatch,
     ReserveRequest,
+    UnknownHold,
 )
 
 
@@ -72,6 +73,10 @@ def _each(
 
 def _not_open(exc: LedgerError) -> bool:
     return isinstance(exc, HoldNotOpen)
+
+
+def _vanished(exc: LedgerError) -> bool:
+    return isinstance(exc, UnknownHold)
 
 
 def _available(ledger: Ledger, account: str) -> Decimal:
@@ -162,8 +167,9 @@ class LedgerActivities:
 
     @activity.defn(name="ledger.commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
-        """Commit each hold (transfer to its beneficiary)."""
-        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold)
+        """Commit each hold (transfer to its beneficiary). A hold the ledger no longer has (a
+        chain reorganisation dropped its lock) is reported, not raised: the workflow places it again."""
+        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, _vanished)
 
     @activity.defn(name="ledger.claim")
     def claim(self, request: ClaimRequest) -> HoldOutcomes:
@@ -234,7 +240,11 @@ def _joined(results: list[HoldOutcomes]) -> HoldOutcomes:
 
 
 def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> HoldOutcomes:
-    """``call`` on every item, even after one has failed; then the first failure, if any."""
+    """``call`` on every item, even after one has failed; then the first failure, if any.
+
+    The failure carries the outcomes of the items that succeeded (its details), so the
+    workflow records each of those legs as done although the activity failed.
+    """
     results: list[HoldOutcomes] = []
     failure: Exception | None = None
     for item in items:
@@ -242,6 +252,12 @@ def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> H
             results.append(call(item))
         except Exception as exc:  # noqa: BLE001 - raised below, once every item was tried
             failure = failure or exc
-    if failure is not None:
-        raise failure
-    return _joined(results)
+    if failure is None:
+        return _joined(results)
+    done = _joined(results).model_dump(mode="json")
+    if isinstance(failure, ApplicationError):
+        raise ApplicationError(
+            failure.message, done, type=failure.type, non_retryable=failure.non_retryable
+        ) from failure
+    name = type(failure).__name__
+    raise ApplicationError(str(failure) or name, done, type=name) from failure

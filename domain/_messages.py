@@ -32,6 +32,11 @@ class SettlementRequest(_Model):
     # call per local ledger, as trades started before it did. In the input, and so in
     # the history, so that a replay takes the path its trade took.
     local_steps: bool = False
+    # The trade's ledgers whose writes a chain reorganisation can undo (kind evm), the
+    # slowest to final first: after the decision their legs commit first, one ledger at a
+    # time and each until final, then the others (workflows/_trade.py, _commit_chains).
+    # Empty (absent) in trades started before, which commit every leg at once.
+    chain_ledgers: list[str] = Field(default_factory=list)
 
 
 class AccountCheck(_Model):

@@ -83,6 +83,25 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
     return instruction
 
 
+def _chain_ledgers(config: Config, instruction: Instruction) -> list[str]:
+    """The trade's ledgers on a chain, the one that takes most blocks to call a write final first.
+
+    Ties keep the order of the legs (the delivery, ``legs[0]``, usually first).
+    """
+    first: dict[str, int] = {}
+    for i, leg in enumerate(instruction.legs):
+        first.setdefault(leg.ledger, i)
+
+    def blocks(name: str) -> int:
+        confirmations = config.ledgers[name].options().get("confirmations", 1)
+        if isinstance(confirmations, str):  # a node's safe or finalized tag: deeper than any count
+            return 10**9 + (confirmations == "finalized")
+        return int(confirmations)
+
+    chains = [name for name in first if config.ledgers[name].kind == "evm"]
+    return sorted(chains, key=lambda name: (-blocks(name), first[name]))
+
+
 class SettlementClient:
     """Submit and manage settlements. Build it with ``connect``."""
 
@@ -117,6 +136,7 @@ class SettlementClient:
             settlement=self.config.settlement,
             precisions={leg.asset: self.config.precision(leg.asset) for leg in instruction.legs},
             local_steps=True,
+            chain_ledgers=_chain_ledgers(self.config, instruction),
         )
 
     async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,16 @@ async def sanctioned(engine: Engine) -> str:
     return "R-sanctioned"
 
 
+async def released(engine: Engine) -> str:
+    """The securities ledger already has a hold under the bond leg's key, with other terms: it
+    refuses the reservation after the cash leg was held, and the cash hold is released."""
+    engine.ledgers["securities"].place_hold(
+        "R-released#0", "carol-sec", "alice-sec", "BOND-2030", Decimal(1), None, "placed-by-hand"
+    )
+    await engine.client.submit(dvp("R-released"))
+    return "R-released"
+
+
 async def settled_queued(engine: Engine) -> str:
     """A plain DvP whose ledger calls go through the ledgers' task queues."""
     await engine.client.submit(dvp("R-settled-queued"))
@@ -168,6 +179,7 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "cancelled_through_temporal": (cancelled_through_temporal, TradeStatus.CANCELLED),
     "approval": (approval, TradeStatus.SETTLED),
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
+    "released": (released, TradeStatus.RELEASED),
     "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
     "htlc_settled": (htlc_settled, TradeStatus.SETTLED),
     "htlc_expired": (htlc_expired, TradeStatus.EXPIRED),
