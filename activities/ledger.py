@@ -242,8 +242,8 @@ def _joined(results: list[HoldOutcomes]) -> HoldOutcomes:
 def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> HoldOutcomes:
     """``call`` on every item, even after one has failed; then the first failure, if any.
 
-    The failure carries the outcomes of the items that succeeded (its details), so the
-    workflow records each of those legs as done although the activity failed.
+    A ledger's refusal carries the outcomes of the items that succeeded (its details), so
+    the workflow records each of those legs as done although the activity failed.
     """
     results: list[HoldOutcomes] = []
     failure: Exception | None = None
@@ -254,10 +254,9 @@ def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> H
             failure = failure or exc
     if failure is None:
         return _joined(results)
+    if not isinstance(failure, ApplicationError):
+        raise failure  # a cancellation, or no ledger's refusal: as it came
     done = _joined(results).model_dump(mode="json")
-    if isinstance(failure, ApplicationError):
-        raise ApplicationError(
-            failure.message, done, type=failure.type, non_retryable=failure.non_retryable
-        ) from failure
-    name = type(failure).__name__
-    raise ApplicationError(str(failure) or name, done, type=name) from failure
+    raise ApplicationError(
+        failure.message, done, type=failure.type, non_retryable=failure.non_retryable
+    ) from failure

@@ -279,6 +279,11 @@ class _Chain:
         assert self._chain_id is not None
         return self._chain_id
 
+    def check(self) -> None:
+        """Refuse a node of another chain than the configured ``chain_id`` (asked once)."""
+        if not self._checked:
+            self.chain_id  # noqa: B018 - the property asks the node and compares
+
     def contract(self, name: str, address: str) -> Any:
         return self.w3.eth.contract(address=to_checksum_address(address), abi=load_artefact(name)["abi"])
 
@@ -448,7 +453,7 @@ class EvmLedger(Ledger):
         self._poll = min(max(block_time / 4, 0.02), 0.5) if block_time else 0.05
         self._chain = _Chain(rpc, timeout, chain_id)
         self._operator = _operator(operator_key)
-        self._registry = self._chain.contract("AccountRegistry", registry)
+        self._registry_contract = self._chain.contract("AccountRegistry", registry)
         self._escrow_contract: Any = None
         self._from_block = from_block
         self._mnemonic = mnemonic
@@ -517,6 +522,13 @@ class EvmLedger(Ledger):
             raise ConfigError(f"{where}: {exc}") from None
 
     # -- names --------------------------------------------------------------
+
+    @property
+    def _registry(self) -> Any:
+        # Every name, and so every read, starts here: the first one checks the chain id, so a
+        # ledger pointed at another chain (a second `dvp chain up` node) refuses to read it.
+        self._chain.check()
+        return self._registry_contract
 
     @property
     def _escrow(self) -> Any:

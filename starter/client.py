@@ -272,11 +272,16 @@ class SettlementClient:
             raise RequestRejected(decision.reason)
         return decision
 
-    async def list(self, status: TradeStatus | str | None = None, limit: int = 1000) -> list[TradeView]:
-        """Trades, newest first, optionally only those in ``status`` (without timelines)."""
+    async def list(
+        self, status: TradeStatus | str | None = None, limit: int = 1000, closed_since: datetime | None = None
+    ) -> list[TradeView]:
+        """Trades, newest first, optionally only those in ``status`` or ended since ``closed_since``
+        (without timelines)."""
         query = 'WorkflowType IN ("Settlement", "Htlc")'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
+        if closed_since is not None:
+            query += f' AND CloseTime >= "{closed_since.astimezone(UTC).isoformat()}"'
         trade_ids: list[str] = []
         async for execution in self.client.list_workflows(query, limit=limit):
             if execution.status in (WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT):

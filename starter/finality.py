@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from adapters import Ledger
 from domain import Config, HoldStatus, LedgerError, TradeStatus, TradeView, UnknownHold
@@ -75,9 +76,16 @@ def _found(ledger: Ledger, hold_id: str) -> str:
         return f"unreadable: {exc}"
 
 
-async def verify_trades(client: SettlementClient, ledgers: Mapping[str, Ledger]) -> Verified:
-    """Every settled trade's commits on the chain ledgers in ``ledgers``, read at finality."""
-    views = [v for status in SETTLED for v in await client.list(status=status, limit=100_000)]
+async def verify_trades(
+    client: SettlementClient, ledgers: Mapping[str, Ledger], since: datetime | None = None
+) -> Verified:
+    """Every settled trade's commits (of those ended ``since``) on the chain ledgers in ``ledgers``,
+    read at finality."""
+    views = [
+        view
+        for status in SETTLED
+        for view in await client.list(status=status, limit=1_000_000, closed_since=since)
+    ]
     chains = set(ledgers)
     wanted = [(view.trade_id, commit) for view in views for commit in _commits(view, chains)]
 

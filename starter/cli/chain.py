@@ -53,8 +53,8 @@ def _key_path(header: str) -> list[str]:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)  # a finite float's repr is a TOML float
     if isinstance(value, dict):
         if not value:
             return "{}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 from domain import load_config
@@ -63,6 +64,16 @@ def cmd_ledger_holds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _instant(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time with a UTC offset")
+    return when
+
+
 async def cmd_ledger_verify_trades(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     chains = chain_ledgers(config)
@@ -73,7 +84,7 @@ async def cmd_ledger_verify_trades(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise CliError(f"cannot reach Temporal at {config.temporal.address}: {exc}") from None
     with opened(config, chains) as ledgers:
-        verified = await verify_trades(client, ledgers)
+        verified = await verify_trades(client, ledgers, since=args.since)
     problems = verified.problems
     if args.json:
         emit_json(
@@ -115,5 +126,9 @@ def add_parser(sub: Any) -> None:
         help="check every settled trade's chain commits are still on their chain at finality "
         "(exit 1 if one is not)",
     )
+    p.add_argument(
+        "--since", type=_instant, metavar="TIME",
+        help="only trades that ended at or after TIME (ISO 8601 with an offset: 2030-01-31T00:00:00Z)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ledger_verify_trades)
