@@ -330,7 +330,7 @@ class TradeSaga(TradeSagaBase):
                     pause = await self._stuck("commit refused, retrying", outcomes[legs[0]].detail, pause)
 
     async def _place_again(self, legs: list[int]) -> None:
-        """Place the vanished holds of ``legs`` again, under their ids, pinned; wait while that cannot be."""
+        """Place the vanished holds of ``legs`` again under their ids, without expiry; wait until it can."""
         for i in legs:
             self._leg_states[i] = LegState.PENDING
             self._leg_details[i] = "its hold vanished at the ledger after the commit decision"
