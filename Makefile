@@ -20,8 +20,8 @@ setup: $(VENV) $(NODE_MODULES) ## Install the Python venv and, if package.json e
 # A directory target: its mtime is set on success and reset on failure, so a broken
 # install is retried and a good one reruns only when pyproject.toml changes.
 $(VENV): pyproject.toml
-	@echo "==> $(VENV): $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'"
-	@if $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'; \
+	@echo "==> $(VENV): $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test,dev]'"
+	@if $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test,dev]'; \
 	then touch $(VENV); else touch -c -d @0 $(VENV) 2>/dev/null; exit 1; fi
 
 # `npm ci` refuses a lock file that lacks optional packages for other platforms (the
@@ -47,13 +47,16 @@ test: setup ## Run the test suite (pass options with PYTEST_ARGS="-k name -x")
 bench: setup ## Run the settlement benchmark
 	$(VENV)/bin/dvp bench
 
-lint: $(VENV) ## Check the code with ruff (installs ruff into the venv if missing)
-	@$(VENV)/bin/python -m ruff --version >/dev/null 2>&1 || $(VENV)/bin/pip install ruff
-	$(VENV)/bin/python -m ruff check .
-	$(VENV)/bin/python -m ruff format --check .
+# The tools are the dev extra's, pinned in pyproject.toml; .pre-commit-config.yaml runs the same.
+lint: $(VENV) ## Check the code: ruff, mypy, the import contracts (lint-imports) and the dependencies (deptry)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/deptry .
 
 clean: ## Remove caches, build leftovers and the demo's state (.dvp/)
-	rm -rf .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info .dvp bench-results
+	rm -rf .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist *.egg-info .dvp bench-results
 	find . -path ./$(VENV) -prune -o -path ./node_modules -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean ## Also remove the venv and node_modules

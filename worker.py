@@ -10,6 +10,10 @@ calls go through their own task queue so that they run only where the credential
 are. Any number of workers may run side by side against the same server and
 ledgers. Every ledger a worker opens is also swept for expired holds, the backstop
 for an orchestrator that vanished.
+
+A worker that runs the workflows loads the keys of ``[auth]`` when it starts, and
+refuses to start without any: the workflows check every acting message's token
+with them (docs/trust.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from activities import BatchActivities, LedgerActivities, NettingLedgerActivitie
 from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown
 from domain import Config, DvpError, load_config
+from identity import Verifier, install_verifier, uninstall_verifier
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
@@ -42,11 +47,11 @@ log = logging.getLogger("dvp.worker")
 
 ACTIVITY_THREADS = 16
 
-# The trade workflows' modules, loaded once rather than afresh in the sandbox for every
-# trade (see workflows/_trade.py): deterministic by their own rules, free of state.
-# Their definitions too: re-importing one ran its handlers' decorators again, which
-# read every handler's signature and type hints.
+# The trade workflows' modules (sagas and definitions), passed through the sandbox so
+# they are loaded once per process, not afresh for every trade; they keep the workflow
+# rules on their own. Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md
 TRADE_WORKFLOW_MODULES = (
+    "identity",  # the worker's verifier, installed for the workflows (identity.install_verifier)
     "workflows.calls",
     "workflows._saga",
     "workflows._trade",
@@ -80,13 +85,18 @@ async def run_worker(
     workflows: bool = True,
     stop: asyncio.Event | None = None,
     instances: dict[str, Ledger] | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Run until ``stop`` is set (or forever).
 
     ``instances`` supplies already opened ledgers (they are not closed here);
-    otherwise each ledger is opened from its configuration.
+    otherwise each ledger is opened from its configuration. ``verifier`` checks the
+    workflows' tokens; by default it is built from ``[auth]``.
     """
     stop = stop or asyncio.Event()
+    # Keys first: a worker that cannot check tokens must not run a single trade.
+    if workflows and verifier is None:
+        verifier = Verifier.from_config(config.auth)
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
@@ -110,7 +120,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    SettlementActivities(config).screen,
+                    *SettlementActivities(config, verifier).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -136,6 +146,8 @@ async def run_worker(
             )
         )
     sweepers = [asyncio.create_task(_sweep(ledger, config, stop)) for ledger in opened.values()]
+    if verifier is not None:
+        install_verifier(config.settlement_queue(), verifier)
     try:
         async with _all_running(workers):
             log.info(
@@ -147,6 +159,8 @@ async def run_worker(
             await stop.wait()
     finally:
         stop.set()
+        if verifier is not None:
+            uninstall_verifier(config.settlement_queue(), verifier)
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
         if store is not None:
@@ -156,7 +170,7 @@ async def run_worker(
                 ledger.close()
 
 
-class _all_running:  # noqa: N801 - used as a context manager name
+class _all_running:  # lower case: used as a context manager, like a function
     """Run several workers together; shut them all down on exit."""
 
     def __init__(self, workers: list[Worker]) -> None:
@@ -172,21 +186,17 @@ class _all_running:  # noqa: N801 - used as a context manager name
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-# Python's default (700, 10, 10) collects the youngest generation every 700 net
-# allocations and the whole heap every 100 of those; these run it ~30 times less
-# often. See tune_process.
+# Python's default is (700, 10, 10); see tune_process.
 GC_THRESHOLDS = (20_000, 10, 10)
 
 
 def tune_process() -> None:
     """Settings of a worker process: the cyclic garbage collector and the bytecode cache.
 
-    Every new workflow imports its module afresh in the sandbox, which leaves
-    reference cycles behind, so the collector must run; but at Python's default
-    thresholds it ran every few hundred allocations and walked the whole heap every
-    ~70 000, about 3 ms of CPU per trade. The objects loaded at start are frozen
-    (never scanned again) and the collector runs 30 times less often, which cuts
-    that to under 1 ms; the bench's peak RSS shows what it costs in memory.
+    The sandbox's per-workflow imports leave reference cycles, so the collector must
+    run, but at the default thresholds it walks the whole heap far too often: freeze
+    what was loaded at start and collect less often. See
+    docs/decisions/0005-gc-and-bytecode-tuning.md.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -196,11 +206,10 @@ def tune_process() -> None:
 def cache_bytecode() -> None:
     """Let this process reuse compiled bytecode even where writing it is turned off.
 
-    The workflow sandbox imports a workflow's module afresh for every new workflow.
-    With ``PYTHONDONTWRITEBYTECODE`` set there is no ``.pyc`` to load, so every
-    import compiled the module's source again: about a fifth of a worker's CPU under
-    load. This keeps the bytecode under a cache directory outside the source tree
-    (``sys.pycache_prefix``), so the tree stays as clean as the variable intends.
+    With ``PYTHONDONTWRITEBYTECODE`` set, every sandbox import would compile its module
+    again. The bytecode goes under a cache directory outside the source tree
+    (``sys.pycache_prefix``), so the tree stays as clean as the variable intends. See
+    docs/decisions/0005-gc-and-bytecode-tuning.md.
     """
     if sys.dont_write_bytecode and sys.pycache_prefix is None:
         sys.pycache_prefix = str(Path(tempfile.gettempdir()) / f"dvp-pycache-{os.getuid()}")
@@ -217,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
+        # before connecting: a worker without keys to check tokens with does not start
+        verifier = None if args.no_workflows else Verifier.from_config(config.auth)
     except DvpError as exc:
         print(f"dvp worker: {exc}", file=sys.stderr)
         return 2
@@ -227,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         client = await connect_client(config.temporal.address, config.temporal.namespace)
-        await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
+        await run_worker(
+            config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop, verifier=verifier
+        )
 
     try:
         asyncio.run(serve())

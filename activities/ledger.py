@@ -14,6 +14,12 @@ A ``LedgerError`` that retrying cannot cure becomes a non-retryable
 decides whether to recycle. Asked to (``report_available``), ``reserve`` also says
 what a short hold's account has available, in the same call, so a partial trade can
 size its next fill without another round trip.
+
+Every outcome says how the hold stands at the ledger. That is what lets a trade re-run
+after ``temporal workflow reset`` find what its earlier run did: a reservation or a pin
+of a key already committed answers COMMITTED (the hold keys are idempotent), a release
+refused because the hold is committed says so, and ``look_up`` reads holds without
+changing them.
 """
 
 from __future__ import annotations
@@ -75,8 +81,23 @@ def _not_open(exc: LedgerError) -> bool:
     return isinstance(exc, HoldNotOpen)
 
 
-def _vanished(exc: LedgerError) -> bool:
+def _unknown(exc: LedgerError) -> bool:
     return isinstance(exc, UnknownHold)
+
+
+def _standing(ledger: Ledger, outcomes: HoldOutcomes) -> HoldOutcomes:
+    """``outcomes``, each hold that was not open saying how it stands (committed, for a release)."""
+
+    def standing(outcome: HoldOutcome) -> HoldOutcome:
+        if outcome.code != HoldNotOpen.code:
+            return outcome
+        try:
+            hold = ledger.get_hold(outcome.hold_id)
+        except LedgerError:
+            return outcome  # reported as refused, as before; the caller retries or records it
+        return outcome.model_copy(update={"status": hold.status, "amount": hold.amount})
+
+    return HoldOutcomes(outcomes=[standing(o) for o in outcomes.outcomes])
 
 
 def _available(ledger: Ledger, account: str) -> Decimal:
@@ -169,7 +190,7 @@ class LedgerActivities:
     def commit(self, request: HoldRefs) -> HoldOutcomes:
         """Commit each hold (transfer to its beneficiary). A hold the ledger no longer has (a
         chain reorganisation dropped its lock) is reported, not raised: the workflow places it again."""
-        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, _vanished)
+        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, _unknown)
 
     @activity.defn(name="ledger.claim")
     def claim(self, request: ClaimRequest) -> HoldOutcomes:
@@ -184,8 +205,16 @@ class LedgerActivities:
 
     @activity.defn(name="ledger.release")
     def release(self, request: HoldRefs) -> HoldOutcomes:
-        """Release each hold; an unknown key is recorded released so a late hold is refused."""
-        return _each(request.hold_ids, self._ledger(request.ledger).release_hold, _not_open)
+        """Release each hold; an unknown key is recorded released so a late hold is refused.
+
+        A hold that cannot be released (it is committed) is reported with its status."""
+        ledger = self._ledger(request.ledger)
+        return _standing(ledger, _each(request.hold_ids, ledger.release_hold, _not_open))
+
+    @activity.defn(name="ledger.look_up")
+    def look_up(self, request: HoldRefs) -> HoldOutcomes:
+        """Each hold as the ledger has it, changing nothing; a key never used is reported unknown."""
+        return _each(request.hold_ids, self._ledger(request.ledger).get_hold, _unknown)
 
     # One step of a trade on several ledgers this worker serves, in one activity: the
     # workflow runs these for its local ledgers (see workflows/_trade.py, TradeSaga._step).
@@ -218,6 +247,10 @@ class LedgerActivities:
     def release_local(self, request: HoldRefsBatch) -> HoldOutcomes:
         return _every(request.items, self.release)
 
+    @activity.defn(name="ledger.look_up_local")
+    def look_up_local(self, request: HoldRefsBatch) -> HoldOutcomes:
+        return _joined([self.look_up(item) for item in request.items])
+
     def all(self) -> list[Callable[..., object]]:
         """Every activity of this instance, for registering on a worker."""
         return [
@@ -227,11 +260,13 @@ class LedgerActivities:
             self.commit,
             self.claim,
             self.release,
+            self.look_up,
             self.check_accounts_local,
             self.reserve_local,
             self.pin_local,
             self.commit_local,
             self.release_local,
+            self.look_up_local,
         ]
 
 
@@ -250,7 +285,7 @@ def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> H
     for item in items:
         try:
             results.append(call(item))
-        except Exception as exc:  # noqa: BLE001 - raised below, once every item was tried
+        except Exception as exc:  # raised below, once every item was tried
             failure = failure or exc
     if failure is None:
         return _joined(results)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -261,7 +261,7 @@ class BatchActivities:
             self._cache = None
         return count
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., object]]:
         return [self.accounts, self.net, self.finish]
 
 
@@ -334,5 +334,5 @@ class NettingLedgerActivities:
             raise ApplicationError(exc.message, type=exc.code, non_retryable=False) from exc
         return HoldOutcomes(outcomes=outcomes)
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., object]]:
         return [self.positions, self.settle]

@@ -25,6 +25,8 @@ Contract, for every implementation:
 * Per asset, the balances of all accounts (issuer included) sum to zero.
 * ``expire_holds`` releases open holds whose ``expires_at`` has passed; a pinned
   hold (``expires_at is None``) never expires.
+* ``verify`` checks these invariants against what the ledger stores and reports each
+  violation; it changes nothing.
 
 Methods are synchronous; activities run them on a thread pool.
 """
@@ -129,6 +131,15 @@ class Ledger(ABC):
     @abstractmethod
     def expire_holds(self, now: datetime) -> list[Hold]:
         """Release every open, unpinned hold whose ``expires_at`` is at or before ``now``."""
+
+    @abstractmethod
+    def verify(self) -> list[str]:
+        """Every violation of this module's contract found in the ledger's state; empty means consistent.
+
+        One line per violation, naming the account, hold or asset. At least: per asset
+        the balances sum to zero, and what is held equals the open holds. Read-only; for
+        tests, demos and the bench's checks, not the settlement path.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional for adapters without resources
         """Release connections and other resources."""

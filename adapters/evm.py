@@ -77,7 +77,7 @@ from datetime import UTC, datetime
 from decimal import Context, Decimal
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 import requests
 from eth_abi import decode as abi_decode
@@ -140,7 +140,7 @@ def load_artefact(name: str) -> dict[str, Any]:
     """The compiled contract ``name``: ``abi``, ``bytecode`` and the source digest."""
     path = ARTEFACTS / f"{name}.json"
     try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing: run `npm run compile`") from None
 
@@ -402,11 +402,12 @@ def deploy_contracts(rpc: str, operator_key: str, assets: dict[str, int]) -> dic
     }
 
 
-FINALITY_TAGS = ("safe", "finalized")
+FinalityTag = Literal["safe", "finalized"]
+FINALITY_TAGS: tuple[FinalityTag, ...] = ("safe", "finalized")
 """Block tags a node may keep for the blocks it holds final; ``confirmations`` takes them too."""
 
 
-def _confirmations(value: Any, field: str) -> int | str:
+def _confirmations(value: Any, field: str) -> int | FinalityTag:
     """``confirmations``: a whole number of blocks (1 or more), or a finality tag."""
     if isinstance(value, str) and value in FINALITY_TAGS:
         return value
@@ -472,7 +473,7 @@ class EvmLedger(Ledger):
         self._asset_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, name: str, config: LedgerConfig) -> EvmLedger:
+    def from_config(cls, name: str, config: LedgerConfig) -> Self:
         options = config.options()
         where = f"ledgers.{name}"
 
@@ -629,7 +630,7 @@ class EvmLedger(Ledger):
 
     # -- holds --------------------------------------------------------------
 
-    def _read_lock(self, lock_id: bytes, block: int | str = "latest") -> _Lock:
+    def _read_lock(self, lock_id: bytes, block: int | Literal["latest"] = "latest") -> _Lock:
         fields = self._escrow.functions.locks(lock_id).call(block_identifier=block)
         token, expiry, state, owner, beneficiary, amount, hashlock = fields
         return _Lock(token, int(expiry), _State(state), owner, beneficiary, int(amount), bytes(hashlock))

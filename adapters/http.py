@@ -1,4 +1,4 @@
-"""A ledger reached over HTTP: the bank's core-ledger service (``starter/bank.py``).
+"""A ledger reached over HTTP: the bank's core-ledger service (``bank/service.py``).
 
 Configuration (``kind = "http"``)::
 
@@ -29,7 +29,7 @@ import random
 import time
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
@@ -113,7 +113,7 @@ class HttpLedger(Ledger):
         )
 
     @classmethod
-    def from_config(cls, name: str, config: LedgerConfig) -> HttpLedger:
+    def from_config(cls, name: str, config: LedgerConfig) -> Self:
         """Build from ``[ledgers.<name>]``: ``url``, ``token``; ``timeout``, ``retries``, ``deadline``."""
         options = config.options()
         unknown = sorted(set(options) - set(KNOWN_OPTIONS))

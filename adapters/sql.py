@@ -1,6 +1,7 @@
-"""A double-entry ledger in SQL: SQLite (embedded) or PostgreSQL, through SQLAlchemy.
+"""A double-entry ledger in SQL: SQLite (embedded) or PostgreSQL, through SQLAlchemy and sqlmodel.
 
-Invariants, each enforced by the database and not only by this module:
+Invariants, each enforced by the database and not only by this module (the tables and
+their constraints are in ``adapters/_sql_model.py``):
 
 * Amounts are integers in the asset's minor units (``BIGINT``), never floats. Each
   asset's ``precision`` (decimal places) is fixed in the ``asset`` table by the first
@@ -33,17 +34,17 @@ Concurrency: one database transaction per operation. On SQLite the database runs
 WAL mode and every write transaction starts with ``BEGIN IMMEDIATE``, so writers from
 several processes queue on the busy timeout instead of failing on a lock upgrade;
 within one process, write transactions take turns on a lock of the ledger's own, on
-one connection, so they wait for each other without the busy timeout's sleeps (which
-start at 1 ms, several times a write transaction's length) and find its page cache
-still valid. There the common case of placing, pinning, committing and releasing a
-hold runs as hand-written SQL on that connection's driver, bypassing SQLAlchemy's
-execution path (most of these operations' CPU); anything else is rolled back and left
-to the general code, which stays the single source of truth (see ``_on_writer``). On
-PostgreSQL (READ COMMITTED) the conditional updates take row locks; a transaction
-that touches two accounts updates them in sorted order, and a deadlock or
-serialization failure is retried. Every operation is idempotent, so a retry after a
-dropped connection is safe. A database that cannot be reached raises
-``LedgerUnavailable``. Naive datetimes are taken to be UTC.
+one connection, so they do not wait on the busy timeout's sleeps and find its page
+cache still valid. On PostgreSQL (READ COMMITTED) the conditional updates take row
+locks; a transaction that touches two accounts updates them in sorted order, and a
+deadlock or serialization failure is retried. Every operation is idempotent, so a retry
+after a dropped connection is safe. A database that cannot be reached, or whose write
+lock another process holds past the busy timeout, raises ``LedgerUnavailable``. Naive
+datetimes are taken to be UTC.
+
+On SQLite the common case of placing, pinning, committing and releasing a hold runs on
+a fast path of its own (``adapters/_sqlite_fast.py``), which leaves everything else to
+the general path here; see docs/decisions/0004-sqlite-fast-path.md.
 """
 
 from __future__ import annotations
@@ -53,40 +54,22 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
-from contextlib import suppress
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    bindparam,
-    event,
-    func,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import bindparam, event, func
 from sqlalchemy.engine import Connection, Engine, Row, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import registry
-from sqlalchemy.types import TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import Session, col, insert, select, update
 
 from domain import (
     AccountBalance,
-    AssetMismatch,
     ConfigError,
     Hold,
     HoldNotOpen,
@@ -101,244 +84,39 @@ from domain import (
 )
 
 from ._base import AccountFacts, Ledger
+from ._sql_model import (
+    METADATA,
+    AccountRow,
+    AssetRow,
+    CachedAccount,
+    HoldRow,
+    JournalRow,
+    PlaceRequest,
+    as_decimal,
+    normalise_hashlock,
+    to_decimal,
+    to_minor,
+)
+from ._sqlite_fast import SqliteFastPath
 
 __all__ = ["SqlLedger", "issuer_id"]
 
 T = TypeVar("T")
+Tx = TypeVar("Tx")
 AnyRow = Row[*tuple[Any, ...]]
 
-MAX_MINOR = 2**63 - 1  # BIGINT
 ISSUER_OWNER = "issuer"
 SQLITE_BUSY_TIMEOUT_S = 30
 PG_CONNECT_TIMEOUT_S = 10
 ATTEMPTS = 5  # per operation, for deadlocks, serialization failures and dropped connections
 RETRY_SQLSTATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 KNOWN_OPTIONS = ("pool_size", "max_overflow")
+NO_SYNC = {"synchronize_session": False}  # an ORM update here returns what it changed; nothing to refresh
 
 
 def issuer_id(asset: str) -> str:
     """The id of ``asset``'s issuer account, from which opening balances are issued."""
     return f"issuer:{asset}"
-
-
-# --------------------------------------------------------------------------- schema
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class _UtcDateTime(TypeDecorator[datetime]):
-    """An aware UTC datetime. SQLite stores it naive (sortable text), PostgreSQL as timestamptz."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        value = _utc(value)
-        return value.replace(tzinfo=None) if value is not None and dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        return _utc(value)
-
-
-def _sqlite_integers(table: str, *columns: str) -> CheckConstraint:
-    # SQLite silently turns an overflowing integer into a REAL; refuse that.
-    expr = " AND ".join(f"typeof({c}) = 'integer'" for c in columns)
-    return CheckConstraint(expr, name=f"ck_{table}_integer_amounts").ddl_if(dialect="sqlite")
-
-
-class _Table(SQLModel, registry=registry()):
-    """Base of this module's tables: a private registry, so no other module's tables mix in."""
-
-
-class AssetRow(_Table, table=True):
-    __tablename__ = "asset"
-    __table_args__ = (CheckConstraint("precision >= 0 AND precision <= 18", name="ck_asset_precision"),)
-
-    code: str = Field(sa_column=Column(String, primary_key=True))
-    precision: int = Field(sa_column=Column(Integer, nullable=False))
-
-
-class AccountRow(_Table, table=True):
-    __tablename__ = "accounts"
-    __table_args__ = (
-        CheckConstraint("held >= 0", name="ck_accounts_held_not_negative"),
-        CheckConstraint("is_issuer OR balance - held >= 0", name="ck_accounts_available_not_negative"),
-        _sqlite_integers("accounts", "balance", "held"),
-    )
-
-    id: str = Field(sa_column=Column(String, primary_key=True))
-    asset: str = Field(sa_column=Column(String, ForeignKey("asset.code"), nullable=False))
-    owner: str = Field(sa_column=Column(String, nullable=False))
-    balance: int = Field(sa_column=Column(BigInteger, nullable=False))
-    held: int = Field(sa_column=Column(BigInteger, nullable=False))
-    is_issuer: bool = Field(sa_column=Column(Boolean, nullable=False))
-
-
-class HoldRow(_Table, table=True):
-    __tablename__ = "holds"
-    __table_args__ = (
-        CheckConstraint("status IN ('open', 'committed', 'released')", name="ck_holds_status"),
-        # A tombstone (no account, amount 0) is a released key that was never placed.
-        CheckConstraint(
-            "(account IS NOT NULL AND to_account IS NOT NULL AND asset IS NOT NULL AND amount > 0)"
-            " OR (status = 'released' AND account IS NULL AND to_account IS NULL"
-            " AND asset IS NULL AND amount = 0)",
-            name="ck_holds_placed_or_tombstone",
-        ),
-        CheckConstraint("(status = 'open') = (resolved_at IS NULL)", name="ck_holds_resolved_when_not_open"),
-        CheckConstraint("hashlock IS NULL OR length(hashlock) = 64", name="ck_holds_hashlock_sha256"),
-        _sqlite_integers("holds", "amount"),
-        Index(
-            "ix_holds_open_expiry",
-            "expires_at",
-            sqlite_where=text("status = 'open'"),
-            postgresql_where=text("status = 'open'"),
-        ),
-    )
-
-    hold_id: str = Field(sa_column=Column(String, primary_key=True))
-    account: str | None = Field(sa_column=Column(String, ForeignKey("accounts.id"), nullable=True))
-    to_account: str | None = Field(sa_column=Column(String, ForeignKey("accounts.id"), nullable=True))
-    asset: str | None = Field(sa_column=Column(String, ForeignKey("asset.code"), nullable=True))
-    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
-    status: str = Field(sa_column=Column(String, nullable=False))
-    expires_at: datetime | None = Field(sa_column=Column(_UtcDateTime, nullable=True))
-    trade_id: str = Field(sa_column=Column(String, nullable=False))
-    hashlock: str | None = Field(sa_column=Column(String, nullable=True))
-    created_at: datetime = Field(sa_column=Column(_UtcDateTime, nullable=False))
-    resolved_at: datetime | None = Field(sa_column=Column(_UtcDateTime, nullable=True))
-
-
-class JournalRow(_Table, table=True):
-    __tablename__ = "journal"
-    __table_args__ = (
-        CheckConstraint("amount > 0", name="ck_journal_amount_positive"),
-        CheckConstraint("from_account <> to_account", name="ck_journal_two_accounts"),
-        CheckConstraint(
-            "(kind = 'settle' AND hold_id IS NOT NULL) OR (kind = 'issue' AND hold_id IS NULL)",
-            name="ck_journal_kind",
-        ),
-        _sqlite_integers("journal", "amount"),
-    )
-
-    id: int | None = Field(
-        default=None,
-        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-    )
-    ref: str = Field(sa_column=Column(String, nullable=False, unique=True))
-    hold_id: str | None = Field(
-        sa_column=Column(String, ForeignKey("holds.hold_id"), nullable=True, unique=True)
-    )
-    kind: str = Field(sa_column=Column(String, nullable=False))
-    from_account: str = Field(sa_column=Column(String, ForeignKey("accounts.id"), nullable=False))
-    to_account: str = Field(sa_column=Column(String, ForeignKey("accounts.id"), nullable=False))
-    asset: str = Field(sa_column=Column(String, ForeignKey("asset.code"), nullable=False))
-    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
-    created_at: datetime = Field(sa_column=Column(_UtcDateTime, nullable=False))
-
-
-METADATA = _Table.metadata
-A = AssetRow.__table__  # type: ignore[attr-defined]
-AC = AccountRow.__table__  # type: ignore[attr-defined]
-H = HoldRow.__table__  # type: ignore[attr-defined]
-J = JournalRow.__table__  # type: ignore[attr-defined]
-
-# SQLite's fast path (``SqlLedger._on_writer``): the common case of the hot operations, in
-# the sqlite3 driver's own terms. Each statement keeps the condition its general
-# counterpart above relies on (``status = 'open'``, the reservation's available check).
-_FAST_HOLD_COLUMNS = "account, to_account, asset, amount, expires_at, trade_id, hashlock"
-_FAST_INSERT_HOLD = (
-    "INSERT INTO holds (hold_id, account, to_account, asset, amount, status, expires_at,"
-    " trade_id, hashlock, created_at) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)"
-    " ON CONFLICT (hold_id) DO NOTHING"
-)
-_FAST_RESERVE = "UPDATE accounts SET held = held + ?1 WHERE id = ?2 AND (is_issuer OR balance - held >= ?1)"
-_FAST_UNRESERVE = "UPDATE accounts SET held = held - ?1 WHERE id = ?2"
-_FAST_PIN = (
-    f"UPDATE holds SET expires_at = NULL WHERE hold_id = ? AND status = 'open' RETURNING {_FAST_HOLD_COLUMNS}"
-)
-_FAST_RESOLVE = (
-    "UPDATE holds SET status = ?1, resolved_at = ?2 WHERE hold_id = ?3 AND status = 'open'"
-    f" RETURNING {_FAST_HOLD_COLUMNS}"
-)
-# A commit's two account updates in one statement: the payer ?1 pays ?3 out of its held
-# amount, the payee ?2 receives it.
-_FAST_SETTLE = (
-    "UPDATE accounts SET balance = balance + CASE id WHEN ?1 THEN -?3 ELSE ?3 END,"
-    " held = held - CASE id WHEN ?1 THEN ?3 ELSE 0 END WHERE id IN (?1, ?2)"
-)
-_FAST_JOURNAL = (
-    "INSERT INTO journal (ref, hold_id, kind, from_account, to_account, asset, amount, created_at)"
-    " VALUES (?, ?, 'settle', ?, ?, ?, ?, ?)"
-)
-
-# ---------------------------------------------------------------- amounts and rows
-
-
-class _Account(NamedTuple):
-    """What never changes about an account once it exists (safe to cache)."""
-
-    asset: str
-    owner: str
-    is_issuer: bool
-    precision: int
-
-
-def _as_decimal(value: Any, what: str) -> Decimal:
-    if isinstance(value, (bool, float)):
-        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__} {value!r}")
-    try:
-        amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidAmount(f"{what} {value!r} is not a decimal number") from None
-    if not amount.is_finite():
-        raise InvalidAmount(f"{what} {value!r} is not a finite number")
-    return amount
-
-
-def _to_minor(amount: Decimal, asset: str, precision: int, what: str = "amount") -> int:
-    """``amount`` in minor units of ``asset``; ``InvalidAmount`` if it needs more decimals."""
-    with localcontext() as ctx:
-        ctx.prec = 100
-        scaled = amount.scaleb(precision)
-        if scaled != scaled.to_integral_value():
-            raise InvalidAmount(
-                f"{what} {format(amount, 'f')} has more decimal places than asset {asset} "
-                f"allows (precision {precision})"
-            )
-        minor = int(scaled)
-    if abs(minor) > MAX_MINOR:
-        raise InvalidAmount(
-            f"{what} {format(amount, 'f')} is too large for asset {asset} "
-            f"(at most {format(_to_decimal(MAX_MINOR, precision), 'f')})"
-        )
-    return minor
-
-
-def _to_decimal(minor: int, precision: int) -> Decimal:
-    with localcontext() as ctx:
-        ctx.prec = 100
-        return Decimal(minor).scaleb(-precision)
-
-
-def _positive(amount: Any, asset: str, precision: int) -> int:
-    value = _as_decimal(amount, "amount")
-    if value <= 0:
-        raise InvalidAmount(f"amount must be positive, got {format(value, 'f')} {asset}")
-    return _to_minor(value, asset, precision)
-
-
-def _normalise_hashlock(hashlock: str | None) -> str | None:
-    if hashlock is None:
-        return None
-    value = hashlock.lower().removeprefix("0x")
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise LedgerError(f"hashlock must be a sha256 digest in 64 hex digits, got {hashlock!r}")
-    return value
 
 
 def _preimage_matches(preimage: str | None, hashlock: str) -> bool:
@@ -351,15 +129,24 @@ def _preimage_matches(preimage: str | None, hashlock: str) -> bool:
     return hashlib.sha256(secret).hexdigest() == hashlock
 
 
-def _sorted_pair(first: str, second: str) -> list[str]:
-    return sorted((first, second))
-
-
-# -------------------------------------------------------------------------- ledger
+@contextmanager
+def _session_tx(engine: Engine) -> Iterator[Session]:
+    """A sqlmodel ``Session`` in one transaction on ``engine``, committed unless it raises."""
+    with Session(engine) as session, session.begin():
+        yield session
 
 
 class SqlLedger(Ledger):
-    """The ledger ``name`` kept in the SQL database at ``url`` (see the module docstring)."""
+    """The ledger ``name`` kept in the SQL database at ``url`` (see the module docstring).
+
+    What a trade calls (``account_facts``, ``account``, and placing, pinning,
+    committing and releasing a hold) runs statements on the table models on a
+    SQLAlchemy ``Connection``, since a ``Session`` costs more than these statements do;
+    the rest (opening accounts, listings, a hold's lookup, expiry, ``verify``) runs in a
+    sqlmodel ``Session`` with model instances. On SQLite each hold operation first asks
+    the fast path (one delegation at its top) and runs the general path below it when
+    the fast path leaves the case to it. See docs/decisions/0004-sqlite-fast-path.md.
+    """
 
     def __init__(self, name: str, url: str, **options: Any) -> None:
         self.name = name
@@ -375,6 +162,10 @@ class SqlLedger(Ledger):
             raise ConfigError(f"ledgers.{name}.url: {url!r} is not a database URL: {exc}") from None
         self._dialect = parsed.get_backend_name()
         pool = {k: int(options[k]) for k in KNOWN_OPTIONS if k in options}
+        # Immutable facts, cached after the first sight: saves a round trip per hold.
+        self._accounts: dict[str, CachedAccount] = {}
+        self._precisions: dict[str, int] = {}
+        self._fast: SqliteFastPath | None = None
         if self._dialect == "sqlite":
             database = parsed.database or ""
             if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
@@ -400,19 +191,15 @@ class SqlLedger(Ledger):
                 max_overflow=0,
             )
             _configure_sqlite(writer)
-            self._writer_driver = _PooledDriver(writer)
-            # The fast path stores and reads datetimes exactly as SQLAlchemy does for the
-            # holds' columns: through the type as the dialect adapts it, whose DATETIME
-            # formats the text (the TypeDecorator's own processor would pass a datetime on).
-            stamp = H.c.created_at.type.dialect_impl(writer.dialect)
-            self._to_sqlite_time = stamp.bind_processor(writer.dialect)
-            self._from_sqlite_time = stamp.result_processor(writer.dialect, None)
+            self._write_lock: threading.Lock | None = threading.Lock()
+            self._fast = SqliteFastPath(name, writer, self._write_lock, self._accounts, self._precisions)
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         elif self._dialect == "postgresql":
             connect_args = (
                 {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
             )
             engine = writer = create_engine(parsed, connect_args=connect_args, **pool)
+            self._write_lock = None
             from sqlalchemy.dialects.postgresql import insert as dialect_insert  # type: ignore[assignment]
         else:
             raise ConfigError(
@@ -422,13 +209,9 @@ class SqlLedger(Ledger):
         self._engine: Engine = engine
         self._writer: Engine = writer
         self._reader: Engine = engine.execution_options(dvp_read_only=True)
-        self._write_lock = threading.Lock() if self._dialect == "sqlite" else None
-        # Immutable facts, cached after the first sight: saves a round trip per hold.
-        self._accounts: dict[str, _Account] = {}
-        self._precisions: dict[str, int] = {}
         self._build_statements(dialect_insert)
         try:
-            self._create_schema()
+            self._tx(self._create_schema)
         except BaseException:
             self.close()
             raise
@@ -439,94 +222,80 @@ class SqlLedger(Ledger):
     # ------------------------------------------------------------------ plumbing
 
     def _build_statements(self, dialect_insert: Any) -> None:
+        """The statements of the hold operations and their fallbacks, built once.
+
+        They run on a ``Connection``, where a statement on a model returns rows of its
+        columns, not instances. Balances and statuses change only through relative and
+        conditional updates, never read-modify-write of an instance: that is what keeps
+        concurrent transactions from overdrawing or resolving a hold twice.
+        """
         p = bindparam
-        # RETURNING tells whether the row went in: INSERT rowcount is not reliable on every driver.
-        self._ins_asset = dialect_insert(A).on_conflict_do_nothing(index_elements=[A.c.code])
-        self._ins_account = (
-            dialect_insert(AC).on_conflict_do_nothing(index_elements=[AC.c.id]).returning(AC.c.id)
-        )
+        hold_id, status = col(HoldRow.hold_id), col(HoldRow.status)
+        held, balance, account_id = col(AccountRow.held), col(AccountRow.balance), col(AccountRow.id)
+        self._ins_asset = dialect_insert(AssetRow).on_conflict_do_nothing()
+        self._ins_account = dialect_insert(AccountRow).on_conflict_do_nothing().returning(col(AccountRow.id))
+        # An upsert makes the key idempotent and race-free across processes; RETURNING
+        # tells whether the row went in (INSERT rowcount is not reliable on every driver).
         self._ins_hold = (
-            dialect_insert(H).on_conflict_do_nothing(index_elements=[H.c.hold_id]).returning(H.c.hold_id)
+            dialect_insert(HoldRow).on_conflict_do_nothing(index_elements=["hold_id"]).returning(hold_id)
         )
-        self._ins_journal = J.insert()
-        self._sel_precision = select(A.c.precision).where(A.c.code == p("asset"))
+        self._ins_journal = insert(JournalRow)
+        self._sel_hold = select(HoldRow).where(hold_id == p("k"))
+        self._sel_precision = select(AssetRow.precision).where(col(AssetRow.code) == p("asset"))
         self._sel_meta = (
-            select(AC.c.id, AC.c.asset, AC.c.owner, AC.c.is_issuer, A.c.precision)
-            .join(A, A.c.code == AC.c.asset)
-            .where(AC.c.id.in_(p("ids", expanding=True)))
+            select(AccountRow.id, AccountRow.asset, AccountRow.owner, AssetRow.precision)
+            .join(AssetRow)
+            .where(account_id.in_(p("ids", expanding=True)))
         )
-        balance_cols = (AC.c.id, AC.c.asset, AC.c.owner, AC.c.balance, AC.c.held, A.c.precision)
-        self._sel_balances = select(*balance_cols).join(A, A.c.code == AC.c.asset)
-        self._sel_account = self._sel_balances.where(AC.c.id == p("id"))
-        self._sel_all_balances = self._sel_balances.order_by(AC.c.asset, AC.c.id)
-        self._sel_available = select(AC.c.balance - AC.c.held).where(AC.c.id == p("id"))
-        hold_cols = (
-            H.c.hold_id,
-            H.c.account,
-            H.c.to_account,
-            H.c.asset,
-            H.c.amount,
-            H.c.status,
-            H.c.expires_at,
-            H.c.trade_id,
-            H.c.hashlock,
-        )
-        self._sel_hold = select(*hold_cols).where(H.c.hold_id == p("k"))
-        self._sel_open = select(*hold_cols).where(H.c.status == "open").order_by(H.c.created_at, H.c.hold_id)
-        self._sel_expired = (
-            select(H.c.hold_id)
-            .where(H.c.status == "open", H.c.expires_at.is_not(None), H.c.expires_at <= p("now"))
-            .order_by(H.c.expires_at, H.c.hold_id)
-        )
+        self._sel_available = select(balance - held).where(account_id == p("id"))
+        self._sel_account = select(AccountRow, AssetRow.precision).join(AssetRow).where(account_id == p("id"))
         self._reserve = (
-            update(AC)
-            .where(AC.c.id == p("acct"), AC.c.is_issuer | (AC.c.balance - AC.c.held >= p("amt")))
-            .values(held=AC.c.held + p("amt"))
+            update(AccountRow)
+            .where(account_id == p("acct"), col(AccountRow.is_issuer) | (balance - held >= p("amt")))
+            .values(held=held + p("amt"))
         )
-        self._unreserve = update(AC).where(AC.c.id == p("acct")).values(held=AC.c.held - p("amt"))
+        self._unreserve = update(AccountRow).where(account_id == p("acct")).values(held=held - p("amt"))
         self._debit_held = (
-            update(AC)
-            .where(AC.c.id == p("acct"))
-            .values(balance=AC.c.balance - p("amt"), held=AC.c.held - p("amt"))
+            update(AccountRow)
+            .where(account_id == p("acct"))
+            .values(balance=balance - p("amt"), held=held - p("amt"))
         )
-        self._debit = update(AC).where(AC.c.id == p("acct")).values(balance=AC.c.balance - p("amt"))
-        self._credit = update(AC).where(AC.c.id == p("acct")).values(balance=AC.c.balance + p("amt"))
-        resolve = update(H).where(H.c.hold_id == p("k"), H.c.status == "open")
-        self._commit = resolve.values(status="committed", resolved_at=p("now")).returning(*hold_cols)
-        self._release = resolve.values(status="released", resolved_at=p("now")).returning(*hold_cols)
-        self._expire = (
-            update(H)
-            .where(
-                H.c.hold_id == p("k"),
-                H.c.status == "open",
-                H.c.expires_at.is_not(None),
-                H.c.expires_at <= p("cutoff"),
-            )
-            .values(status="released", resolved_at=p("now"))
-            .returning(*hold_cols)
-        )
-        self._pin = resolve.values(expires_at=None).returning(*hold_cols)
+        self._credit = update(AccountRow).where(account_id == p("acct")).values(balance=balance + p("amt"))
+        resolve = update(HoldRow).where(hold_id == p("k"), status == "open")
+        self._pin = resolve.values(expires_at=None).returning(HoldRow)
+        self._commit = resolve.values(status="committed", resolved_at=p("now")).returning(HoldRow)
+        self._release = resolve.values(status="released", resolved_at=p("now")).returning(HoldRow)
 
-    def _create_schema(self) -> None:
-        def create(conn: Connection) -> None:
-            if self._dialect == "postgresql":
-                # Several workers may start at once; CREATE TABLE is not race-free on its own.
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('dvp.adapters.sql schema'))")
-            METADATA.create_all(conn)
-
-        self._tx(create)
+    def _create_schema(self, conn: Connection) -> None:
+        if self._dialect == "postgresql":
+            # Several workers may start at once; CREATE TABLE is not race-free on its own.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('dvp.adapters.sql schema'))")
+        METADATA.create_all(conn)
 
     def _tx(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
-        """Run ``work`` in one transaction, retrying the transient failures it is safe to retry."""
+        """Run ``work`` in one transaction on a ``Connection`` (the hold operations' own)."""
         engine = self._reader if read_only else self._writer
+        return self._retrying(engine.begin, work, read_only)
+
+    def _session(
+        self, work: Callable[[Session], T], *, read_only: bool = False, engine: Engine | None = None
+    ) -> T:
+        """Run ``work`` in one transaction in a sqlmodel ``Session``."""
+        engine = engine or (self._reader if read_only else self._writer)
+        return self._retrying(lambda: _session_tx(engine), work, read_only)
+
+    def _retrying(
+        self, begin: Callable[[], AbstractContextManager[Tx]], work: Callable[[Tx], T], read_only: bool
+    ) -> T:
+        """``work`` in the transaction ``begin`` opens, retrying the transient failures safe to retry."""
         lock = None if read_only else self._write_lock
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 if lock is None:
-                    with engine.begin() as conn:
-                        return work(conn)
-                with lock, engine.begin() as conn:
-                    return work(conn)
+                    with begin() as tx:
+                        return work(tx)
+                with lock, begin() as tx:
+                    return work(tx)
             except DBAPIError as exc:
                 if attempt < ATTEMPTS and self._retryable(exc):
                     time.sleep(random.uniform(0, 0.01 * 2**attempt))
@@ -537,73 +306,8 @@ class SqlLedger(Ledger):
             except sqlite3.OperationalError as exc:
                 # From the "begin" listener's BEGIN IMMEDIATE, which runs on the driver,
                 # outside SQLAlchemy's wrapping: the busy timeout ran out.
-                raise self._busy(exc) from exc
+                raise LedgerUnavailable(f"ledger {self.name!r}: the database is unavailable: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _busy(self, exc: sqlite3.OperationalError) -> LedgerUnavailable:
-        return LedgerUnavailable(f"ledger {self.name!r}: the database is unavailable: {exc}")
-
-    def _on_writer(self, work: Callable[[sqlite3.Cursor], T | None]) -> T | None:
-        """SQLite's fast path: ``work`` in one write transaction on the writer's driver connection.
-
-        Through SQLAlchemy (compiled statements, result rows, events, the pool) a hold's
-        operation costs several times what SQLite does for it, on the worker's activity
-        threads. So its common case runs here as hand-written SQL, in turn with every other
-        writer on the ledger's lock and its one connection. ``work`` returns ``None`` for a
-        case it leaves to the general path (a key that exists, a hold not open, a
-        reservation refused, facts not cached, ...), and so does this method, after any
-        sqlite3 error too: the transaction is then rolled back, so it had no effect, and the
-        caller runs the general path, which decides every unusual case, retries and
-        translates errors. Running an operation there again is safe even after a COMMIT that
-        failed ambiguously: every operation is idempotent on its hold key.
-        """
-        assert self._write_lock is not None
-        with self._write_lock:
-            db = self._writer_driver.connection
-            if db is None:
-                return None  # the pool has no connection open: the general path opens one
-            try:
-                cursor = db.cursor()
-                # Here, not in the "begin" listener, which only SQLAlchemy's Connection fires.
-                cursor.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                # The busy timeout ran out (another process held the write lock that long);
-                # the general path would only wait as long again.
-                raise self._busy(exc) from exc
-            except sqlite3.Error:
-                return None  # e.g. a connection closed under us: the general path reopens one
-            try:
-                result = work(cursor)
-                if result is not None:
-                    cursor.execute("COMMIT")
-                    return result
-            except sqlite3.Error:
-                pass  # the general path runs it again, and reports an error that persists
-            finally:
-                # What is not committed has no effect (a no-op after COMMIT). Should even this
-                # fail, the general path meets the failure, and the pool replaces the connection.
-                with suppress(sqlite3.Error):
-                    db.rollback()
-        return None
-
-    def _fast_hold(self, hold_id: str, status: HoldStatus, row: tuple[Any, ...]) -> Hold | None:
-        """The ``Hold`` of a ``_FAST_HOLD_COLUMNS`` row; ``None`` if its asset's precision is not cached."""
-        account, to_account, asset, amount, expires_at, trade_id, hashlock = row
-        precision = self._precisions.get(asset)
-        if precision is None:
-            return None
-        return Hold(
-            ledger=self.name,
-            hold_id=hold_id,
-            account=account,
-            to_account=to_account,
-            asset=asset,
-            amount=_to_decimal(amount, precision),
-            status=status,
-            expires_at=self._from_sqlite_time(expires_at),
-            trade_id=trade_id,
-            hashlock=hashlock,
-        )
 
     def _retryable(self, exc: DBAPIError) -> bool:
         if exc.connection_invalidated:
@@ -618,21 +322,30 @@ class SqlLedger(Ledger):
             return LedgerError(f"ledger {self.name!r}: the database refused the change: {cause}")
         return LedgerError(f"ledger {self.name!r}: database error: {cause}")
 
-    def _meta(self, conn: Connection, ids: Iterable[str]) -> dict[str, _Account]:
+    def _meta(self, conn: Connection, ids: Iterable[str]) -> dict[str, CachedAccount]:
         """The immutable facts of the accounts among ``ids`` that exist."""
         wanted = set(ids)
         missing = [i for i in wanted if i not in self._accounts]
         if missing:
             for row in conn.execute(self._sel_meta, {"ids": missing}):
-                self._accounts[row.id] = _Account(row.asset, row.owner, bool(row.is_issuer), row.precision)
+                self._accounts[row.id] = CachedAccount(row.asset, row.owner, row.precision)
                 self._precisions[row.asset] = row.precision
         return {i: self._accounts[i] for i in wanted if i in self._accounts}
 
-    def _hold(self, conn: Connection, row: AnyRow) -> Hold:
+    def _asset_precision(self, conn: Connection, asset: str) -> int:
+        if asset not in self._precisions:
+            value = conn.execute(self._sel_precision, {"asset": asset}).scalar()
+            if value is None:
+                raise LedgerError(f"ledger {self.name!r} has no asset {asset!r}")
+            self._precisions[asset] = value
+        return self._precisions[asset]
+
+    def _hold(self, conn: Connection, row: HoldRow | AnyRow) -> Hold:
+        """The ``Hold`` of a ``holds`` row: a ``HoldRow``, or a row of its columns."""
         if row.asset is None:  # tombstone
             amount = Decimal(0)
         else:
-            amount = _to_decimal(row.amount, self._asset_precision(conn, row.asset))
+            amount = to_decimal(row.amount, self._asset_precision(conn, row.asset))
         return Hold(
             ledger=self.name,
             hold_id=row.hold_id,
@@ -646,24 +359,15 @@ class SqlLedger(Ledger):
             hashlock=row.hashlock,
         )
 
-    def _asset_precision(self, conn: Connection, asset: str) -> int:
-        if asset not in self._precisions:
-            value = conn.execute(self._sel_precision, {"asset": asset}).scalar()
-            if value is None:
-                raise LedgerError(f"ledger {self.name!r} has no asset {asset!r}")
-            self._precisions[asset] = value
-        return self._precisions[asset]
-
-    def _balance(self, row: AnyRow) -> AccountBalance:
-        p = row.precision
+    def _balance(self, row: AccountRow | AnyRow, precision: int) -> AccountBalance:
         return AccountBalance(
             ledger=self.name,
             account=row.id,
             asset=row.asset,
             owner=row.owner,
-            balance=_to_decimal(row.balance, p),
-            held=_to_decimal(row.held, p),
-            available=_to_decimal(row.balance - row.held, p),
+            balance=to_decimal(row.balance, precision),
+            held=to_decimal(row.held, precision),
+            available=to_decimal(row.balance - row.held, precision),
         )
 
     def _unknown_account(self, account: str) -> UnknownAccount:
@@ -674,7 +378,7 @@ class SqlLedger(Ledger):
     def open_account(
         self, account: str, asset: str, owner: str, balance: Decimal = Decimal(0), precision: int = 0
     ) -> AccountBalance:
-        opening = _as_decimal(balance, "opening balance")
+        opening = as_decimal(balance, "opening balance")
         if opening < 0:
             raise InvalidAmount(f"opening balance of {account!r} cannot be negative, got {opening} {asset}")
         if not 0 <= precision <= 18:
@@ -683,72 +387,53 @@ class SqlLedger(Ledger):
             raise LedgerError("account, asset and owner must not be empty")
         issuer = issuer_id(asset)
 
-        def work(conn: Connection) -> AccountBalance:
-            conn.execute(self._ins_asset, {"code": asset, "precision": precision})
-            scale = self._asset_precision(conn, asset)
-            minor = _to_minor(opening, asset, scale, "opening balance")
-            conn.execute(
-                self._ins_account,
-                {
-                    "id": issuer,
-                    "asset": asset,
-                    "owner": ISSUER_OWNER,
-                    "balance": 0,
-                    "held": 0,
-                    "is_issuer": True,
-                },
-            ).first()
-            inserted = conn.execute(
-                self._ins_account,
-                {
-                    "id": account,
-                    "asset": asset,
-                    "owner": owner,
-                    "balance": minor,
-                    "held": 0,
-                    "is_issuer": False,
-                },
-            ).first()
-            if inserted is None:
-                row = conn.execute(self._sel_account, {"id": account}).one()
-                if (row.asset, row.owner) != (asset, owner):
+        def work(session: Session) -> AccountBalance:
+            def reopened(existing: AccountRow) -> AccountBalance:
+                if (existing.asset, existing.owner) != (asset, owner):
                     raise IdempotencyConflict(
-                        f"account {account!r} exists for asset {row.asset} owned by {row.owner!r}; "
+                        f"account {account!r} exists for asset {existing.asset} owned by {existing.owner!r}; "
                         f"cannot open it for asset {asset} owned by {owner!r}"
                     )
-                return self._balance(row)
-            if minor:
-                conn.execute(self._debit, {"acct": issuer, "amt": minor})
-                conn.execute(
-                    self._ins_journal,
-                    {
-                        "ref": f"open:{account}",
-                        "hold_id": None,
-                        "kind": "issue",
-                        "from_account": issuer,
-                        "to_account": account,
-                        "asset": asset,
-                        "amount": minor,
-                        "created_at": datetime.now(UTC),
-                    },
-                )
-            return AccountBalance(
-                ledger=self.name,
-                account=account,
-                asset=asset,
-                owner=owner,
-                balance=_to_decimal(minor, scale),
-                held=_to_decimal(0, scale),
-                available=_to_decimal(minor, scale),
-            )
+                return self._balance(existing, session.get_one(AssetRow, existing.asset).precision)
 
-        return self._tx(work)
+            existing = session.get(AccountRow, account)
+            if existing is not None:
+                return reopened(existing)
+            # Upserts: another process may be opening the same account or asset right now.
+            session.exec(self._ins_asset, params=AssetRow(code=asset, precision=precision).model_dump())
+            scale = session.get_one(AssetRow, asset).precision  # the first account's, if not this one's
+            minor = to_minor(opening, asset, scale, "opening balance")
+            issuer_row = AccountRow(
+                id=issuer, asset=asset, owner=ISSUER_OWNER, balance=0, held=0, is_issuer=True
+            )
+            session.exec(self._ins_account, params=issuer_row.model_dump())
+            new = AccountRow(id=account, asset=asset, owner=owner, balance=minor, held=0, is_issuer=False)
+            if session.exec(self._ins_account, params=new.model_dump()).first() is None:
+                return reopened(session.get_one(AccountRow, account))  # the other process's
+            if minor:
+                debit = update(AccountRow).where(col(AccountRow.id) == issuer)
+                session.exec(debit.values(balance=col(AccountRow.balance) - minor), execution_options=NO_SYNC)
+                session.add(
+                    JournalRow(
+                        ref=f"open:{account}",
+                        hold_id=None,
+                        kind="issue",
+                        from_account=issuer,
+                        to_account=account,
+                        asset=asset,
+                        amount=minor,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+            return self._balance(new, scale)
+
+        return self._session(work)
 
     def account(self, account: str) -> AccountBalance:
         row = self._tx(lambda c: c.execute(self._sel_account, {"id": account}).first(), read_only=True)
         if row is None:
             raise self._unknown_account(account)
-        return self._balance(row)
+        return self._balance(row, row.precision)
 
     def account_facts(self, accounts: Collection[str]) -> dict[str, AccountFacts]:
         # From the cache of immutable facts; one read for the accounts not seen before.
@@ -759,8 +444,15 @@ class SqlLedger(Ledger):
         return {i: AccountFacts(a.asset, a.owner) for i, a in known.items()}
 
     def balances(self) -> list[AccountBalance]:
-        rows = self._tx(lambda c: c.execute(self._sel_all_balances).all(), read_only=True)
-        return [self._balance(r) for r in rows]
+        def read(session: Session) -> list[AccountBalance]:
+            rows = session.exec(
+                select(AccountRow, AssetRow.precision)
+                .join(AssetRow)
+                .order_by(AccountRow.asset, AccountRow.id)
+            )
+            return [self._balance(row, precision) for row, precision in rows]
+
+        return self._session(read, read_only=True)
 
     # --------------------------------------------------------------------- holds
 
@@ -777,75 +469,18 @@ class SqlLedger(Ledger):
     ) -> Hold:
         if not hold_id:
             raise LedgerError("hold_id must not be empty")
-
-        def validate(known: Mapping[str, _Account]) -> tuple[int, str | None]:
-            for acct in (account, to_account):
-                if acct not in known:
-                    raise self._unknown_account(acct)
-            for acct in (account, to_account):
-                if known[acct].asset != asset:
-                    raise AssetMismatch(f"account {acct!r} holds asset {known[acct].asset}, not {asset}")
-            if account == to_account:
-                raise LedgerError(f"hold {hold_id!r} pays account {account!r} to itself")
-            return _positive(amount, asset, known[account].precision), _normalise_hashlock(hashlock)
-
-        def placed(minor: int, lock: str | None) -> Hold:
-            return Hold(
-                ledger=self.name,
-                hold_id=hold_id,
-                account=account,
-                to_account=to_account,
-                asset=asset,
-                amount=_to_decimal(minor, self._accounts[account].precision),
-                status=HoldStatus.OPEN,
-                expires_at=_utc(expires_at),
-                trade_id=trade_id,
-                hashlock=lock,
-            )
-
-        def place(cursor: sqlite3.Cursor, minor: int, lock: str | None) -> Hold | None:
-            to_time = self._to_sqlite_time
-            cursor.execute(
-                _FAST_INSERT_HOLD,
-                (
-                    hold_id,
-                    account,
-                    to_account,
-                    asset,
-                    minor,
-                    to_time(expires_at),
-                    trade_id,
-                    lock,
-                    to_time(datetime.now(UTC)),
-                ),
-            )
-            if cursor.rowcount != 1:
-                return None  # the key exists: a replay, a tombstone or a conflict
-            if cursor.execute(_FAST_RESERVE, (minor, account)).rowcount != 1:
-                return None  # insufficient funds: the general path says how much is available
-            return placed(minor, lock)
-
-        if self._dialect == "sqlite":
-            try:
-                # From the cache alone: an account not in it is not known to be missing.
-                minor, lock = validate(self._accounts)
-            except LedgerError:
-                pass  # the general path looks, and answers a replay before refusing
-            else:
-                hold = self._on_writer(lambda cursor: place(cursor, minor, lock))
-                if hold is not None:
-                    return hold
+        request = PlaceRequest(hold_id, account, to_account, asset, amount, expires_at, trade_id, hashlock)
+        if self._fast is not None and (hold := self._fast.place_hold(request)) is not None:
+            return hold
 
         def work(conn: Connection) -> Hold:
             try:
-                minor, lock = validate(self._meta(conn, (account, to_account)))
+                minor, lock = request.terms(self.name, self._meta(conn, (account, to_account)))
             except LedgerError:
                 # A known key answers first: a replay must not fail on a check it passed before.
                 existing = conn.execute(self._sel_hold, {"k": hold_id}).first()
                 if existing is not None:
-                    return self._same_terms(
-                        conn, existing, account, to_account, asset, amount, trade_id, hashlock
-                    )
+                    return self._same_terms(conn, existing, request)
                 raise
             row = {
                 "hold_id": hold_id,
@@ -861,56 +496,43 @@ class SqlLedger(Ledger):
                 "resolved_at": None,
             }
             if conn.execute(self._ins_hold, row).first() is None:
-                existing = conn.execute(self._sel_hold, {"k": hold_id}).one()
-                return self._same_terms(
-                    conn, existing, account, to_account, asset, amount, trade_id, hashlock
-                )
+                return self._same_terms(conn, conn.execute(self._sel_hold, {"k": hold_id}).one(), request)
+            scale = self._accounts[account].precision
             if not conn.execute(self._reserve, {"acct": account, "amt": minor}).rowcount:
                 available = conn.execute(self._sel_available, {"id": account}).scalar_one()
-                scale = self._accounts[account].precision
                 raise InsufficientFunds(
-                    f"account {account!r} has {format(_to_decimal(available, scale), 'f')} {asset} "
-                    f"available; hold {hold_id!r} requested {format(_to_decimal(minor, scale), 'f')} {asset}"
+                    f"account {account!r} has {format(to_decimal(available, scale), 'f')} {asset} "
+                    f"available; hold {hold_id!r} requested {format(to_decimal(minor, scale), 'f')} {asset}"
                 )
-            return placed(minor, lock)
+            return request.placed(self.name, minor, lock, scale)
 
         return self._tx(work)
 
-    def _same_terms(
-        self,
-        conn: Connection,
-        row: AnyRow,
-        account: str,
-        to_account: str,
-        asset: str,
-        amount: Any,
-        trade_id: str,
-        hashlock: str | None,
-    ) -> Hold:
-        """The hold already stored under a key, if the new request matches its terms."""
+    def _same_terms(self, conn: Connection, row: AnyRow, request: PlaceRequest) -> Hold:
+        """The hold already stored under a key, if ``request`` matches its terms."""
         held = self._hold(conn, row)
         if row.account is None:
             return held  # tombstone: released before it was placed; place nothing
         try:
-            lock = _normalise_hashlock(hashlock)
+            lock = normalise_hashlock(request.hashlock)
         except LedgerError:
-            lock = hashlock
+            lock = request.hashlock
         try:
-            same_amount = Decimal(str(amount)) == held.amount
+            same_amount = Decimal(str(request.amount)) == held.amount
         except (InvalidOperation, TypeError):
             same_amount = False
         asked = {
-            "account": account,
-            "to_account": to_account,
-            "asset": asset,
-            "trade_id": trade_id,
+            "account": request.account,
+            "to_account": request.to_account,
+            "asset": request.asset,
+            "trade_id": request.trade_id,
             "hashlock": lock,
         }
         differs = [
             f"{k} {getattr(held, k)!r} (asked {v!r})" for k, v in asked.items() if getattr(held, k) != v
         ]
         if not same_amount:
-            differs.append(f"amount {format(held.amount, 'f')} (asked {amount})")
+            differs.append(f"amount {format(held.amount, 'f')} (asked {request.amount})")
         if differs:
             raise IdempotencyConflict(
                 f"hold {row.hold_id!r} exists with different terms: " + ", ".join(differs)
@@ -932,11 +554,7 @@ class SqlLedger(Ledger):
         return self._hold(conn, row)
 
     def pin_hold(self, hold_id: str) -> Hold:
-        def pin(cursor: sqlite3.Cursor) -> Hold | None:
-            row = cursor.execute(_FAST_PIN, (hold_id,)).fetchone()
-            return None if row is None else self._fast_hold(hold_id, HoldStatus.OPEN, row)
-
-        if self._dialect == "sqlite" and (hold := self._on_writer(pin)) is not None:
+        if self._fast is not None and (hold := self._fast.pin_hold(hold_id)) is not None:
             return hold
 
         def work(conn: Connection) -> Hold:
@@ -952,20 +570,7 @@ class SqlLedger(Ledger):
         return self._tx(work)
 
     def commit_hold(self, hold_id: str, preimage: str | None = None) -> Hold:
-        def commit(cursor: sqlite3.Cursor) -> Hold | None:
-            now = self._to_sqlite_time(datetime.now(UTC))
-            row = cursor.execute(_FAST_RESOLVE, ("committed", now, hold_id)).fetchone()
-            if row is None or row[-1] is not None:
-                return None  # not open, or hashlocked: the general path checks the preimage
-            account, to_account, asset, amount = row[:4]
-            if cursor.execute(_FAST_SETTLE, (account, to_account, amount)).rowcount != 2:
-                return None  # not two accounts: the general path refuses it in its own words
-            cursor.execute(
-                _FAST_JOURNAL, (f"hold:{hold_id}", hold_id, account, to_account, asset, amount, now)
-            )
-            return self._fast_hold(hold_id, HoldStatus.COMMITTED, row)
-
-        if self._dialect == "sqlite" and (hold := self._on_writer(commit)) is not None:
+        if self._fast is not None and (hold := self._fast.commit_hold(hold_id)) is not None:
             return hold
 
         def work(conn: Connection) -> Hold:
@@ -984,7 +589,7 @@ class SqlLedger(Ledger):
             if row.hashlock is not None and row.expires_at is not None and row.expires_at <= now:
                 # a hashlock's timelock, as on the chain: once it passed the hold can only refund
                 raise LedgerError(f"hold {hold_id!r}: its timelock passed at {row.expires_at.isoformat()}")
-            for acct in _sorted_pair(row.account, row.to_account):
+            for acct in sorted((row.account, row.to_account)):  # the same order in every transaction
                 stmt = self._debit_held if acct == row.account else self._credit
                 conn.execute(stmt, {"acct": acct, "amt": row.amount})
             conn.execute(
@@ -1005,15 +610,7 @@ class SqlLedger(Ledger):
         return self._tx(work)
 
     def release_hold(self, hold_id: str) -> Hold:
-        def release(cursor: sqlite3.Cursor) -> Hold | None:
-            now = self._to_sqlite_time(datetime.now(UTC))
-            row = cursor.execute(_FAST_RESOLVE, ("released", now, hold_id)).fetchone()
-            if row is None:
-                return None  # not open, or an unknown key, which the general path tombstones
-            cursor.execute(_FAST_UNRESERVE, (row[3], row[0]))
-            return self._fast_hold(hold_id, HoldStatus.RELEASED, row)
-
-        if self._dialect == "sqlite" and (hold := self._on_writer(release)) is not None:
+        if self._fast is not None and (hold := self._fast.release_hold(hold_id)) is not None:
             return hold
 
         def work(conn: Connection) -> Hold:
@@ -1049,32 +646,62 @@ class SqlLedger(Ledger):
         return self._tx(work)
 
     def get_hold(self, hold_id: str) -> Hold:
-        def work(conn: Connection) -> Hold:
-            row = conn.execute(self._sel_hold, {"k": hold_id}).first()
+        def read(session: Session) -> Hold:
+            row = session.get(HoldRow, hold_id)
             if row is None:
                 raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
-            return self._hold(conn, row)
+            return self._hold(session.connection(), row)
 
-        return self._tx(work, read_only=True)
+        return self._session(read, read_only=True)
 
     def open_holds(self) -> list[Hold]:
-        return self._tx(lambda c: [self._hold(c, r) for r in c.execute(self._sel_open).all()], read_only=True)
+        def read(session: Session) -> list[Hold]:
+            rows = session.exec(
+                select(HoldRow)
+                .where(HoldRow.status == "open")
+                .order_by(col(HoldRow.created_at), col(HoldRow.hold_id))
+            )
+            return [self._hold(session.connection(), row) for row in rows]
+
+        return self._session(read, read_only=True)
 
     def expire_holds(self, now: datetime) -> list[Hold]:
-        due = self._tx(lambda c: c.execute(self._sel_expired, {"now": now}).scalars().all(), read_only=True)
-        expired: list[Hold] = []
-        for hold_id in due:
-            # One transaction per hold: a concurrent sweep, pin or commit wins or loses it whole.
-            def work(conn: Connection, hold_id: str = hold_id) -> Hold | None:
-                row = conn.execute(
-                    self._expire, {"k": hold_id, "cutoff": now, "now": datetime.now(UTC)}
-                ).first()
-                if row is None:
-                    return None
-                conn.execute(self._unreserve, {"acct": row.account, "amt": row.amount})
-                return self._hold(conn, row)
+        def due(session: Session) -> list[str]:
+            expires_at = col(HoldRow.expires_at)
+            return list(
+                session.exec(
+                    select(HoldRow.hold_id)
+                    .where(HoldRow.status == "open", expires_at.is_not(None), expires_at <= now)
+                    .order_by(expires_at, HoldRow.hold_id)
+                )
+            )
 
-            hold = self._tx(work)
+        def expire(session: Session, hold_id: str) -> Hold | None:
+            expires_at = col(HoldRow.expires_at)
+            released = session.exec(
+                update(HoldRow)
+                .where(
+                    col(HoldRow.hold_id) == hold_id,
+                    col(HoldRow.status) == "open",
+                    expires_at.is_not(None),
+                    expires_at <= now,
+                )
+                .values(status="released", resolved_at=datetime.now(UTC))
+                .returning(HoldRow),
+                execution_options=NO_SYNC,
+            ).scalar_one_or_none()
+            if released is None:
+                return None
+            unreserve = update(AccountRow).where(col(AccountRow.id) == released.account)
+            session.exec(
+                unreserve.values(held=col(AccountRow.held) - released.amount), execution_options=NO_SYNC
+            )
+            return self._hold(session.connection(), released)
+
+        expired: list[Hold] = []
+        for hold_id in self._session(due, read_only=True):
+            # One transaction per hold: a concurrent sweep, pin or commit wins or loses it whole.
+            hold = self._session(partial(expire, hold_id=hold_id))
             if hold is not None:
                 expired.append(hold)
         return expired
@@ -1084,86 +711,82 @@ class SqlLedger(Ledger):
     def verify(self) -> list[str]:
         """Every invariant violation found in the ledger; an empty list means consistent."""
 
-        def work(conn: Connection) -> list[str]:
+        def work(session: Session) -> list[str]:
             problems: list[str] = []
-            accounts = conn.execute(
-                select(AC.c.id, AC.c.asset, AC.c.balance, AC.c.held, AC.c.is_issuer, A.c.precision)
-                .join(A, A.c.code == AC.c.asset)
-                .order_by(AC.c.asset, AC.c.id)
+            accounts = session.exec(
+                select(AccountRow, AssetRow.precision)
+                .join(AssetRow)
+                .order_by(AccountRow.asset, AccountRow.id)
             ).all()
-            credits: dict[str, int] = dict(
-                conn.execute(select(J.c.to_account, func.sum(J.c.amount)).group_by(J.c.to_account)).all()
+            j_amount = func.sum(JournalRow.amount)
+            credits = dict(
+                session.exec(select(JournalRow.to_account, j_amount).group_by(JournalRow.to_account)).all()
             )
-            debits: dict[str, int] = dict(
-                conn.execute(select(J.c.from_account, func.sum(J.c.amount)).group_by(J.c.from_account)).all()
+            debits = dict(
+                session.exec(
+                    select(JournalRow.from_account, j_amount).group_by(JournalRow.from_account)
+                ).all()
             )
-            open_held: dict[str, int] = dict(
-                conn.execute(
-                    select(H.c.account, func.sum(H.c.amount))
-                    .where(H.c.status == "open")
-                    .group_by(H.c.account)
+            open_held = dict(
+                session.exec(
+                    select(HoldRow.account, func.sum(HoldRow.amount))
+                    .where(HoldRow.status == "open")
+                    .group_by(HoldRow.account)
                 ).all()
             )
             totals: dict[str, int] = {}
-            precision: dict[str, int] = {}
-            for a in accounts:
-                p = precision[a.asset] = a.precision
+            precisions: dict[str, int] = {}
+            for a, p in accounts:
+                precisions[a.asset] = p
                 totals[a.asset] = totals.get(a.asset, 0) + a.balance
                 journal = int(credits.get(a.id, 0) or 0) - int(debits.get(a.id, 0) or 0)
                 if a.balance != journal:
                     problems.append(
-                        f"account {a.id!r}: balance {_to_decimal(a.balance, p)} but its journal "
-                        f"sums to {_to_decimal(journal, p)}"
+                        f"account {a.id!r}: balance {to_decimal(a.balance, p)} but its journal "
+                        f"sums to {to_decimal(journal, p)}"
                     )
                 holds = int(open_held.get(a.id, 0) or 0)
                 if a.held != holds:
                     problems.append(
-                        f"account {a.id!r}: held {_to_decimal(a.held, p)} but its open holds "
-                        f"sum to {_to_decimal(holds, p)}"
+                        f"account {a.id!r}: held {to_decimal(a.held, p)} but its open holds "
+                        f"sum to {to_decimal(holds, p)}"
                     )
                 if a.held < 0:
-                    problems.append(f"account {a.id!r}: held {_to_decimal(a.held, p)} is negative")
+                    problems.append(f"account {a.id!r}: held {to_decimal(a.held, p)} is negative")
                 if not a.is_issuer and a.balance - a.held < 0:
                     problems.append(
-                        f"account {a.id!r}: available {_to_decimal(a.balance - a.held, p)} is negative"
+                        f"account {a.id!r}: available {to_decimal(a.balance - a.held, p)} is negative"
                     )
             for asset, total in totals.items():
                 if total != 0:
                     problems.append(
-                        f"asset {asset}: balances sum to {_to_decimal(total, precision[asset])}, not 0"
+                        f"asset {asset}: balances sum to {to_decimal(total, precisions[asset])}, not 0"
                     )
-            unjournaled = conn.execute(
-                select(H.c.hold_id)
-                .outerjoin(J, J.c.hold_id == H.c.hold_id)
-                .where(H.c.status == "committed", J.c.id.is_(None))
-            ).scalars()
+            h_id, j_hold = col(HoldRow.hold_id), col(JournalRow.hold_id)
+            unjournaled = session.exec(
+                select(HoldRow.hold_id)
+                .outerjoin(JournalRow, j_hold == h_id)
+                .where(HoldRow.status == "committed", col(JournalRow.id).is_(None))
+            )
             problems.extend(f"hold {k!r} is committed but not in the journal" for k in unjournaled)
-            mismatched = conn.execute(
-                select(J.c.hold_id)
-                .join(H, H.c.hold_id == J.c.hold_id)
+            mismatched = session.exec(
+                select(JournalRow.hold_id)
+                .join(HoldRow, h_id == j_hold)
                 .where(
-                    (H.c.status != "committed")
-                    | (H.c.amount != J.c.amount)
-                    | (H.c.account != J.c.from_account)
-                    | (H.c.to_account != J.c.to_account)
-                    | (H.c.asset != J.c.asset)
+                    (col(HoldRow.status) != "committed")
+                    | (col(HoldRow.amount) != col(JournalRow.amount))
+                    | (col(HoldRow.account) != col(JournalRow.from_account))
+                    | (col(HoldRow.to_account) != col(JournalRow.to_account))
+                    | (col(HoldRow.asset) != col(JournalRow.asset))
                 )
-            ).scalars()
+            )
             problems.extend(f"journal entry of hold {k!r} does not match the hold" for k in mismatched)
             return problems
 
         engine = self._reader
         if self._dialect == "postgresql":
             engine = engine.execution_options(isolation_level="REPEATABLE READ")  # one snapshot
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                with engine.begin() as conn:
-                    return work(conn)
-            except DBAPIError as exc:
-                if attempt < ATTEMPTS and self._retryable(exc):
-                    continue
-                raise self._translate(exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._session(work, read_only=True, engine=engine)
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -1191,28 +814,6 @@ def _configure_sqlite(engine: Engine) -> None:
         read_only = conn.get_execution_options().get("dvp_read_only", False)
         # On the driver's connection directly: this runs before every transaction, and
         # through SQLAlchemy's execution path it cost as much as a ledger statement.
-        conn.connection.driver_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-
-class _PooledDriver:
-    """The driver connection that ``engine``'s pool of one holds open, for the fast path.
-
-    Checking it out of the pool and in again cost about a quarter of a fast operation's
-    CPU, and a connection of the fast path's own would be a second writer connection,
-    which would find the pages the other one wrote stale; so the fast path uses the pool's
-    one while the pool has it open, never while it is checked out (the ledger's lock sees
-    to that: every writer takes it). The pool's events tell which connection that is.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.connection: sqlite3.Connection | None = None
-        event.listen(engine, "connect", self._opened)
-        event.listen(engine, "close", self._gone)  # disposed, invalidated or recycled
-        event.listen(engine, "detach", self._gone)
-
-    def _opened(self, dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-        self.connection = dbapi_connection
-
-    def _gone(self, dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-        if dbapi_connection is self.connection:
-            self.connection = None
+        driver = conn.connection.driver_connection
+        assert driver is not None  # a checked-out connection has one
+        driver.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")

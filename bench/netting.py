@@ -11,22 +11,21 @@ the trades settled one by one (gross), each ledger's ``verify()`` and open holds
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import sys
 import time
 import tomllib
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from connection import connect_client
 from domain import BatchStatus, Config, parse_config
+from identity import TokenIssuer
+from processes.workers import WorkerProcess
 from starter.batch import BatchClient, parse_batch
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
-REPO = Path(__file__).resolve().parent.parent
 PARTICIPANTS = 20
 SEED = 20240601
 MEASURE = "trades in memory -> checked, stored, netted, every net leg committed (client clock)"
@@ -75,10 +74,13 @@ def random_trades(n: int, prefix: str, seed_value: int = SEED) -> list[dict[str,
 
 def _config_text(urls: dict[str, str], batches: str, address: str, namespace: str, prefix: str) -> str:
     ledgers = "".join(f'[ledgers.{name}]\nkind = "sql"\nurl = "{url}"\n\n' for name, url in urls.items())
+    keys = Path(batches.removeprefix("sqlite:///")).parent / "auth"
     return (
         f"# written by dvp bench (netting)\n{ledgers}"
         f'[batches]\nurl = "{batches}"\n\n'
-        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n'
+        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
+        '[roles]\noperators = ["ops"]\n\n'
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{keys}"\n'
     )
 
 
@@ -94,17 +96,10 @@ async def run_netting(
     with opened(config) as ledgers:
         seed(config, parse_seed({"accounts": _accounts()}, config), ledgers)
         before = all_balances(ledgers)
-    log = (base / "worker-netting.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, str(REPO / "worker.py"), "--config", str(config_path)],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    worker = WorkerProcess(config_path, base / "worker-netting.log", stop_timeout=30).start()
     try:
-        client = BatchClient(await connect_client(address, namespace), config)
+        token = TokenIssuer.from_config(config.auth).issue("ops", ttl=timedelta(hours=12))  # an operator's
+        client = BatchClient(await connect_client(address, namespace), config, token=token)
         warm = random_trades(20, f"{run}w", SEED + 1)
         warm_view = await client.submit(warm, batch_id=f"{run}-warm", wait=True, timeout=timeout)
         trades = random_trades(n, f"{run}t")
@@ -115,14 +110,7 @@ async def run_netting(
         done = time.perf_counter()
         client.store.close()
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-        log.close()
+        worker.stop()
     wall = done - started
     return {
         "trades": n,
@@ -157,7 +145,7 @@ def _check(
             if not b.account.startswith("clearing:") or b.balance != 0
         }
         holds = all_open_holds(ledgers)
-        problems = [f"{n}: {p}" for n, lg in ledgers.items() for p in getattr(lg, "verify", list)()]
+        problems = [f"{n}: {p}" for n, lg in ledgers.items() for p in lg.verify()]
     wrong = [f"{k[0]}/{k[1]}: {after.get(k)} != {v}" for k, v in expected.items() if after.get(k) != v]
     wrong += [f"{k[0]}/{k[1]}: unexpected {v}" for k, v in after.items() if k not in expected]
     checks = {

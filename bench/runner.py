@@ -8,7 +8,7 @@
 Starts everything it measures: the embedded Temporal dev server (unless
 ``TEMPORAL_ADDRESS`` names one), fresh ledgers and worker processes
 (``bench/worker.py``: the real worker plus the reference workflows of
-``workflows/_bench.py``). For each worker count it settles trades one at a time
+``bench/workflows.py``). For each worker count it settles trades one at a time
 (idle latency), then ``N`` trades at concurrency ``C`` (throughput and latency
 under load) and the same numbers of two reference workflows on the same server and
 workers, taking turns in ``--rounds`` rounds so the machine's other load is shared.
@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
@@ -76,7 +75,9 @@ from domain import (
     TradeView,
     parse_config,
 )
+from identity import TokenIssuer
 from processes.devserver import DYNAMIC_CONFIG, DevServer, find_temporal_binary
+from processes.workers import WorkerProcess
 from starter.client import SettlementClient, parse_instruction
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 from workflows import SettlementWorkflow, initial_search_attributes, workflow_id_for
@@ -209,36 +210,24 @@ def tree_peak_rss_mb(root: int) -> float:
     return total_kb / 1024
 
 
-class _WorkerProcess:
+class _WorkerProcess(WorkerProcess):
     """One ``bench.worker`` process, as a worker would be deployed."""
 
     def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", "--config", str(config_path)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid = self.process.pid
+        super().__init__(config_path, log_path, module="bench.worker", stop_timeout=30)
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        pid = super().pid
+        assert pid is not None, "started in __init__"
+        return pid
 
     def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-            raise BenchFailed(f"bench worker {self.pid} exited with code {self.process.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        if not self.running:
+            raise BenchFailed(
+                f"bench worker {self.pid} exited with code {self.returncode}:\n{self.log_tail(30)}"
+            )
 
 
 @dataclass
@@ -317,7 +306,12 @@ def _fresh_ledgers(kind: str, base: Path, postgres: str, tag: str) -> Iterator[d
 
 
 def _config_text(
-    urls: dict[str, str], address: str, namespace: str, prefix: str, ledger_calls: str = "local"
+    urls: dict[str, str],
+    address: str,
+    namespace: str,
+    prefix: str,
+    ledger_calls: str = "local",
+    auth_dir: Path | None = None,
 ) -> str:
     local = "true" if ledger_calls == "local" else "false"
     ledgers = "".join(
@@ -328,7 +322,9 @@ def _config_text(
         f"# written by dvp bench\n{ledgers}"
         '[compliance]\nsanctioned = ["mallory"]\n\n'
         '[roles]\noperators = ["ops"]\n\n'
-        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n'
+        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
+        # the local development issuer: the bench's client acts with an operator's token
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{auth_dir or Path(".dvp") / "auth"}"\n'
     )
 
 
@@ -449,7 +445,9 @@ class _Phase:
         self.config = config
         self.options = options
         self.run = run
-        self.dvp = SettlementClient(client, config)
+        # an operator's token: the bench's trades are a venue's, submitted locked-in
+        token = TokenIssuer.from_config(config.auth).issue("ops", ttl=timedelta(hours=12))
+        self.dvp = SettlementClient(client, config, token)
         self.prefix = config.temporal.task_queue_prefix
         self.trade_views: list[TradeView] = []
         self.references_failed = 0
@@ -458,14 +456,19 @@ class _Phase:
     # what one item of each kind is -----------------------------------------
 
     def _trade_request(self, trade_id: str, i: int) -> SettlementRequest:
-        return self.dvp.settlement_request(parse_instruction(_instruction(trade_id, i), self.config))
+        instruction = parse_instruction(_instruction(trade_id, i), self.config)
+        return self.dvp.settlement_request(instruction, self.dvp.token or "")
 
     def _reference_request(self, ref_id: str, i: int) -> SettlementRequest:
+        # The references route themselves (a trade's routing is its worker's): the same
+        # input as a trade's, token included, plus their own queues.
         request = self._trade_request(ref_id, i)
         return request.model_copy(
             update={
                 "settlement_queue": f"{self.prefix}-bench",
                 "ledger_queues": {name: f"{self.prefix}-bench-ledger-{name}" for name in sorted(LEDGERS)},
+                "local_ledgers": [name for name in self.config.local_ledgers() if name in LEDGERS],
+                "settlement": self.config.settlement,
             }
         )
 
@@ -479,7 +482,7 @@ class _Phase:
                     SettlementWorkflow.run,
                     request,
                     id=workflow_id_for(trade_id),
-                    task_queue=request.settlement_queue,
+                    task_queue=self.config.settlement_queue(),
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     search_attributes=initial_search_attributes(request.instruction),
                 )
@@ -610,7 +613,7 @@ async def _run_phase(
 ) -> dict[str, Any]:
     run = f"b{datetime.now(UTC):%H%M%S}-w{n_workers}-{uuid.uuid4().hex[:4]}"
     with _fresh_ledgers(options.ledger, base, options.postgres, f"w{n_workers}") as urls:
-        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls)
+        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls, base / "auth")
         config = parse_config(tomllib.loads(text), "bench configuration")
         config_path = base / f"dvp-w{n_workers}.toml"
         config_path.write_text(text)
@@ -711,9 +714,7 @@ def _check(config: Config, phase: _Phase, before: list[Any]) -> dict[str, Any]:
     with opened(config) as ledgers:
         after = all_balances(ledgers)
         holds = all_open_holds(ledgers)
-        problems = [
-            f"{name}: {p}" for name, ledger in ledgers.items() for p in getattr(ledger, "verify", list)()
-        ]
+        problems = [f"{name}: {p}" for name, ledger in ledgers.items() for p in ledger.verify()]
     expected = {(b.ledger, b.account): b.balance for b in before}
     for view in views:
         if view.status is TradeStatus.SETTLED:

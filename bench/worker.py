@@ -4,7 +4,7 @@
 
 Runs ``worker.run_worker`` (settlement workflows and every configured ledger's
 activities, exactly as ``dvp worker``) and, beside it in the same process, the
-workflows of ``workflows/_bench.py`` with activities that do nothing, laid out like
+workflows of ``bench/workflows.py`` with activities that do nothing, laid out like
 the real ones: the workflows (with the local ``screen`` and the no-op ledger
 activities, for the ceiling's ledger calls of local ledgers) on ``<prefix>-bench``, each
 ledger's no-op activities on ``<prefix>-bench-ledger-<name>`` (for the naive saga,

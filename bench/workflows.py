@@ -122,7 +122,7 @@ class CeilingWorkflow:
         ) -> None:
             # As TradeSaga._step: the local ledgers' requests in one call, each other
             # ledger's on its queue.
-            local = [lg for lg in ledgers if lg in request.local_ledgers]
+            local = [lg for lg in ledgers if request.is_local(lg)]
             calls = []
             if local:
                 batch = batch_type(items=[argument(lg) for lg in local])
@@ -178,7 +178,7 @@ class NaiveSagaWorkflow:
         expires_at = workflow.now() + timedelta(hours=1)
         for i, leg in enumerate(legs):
             check = CheckAccountsRequest(checks=leg_checks(i, leg))
-            await _call(request.ledger_queues[leg.ledger], "bench.check_accounts", check, CheckAccountsResult)
+            await _call(request.queue_of(leg.ledger), "bench.check_accounts", check, CheckAccountsResult)
         for i, leg in enumerate(legs):
             hold = HoldRequest(
                 hold_id=f"{trade_id}#{i}",
@@ -189,9 +189,9 @@ class NaiveSagaWorkflow:
                 expires_at=expires_at,
                 trade_id=trade_id,
             )
-            queue = request.ledger_queues[leg.ledger]
+            queue = request.queue_of(leg.ledger)
             await _call(queue, "bench.reserve", ReserveRequest(holds=[hold]), HoldOutcomes)
         for i, leg in enumerate(legs):
             refs = HoldRefs(hold_ids=[f"{trade_id}#{i}"])
-            await _call(request.ledger_queues[leg.ledger], "bench.commit", refs, HoldOutcomes)
+            await _call(request.queue_of(leg.ledger), "bench.commit", refs, HoldOutcomes)
         return "done"

@@ -19,26 +19,25 @@ the bank's from its API) and exits 0 only if the outcomes and balances match.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from adapters import open_ledger
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
-from demos.settlement import REPO, _expected_balances, _sums, _Worker
+from demos.settlement import _expected_balances, _sums
 from domain import Config, LedgerError, TradeStatus, TradeView, parse_config
+from identity import TokenIssuer
 from processes.anvil import Anvil, AnvilError
+from processes.bank import BankService
 from processes.devserver import DevServer
+from processes.ports import free_port
+from processes.workers import WorkerProcess
 from starter.cli.chain import render_section
 from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
@@ -69,56 +68,19 @@ def _dvp(trade_id: str, buyer: str, bonds: str, cash: str, within: str) -> dict[
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Bank:
+class _Bank(BankService):
     """``dvp bank serve`` in its own process, on a free port, with one client token."""
 
     def __init__(self, base: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         self.token = secrets.token_urlsafe(24)
         self.config_path = base / "bank.toml"
         self.config_path.write_text(
             "# written by `dvp demo --cross-system`: the bank's own configuration\n"
-            f'[bank]\nurl = "sqlite:///{base / "bank.db"}"\nport = {self.port}\nname = "bank"\n\n'
+            f'[bank]\nurl = "sqlite:///{base / "bank.db"}"\nport = {port}\nname = "bank"\n\n'
             f'[bank.tokens]\ndvp-worker = "{self.token}"\n'
         )
-        self._log = (base / "bank.log").open("wb")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bank", "serve", "--config", str(self.config_path)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the bank service exited with {self.process.returncode}: see bank.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"the bank service did not answer on {self.url} within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        super().__init__(self.config_path, port, base / "bank.log", startup_timeout=60)
 
 
 def demo_config(base: Path, chain: dict[str, Any], bank: _Bank, address: str) -> tuple[Config, str]:
@@ -134,6 +96,10 @@ sanctioned = ["mallory"]
 
 [roles]
 operators = ["ops"]
+
+[auth]
+local_issuer = true
+local_keys = "{base / "auth"}"
 
 [assets."{BOND}"]
 precision = 0
@@ -166,7 +132,8 @@ class _Escrow:
 
 
 async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
-    client = await SettlementClient.connect(config)
+    # the venue, an operator, submits the locked-in trades (a token from the local issuer)
+    client = await SettlementClient.connect(config, TokenIssuer.from_config(config.auth).issue("ops"))
     chain = open_ledger("chain", config.ledgers["chain"])
     plays = [
         (
@@ -228,7 +195,7 @@ def run_cross_demo(keep: bool = False) -> int:
     node = Anvil(log_file=base / "anvil.log")
     bank = _Bank(base)
     server = DevServer(db_file=base / "temporal.db", log_file=base / "temporal.log")
-    worker: _Worker | None = None
+    worker: WorkerProcess | None = None
     try:
         print("Starting anvil and deploying the dvp contracts...", flush=True)
         try:
@@ -248,7 +215,7 @@ def run_cross_demo(keep: bool = False) -> int:
             f"Starting the Temporal dev server (state in {base / 'temporal.db'}) and a worker...", flush=True
         )
         server.start()
-        worker = _Worker(config_path, base / "worker.log")
+        worker = WorkerProcess(config_path, base / "worker.log").start()
 
         with opened(config) as ledgers:
             seed(config, parse_seed({"accounts": ACCOUNTS}, config), ledgers)
@@ -256,7 +223,7 @@ def run_cross_demo(keep: bool = False) -> int:
             chain_ledger = ledgers["chain"]
             assert isinstance(chain_ledger, EvmLedger)
             wallets = [(a["id"], chain_ledger.wallet(a["id"])) for a in ACCOUNTS if a["ledger"] == "chain"]
-        print(f"\nWorker pid {worker.process.pid}; wallets on chain (the escrow may pull from them):")
+        print(f"\nWorker pid {worker.pid}; wallets on chain (the escrow may pull from them):")
         print(table(wallets, ["account", "wallet"]))
         print("\nBalances before (chain: read from the chain; bank: from its API)")
         print(balances_table(before))
@@ -268,9 +235,7 @@ def run_cross_demo(keep: bool = False) -> int:
             after = all_balances(ledgers)
             holds = all_open_holds(ledgers)
             problems = [
-                f"{name}: {problem}"
-                for name, ledger in ledgers.items()
-                for problem in ledger.verify()  # type: ignore[attr-defined]
+                f"{name}: {problem}" for name, ledger in ledgers.items() for problem in ledger.verify()
             ]
         in_escrow = _Escrow(chain).bonds()
         print("\nBalances after")

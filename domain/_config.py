@@ -13,7 +13,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._errors import ConfigError
 
@@ -86,7 +94,80 @@ class ComplianceConfig(_Section):
 
 
 class RolesConfig(_Section):
+    # Subjects (verified token subjects) the settlement worker trusts as operators.
     operators: list[str] = Field(default_factory=lambda: ["ops"])
+    # A verified token holding one of these roles makes its subject an operator too.
+    operator_roles: list[str] = Field(default_factory=list)
+
+
+LOCAL_ISSUER = "dvp-local"
+"""The ``iss`` of the local development issuer's tokens."""
+
+
+class AuthKeyConfig(_Section):
+    """One public key that verifies tokens: a PEM file (Ed25519 for EdDSA, P-256 for ES256)."""
+
+    kid: str = Field(min_length=1, max_length=128)
+    public_key: str = Field(min_length=1)  # path to a PEM file
+    # Only tokens of this issuer verify with this key (default: any accepted issuer).
+    issuer: str | None = None
+    # Tokens are refused after this instant, however long they were issued for: how a
+    # retired or compromised key is cut off. Checked against the time the workflow sees,
+    # so a history from before it still replays.
+    not_after: AwareDatetime | None = None
+
+
+class AuthConfig(_Section):
+    """Who the engine believes: the accepted issuers, the audience and the keys of signed tokens.
+
+    Tokens are JWTs signed with EdDSA (Ed25519) or ES256 (P-256) only. Keys come from
+    ``keys`` (PEM files, each with its ``kid``), a ``jwks`` file, or, with
+    ``local_issuer``, the development issuer's key pair under ``local_keys`` (made on
+    first use). Several keys may be known at once (rotation); ``signing_key`` (a private
+    PEM, with ``signing_kid``) lets ``dvp auth token`` issue tokens.
+    """
+
+    issuers: list[str] = Field(default_factory=lambda: [LOCAL_ISSUER], min_length=1)
+    audience: str = Field(default="dvp", min_length=1)
+    keys: list[AuthKeyConfig] = Field(default_factory=list)
+    jwks: str | None = None  # path to a JWKS file
+    local_issuer: bool = False
+    local_keys: str = str(DEFAULT_DIR / "auth")  # directory of the local issuer's key pair
+    signing_key: str | None = None  # path to a private PEM: `dvp auth token` signs with it
+    signing_kid: str | None = None
+    # The longest lifetime (exp - iat) a token may claim; longer ones are refused.
+    max_token_lifetime: timedelta = timedelta(days=1)
+
+    @field_validator("issuers")
+    @classmethod
+    def _issuers_named(cls, value: list[str]) -> list[str]:
+        if any(not issuer.strip() for issuer in value):
+            raise ValueError("an issuer name is empty")
+        return value
+
+    @field_validator("keys")
+    @classmethod
+    def _kids_distinct(cls, value: list[AuthKeyConfig]) -> list[AuthKeyConfig]:
+        kids = [key.kid for key in value]
+        for kid in kids:
+            if kids.count(kid) > 1:
+                raise ValueError(f"kid {kid!r} is listed twice")
+        return value
+
+    @field_validator("max_token_lifetime")
+    @classmethod
+    def _positive_lifetime(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration")
+        return value
+
+    @model_validator(mode="after")
+    def _signing_pair(self) -> AuthConfig:
+        if self.signing_key and not self.signing_kid:
+            raise ValueError("signing_kid: is required with signing_key (the kid its tokens carry)")
+        if self.signing_kid and not self.signing_key:
+            raise ValueError("signing_key: is required with signing_kid (the private PEM file)")
+        return self
 
 
 class AssetConfig(_Section):
@@ -131,6 +212,7 @@ class Config(_Section):
     temporal: TemporalConfig = Field(default_factory=TemporalConfig)
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     def batches_url(self) -> str:
         """``[batches] url``, else ``batches.db`` beside the first SQLite ledger, else under .dvp/."""
@@ -164,7 +246,11 @@ class Config(_Section):
 
 
 def default_config(base: Path = DEFAULT_DIR) -> Config:
-    """Two SQLite ledgers under ``base``, ``mallory`` sanctioned, ``ops`` an operator."""
+    """Two SQLite ledgers under ``base``, ``mallory`` sanctioned, ``ops`` an operator.
+
+    Tokens come from the local development issuer, whose key pair is made under
+    ``base/auth`` on first use.
+    """
     return Config.model_validate(
         {
             "ledgers": {
@@ -173,6 +259,7 @@ def default_config(base: Path = DEFAULT_DIR) -> Config:
             },
             "compliance": {"sanctioned": ["mallory"]},
             "roles": {"operators": ["ops"]},
+            "auth": {"local_issuer": True, "local_keys": str(base / "auth")},
         }
     )
 
@@ -183,7 +270,8 @@ def parse_config(data: dict[str, Any], source: str = "configuration") -> Config:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{source}: {field}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {field}: {message}") from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -6,6 +6,7 @@
     ├── DuplicateTrade            the trade id exists with different content
     ├── TradeNotFound             no trade with that id
     ├── RequestRejected           an approve or cancel was refused (carries the reason)
+    ├── AuthError                 a token is missing, malformed, unsigned, expired or not ours
     └── LedgerError               a ledger refused an operation (carries a stable code)
         ├── UnknownAccount
         ├── UnknownHold
@@ -54,6 +55,13 @@ class RequestRejected(DvpError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class AuthError(DvpError):
+    """A token was refused: missing, malformed, signed by an unknown key, expired, or not for us.
+
+    Raised on any doubt; the message says which check failed (never the token itself).
+    """
 
 
 class LedgerError(DvpError):

@@ -12,31 +12,69 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from ._config import SettlementConfig
-from ._models import Amount, FieldError, Hold, HoldStatus, Instruction, _Model
+from ._models import (
+    MAX_LEGS,
+    MAX_NAME,
+    MAX_REASON,
+    MAX_TOKEN,
+    Amount,
+    FieldError,
+    Hold,
+    HoldStatus,
+    Instruction,
+    _Model,
+)
 
 
 class SettlementRequest(_Model):
-    """The workflow's input: the instruction and what the workflow must know to run it."""
+    """The workflow's input: the instruction, the submitter's token, and how the trade is routed.
+
+    The routing (queues, local ledgers, settlement settings, precisions) is the
+    settlement worker's: a request that leaves it out gets the worker's, and one that
+    names any of it otherwise is REJECTED before anything is reserved. Trades started
+    before that rule carried their routing here and still replay on it.
+    """
 
     instruction: Instruction
     fingerprint: str
-    settlement_queue: str
-    ledger_queues: dict[str, str]
+    token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's signed token
+    settlement_queue: str | None = None
+    ledger_queues: dict[str, str] | None = None
     # Ledgers called through local activities of the settlement worker (see
     # LedgerConfig.local_activities); the others through their task queues.
-    local_ledgers: list[str] = Field(default_factory=list)
-    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
-    precisions: dict[str, int] = Field(default_factory=dict)  # asset -> decimals, for partial fills
+    local_ledgers: list[str] | None = None
+    settlement: SettlementConfig | None = None
+    precisions: dict[str, int] | None = None  # asset -> decimals, for partial fills
     # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
     # TradeSaga._step), as the client has asked since that change; false (absent), one
     # call per local ledger, as trades started before it did. In the input, and so in
-    # the history, so that a replay takes the path its trade took.
+    # the history, so that a replay takes the path its trade took. Why not workflow.patched:
+    # docs/decisions/0002-local-steps-in-the-request.md.
     local_steps: bool = False
     # The trade's ledgers whose writes a chain reorganisation can undo (kind evm), the
     # slowest to final first: after the decision their legs commit first, one ledger at a
     # time and each until final, then the others (workflows/_trade.py, _commit_chains).
     # Empty (absent) in trades started before, which commit every leg at once.
     chain_ledgers: list[str] = Field(default_factory=list)
+
+    # The routing a saga calls with: the worker's, once the trade is admitted (or, for a
+    # trade started before admission existed, the request's own). Absent is a bug.
+
+    def policy(self) -> SettlementConfig:
+        """The settlement settings the trade runs under."""
+        if self.settlement is None:
+            raise ValueError("the trade's request has no settlement settings: it was not admitted")
+        return self.settlement
+
+    def is_local(self, ledger: str) -> bool:
+        """Whether ``ledger`` is called through local activities of the settlement worker."""
+        return ledger in (self.local_ledgers or ())
+
+    def queue_of(self, ledger: str) -> str:
+        """The task queue that serves ``ledger``."""
+        if self.ledger_queues is None or ledger not in self.ledger_queues:
+            raise ValueError(f"the trade's request has no task queue for ledger {ledger!r}")
+        return self.ledger_queues[ledger]
 
 
 class AccountCheck(_Model):
@@ -77,7 +115,8 @@ class HoldOutcome(_Model):
 
     When ``ok``, ``status`` and ``amount`` are the hold's after the call (amount 0 for
     a key released before anything was placed under it): all a workflow needs of the
-    hold, so its history does not carry the whole hold once per call.
+    hold, so its history does not carry the whole hold once per call. A release that
+    is refused because the hold is committed says so in ``status`` too.
     """
 
     hold_id: str
@@ -96,6 +135,11 @@ class HoldOutcome(_Model):
     def open(self) -> bool:
         """The call succeeded and the hold is open (placed, not yet committed or released)."""
         return self.ok and self.status is HoldStatus.OPEN
+
+    @property
+    def committed(self) -> bool:
+        """The ledger reports the hold committed, whatever the call was."""
+        return self.status is HoldStatus.COMMITTED
 
     @property
     def placed(self) -> bool:
@@ -149,24 +193,81 @@ class ScreenResult(_Model):
     operators: list[str]
 
 
+class AdmitRequest(_Model):
+    """What the settlement worker is asked when a trade or batch starts (an activity's input)."""
+
+    token: str = Field(default="", max_length=MAX_TOKEN)
+    now: datetime  # the workflow's time: the token is judged at it
+    ledgers: list[str]
+    assets: list[str] = Field(default_factory=list)
+
+
+class Routing(_Model):
+    """The settlement worker's routing and policy for one trade's ledgers and assets."""
+
+    settlement_queue: str
+    ledger_queues: dict[str, str]  # of the requested ledgers the worker knows
+    local_ledgers: list[str]
+    unknown_ledgers: list[str] = Field(default_factory=list)
+    settlement: SettlementConfig
+    precisions: dict[str, int] = Field(default_factory=dict)
+    operators: list[str] = Field(default_factory=list)
+    operator_roles: list[str] = Field(default_factory=list)
+    # The trade's ledgers on chains -> how many blocks each takes to call a write final:
+    # they commit first, the slowest first, one at a time (workflows/_trade.py).
+    chain_blocks: dict[str, int] = Field(default_factory=dict)
+
+    def chain_order(self, instruction: Instruction) -> list[str]:
+        """The trade's chain ledgers in commit order: most blocks first, ties in the order of the legs."""
+        first: dict[str, int] = {}
+        for i, leg in enumerate(instruction.legs):
+            first.setdefault(leg.ledger, i)
+        chains = [name for name in first if name in self.chain_blocks]
+        return sorted(chains, key=lambda name: (-self.chain_blocks[name], first[name]))
+
+
+class Admission(_Model):
+    """The worker's verdict on a submission's token, and its routing; recorded, so a replay needs no key."""
+
+    subject: str = ""  # the verified subject; empty if the token was refused
+    roles: list[str] = Field(default_factory=list)
+    refused: str = ""  # why the token was refused
+    routing: Routing
+
+
+# Acting messages. ``token`` is the sender's signed token: the acting party is its
+# subject. ``party``, if given (``--as``), must be that subject. Messages recorded before
+# tokens carried only ``party``; they replay as they ran.
+
+
 class ApprovalMessage(_Model):
-    party: str = Field(min_length=1)
+    party: str = Field(default="", max_length=MAX_NAME)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class CancelMessage(_Model):
-    party: str = Field(min_length=1)
-    reason: str = ""
+    party: str = Field(default="", max_length=MAX_NAME)
+    reason: str = Field(default="", max_length=MAX_REASON)
+    token: str = Field(default="", max_length=MAX_TOKEN)
+
+
+class AffirmMessage(_Model):
+    """An owner's consent to the debits of its accounts in a trade submitted by someone else."""
+
+    party: str = Field(default="", max_length=MAX_NAME)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class ClaimMessage(_Model):
     """Claim an HTLC trade's leg with the secret: 32 bytes in hex whose SHA-256 is the hashlock.
 
     ``leg`` is the leg to claim; by default the payment leg (``legs[1]``) if it is
-    still open, else the other.
+    still open, else the other. Sent by a party of the trade (``token``).
     """
 
-    preimage: str = Field(min_length=1)
-    leg: int | None = None
+    preimage: str = Field(min_length=1, max_length=130)
+    leg: int | None = Field(default=None, ge=0, lt=MAX_LEGS)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class ClaimRequest(_Model):

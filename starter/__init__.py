@@ -3,7 +3,8 @@
 from starter import SettlementClient, dvp_instruction
 
 async with await SettlementClient.connect() as client:
-    view = await client.submit(dvp_instruction("T1", "bob", "alice", "100", "9950.00"), wait=True)
+    await client.submit(dvp_instruction("T1", "bob", "alice", "100", "9950.00"))
+    view = await client.wait("T1")
 """
 
 from .batch import BatchClient, ParsedBatch, parse_batch, parse_batch_text

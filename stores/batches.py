@@ -127,7 +127,9 @@ class BatchStore:
             raise LedgerUnavailable(f"batch store unavailable: {exc}") from exc
         try:
             if self._dialect == "sqlite":
-                conn.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                driver = conn.driver_connection
+                assert driver is not None  # None only once the connection is closed
+                driver.execute("BEGIN IMMEDIATE")
             result = work(conn)
             conn.commit()
             return result

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +47,8 @@ from domain import (
     UnknownAccount,
     UnknownHold,
 )
+from processes.bank import BankService
+from processes.ports import free_port
 from starter.instructions import dvp_instruction
 
 from ._fixtures_settlement import STANDARD_ACCOUNTS, Engine, make_config, run_engine, sqlite_urls
@@ -66,12 +62,6 @@ LATER = datetime.now(UTC) + timedelta(days=1)
 
 
 # --------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class BankThread:
@@ -98,46 +88,16 @@ class BankThread:
         self.thread.join(10)
 
 
-class BankProcess:
+class BankProcess(BankService):
     """``python -m bank serve --config FILE --port N``: the real command, killable."""
 
     def __init__(self, tmp_path: Path, url: str) -> None:
-        self.port = free_port()  # kept across restarts: the bank comes back where it was
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = tmp_path / "bank.toml"
-        self.config_path.write_text(  # port = 1 is never used: --port overrides it
+        config_path = tmp_path / "bank.toml"
+        config_path.write_text(  # port = 1 is never used: --port overrides it
             f'[bank]\nurl = "{url}"\nport = 1\nname = "bank"\n\n[bank.tokens]\n{CLIENT} = "{TOKEN}"\n'
         )
-        self.log_path = tmp_path / "bank.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30) -> BankProcess:
-        command = [sys.executable, "-m", "bank", "serve", "--config", str(self.config_path)]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "--port", str(self.port)],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        end = time.monotonic() + timeout
-        while True:
-            assert self.process.poll() is None, f"bank exited {self.process.returncode}:\n{self.log()}"
-            assert time.monotonic() < end, f"bank not serving after {timeout}s:\n{self.log()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: the service stops mid-whatever, no graceful shutdown."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        # The port is kept across restarts: the bank comes back where it was.
+        super().__init__(config_path, free_port(), tmp_path / "bank.log")
 
 
 @pytest.fixture
@@ -177,7 +137,7 @@ def ledger(request: pytest.FixtureRequest, bank_sql: SqlLedger) -> Ledger:
     """The same behaviours, asked of the SQL ledger itself and of the adapter over the bank."""
     if request.param == "sql":
         return bank_sql
-    return request.getfixturevalue("adapter")  # type: ignore[no-any-return]
+    return request.getfixturevalue("adapter")
 
 
 # --------------------------------------------------------------------- helpers
@@ -212,7 +172,7 @@ def hold_body(hold_id: str = "BK-1#0", amount: Any = "10.00", **changes: Any) ->
 
 def error(response: httpx.Response) -> dict[str, Any]:
     assert response.headers["content-type"] == "application/json", response.text
-    return response.json()["error"]  # type: ignore[no-any-return]
+    return response.json()["error"]
 
 
 # ------------------------------------------------------------------------ auth

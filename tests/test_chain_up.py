@@ -23,6 +23,7 @@ from web3 import Web3
 from adapters.evm import EvmLedger, load_artefact
 from domain import LedgerConfig, load_config
 from processes.anvil import find_anvil
+from processes.ports import free_port
 from starter import cli
 
 from ._fixtures_evm import need
@@ -53,17 +54,11 @@ SEED = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def chain_up(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, int]:
     try:
         find_anvil()
-    except Exception as exc:  # noqa: BLE001 (AnvilError, reported as a skip or a CI failure)
+    except Exception as exc:  # AnvilError, reported as a skip or a CI failure
         need(str(exc))
     config = tmp_path / "dvp.toml"
     config.write_text(BEFORE.format(tmp=tmp_path))
@@ -85,7 +80,7 @@ def test_chain_up_writes_the_deployment_and_seed_mints_and_approves_on_chain(
     process, config_path, port = chain_up
     try:
         assert process.stdout is not None
-        lines = []
+        lines: list[str] = []
         end = time.monotonic() + 60
         while not any("Ctrl-C" in line for line in lines):
             line = process.stdout.readline()

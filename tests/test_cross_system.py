@@ -60,8 +60,9 @@ class Systems:
     def __init__(self, engine: Engine, deployment: dict[str, Any], bank: BankProcess) -> None:
         self.rpc = deployment["rpc"]
         self.deployment = deployment
-        self.chain = engine.ledgers["securities"]
-        assert isinstance(self.chain, EvmLedger)
+        chain = engine.ledgers["securities"]
+        assert isinstance(chain, EvmLedger)
+        self.chain = chain
         self.bank = httpx.Client(base_url=bank.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
 
     def bonds(self, account: str) -> int:

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -47,6 +44,7 @@ from domain import (
     UnknownHold,
     load_config,
 )
+from processes import workers as worker_processes
 from processes.devserver import DevServer
 from starter.client import SettlementClient
 from starter.instructions import dvp_instruction
@@ -55,11 +53,11 @@ from worker import run_worker
 from workflows import workflow_id_for
 from workflows._saga import STATUS
 
+from ._fixtures_auth import token
 from ._fixtures_settlement import STANDARD_ACCOUNTS, make_config, write_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 LEDGERS = ("cash", "securities")
 ACCOUNTS = [a for a in STANDARD_ACCOUNTS if a["ledger"] in LEDGERS]
 
@@ -67,8 +65,18 @@ ACCOUNTS = [a for a in STANDARD_ACCOUNTS if a["ledger"] in LEDGERS]
 # --------------------------------------------------------------------- helpers
 
 
-def config_for(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[str, ...] = ()) -> Path:
-    """A configuration file: two SQLite ledgers in ``tmp_path``, the test server, our queues.
+class Served(Protocol):
+    """A Temporal server to configure: the session's ``DevServer``, or one a test runs."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def namespace(self) -> str: ...
+
+
+def config_for(tmp_path: Path, server: Served, prefix: str, queued: tuple[str, ...] = ()) -> Path:
+    """A configuration file: two SQLite ledgers in ``tmp_path``, the server, our queues.
 
     The ledgers named in ``queued`` are called through their task queues, the others
     as local activities of the settlement worker.
@@ -78,42 +86,12 @@ def config_for(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[str
     return write_config(tmp_path / "dvp.toml", config, address=server.address, namespace=server.namespace)
 
 
-class WorkerProcess:
-    """``python worker.py --config FILE [ARGS]`` as a child process, logging to a file."""
+class WorkerProcess(worker_processes.WorkerProcess):
+    """``python worker.py --config FILE [ARGS]`` as a child process, on the configuration's server."""
 
     def __init__(self, config_path: Path, log_path: Path, *args: str) -> None:
-        self.command = [sys.executable, "worker.py", "--config", str(config_path), *args]
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    async def start(self, timeout: float = 30) -> WorkerProcess:
-        """Spawn the worker and wait until it polls its task queues."""
         env = {k: v for k, v in os.environ.items() if k not in ("TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE")}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        while "worker running" not in self.log():
-            assert self.process.poll() is None, f"worker exited {self.process.returncode}:\n{self.log()}"
-            assert loop.time() < end, f"worker not running after {timeout}s:\n{self.log()}"
-            await asyncio.sleep(0.05)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no graceful shutdown, whatever it was doing is cut off."""
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().__init__(config_path, log_path, *args, env=env)
 
 
 @asynccontextmanager
@@ -206,7 +184,7 @@ def assert_whole(
             assert all(h is None or h.status is HoldStatus.RELEASED for h in holds), (view.trade_id, holds)
     assert all_open_holds(ledgers) == []
     for ledger in ledgers.values():
-        assert ledger.verify() == [], ledger.name  # type: ignore[attr-defined]
+        assert ledger.verify() == [], ledger.name
 
 
 def kill_window(
@@ -264,7 +242,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix)
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-dvp-{i}", "bob", "10", f"{100 + i}.25") for i in range(20)]
     good += [four_legs(f"K-{uid}-4leg-{i}", i) for i in range(5)]
@@ -280,7 +258,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
         async with workers() as started:
             first = WorkerProcess(config_path, tmp_path / "worker-1.log")
             started.append(first)
-            await first.start()
+            await first.started()
             submitted = await client.submit_many(trades, wait_accepted=False)
             assert all(isinstance(v, TradeView) for v in submitted), submitted
 
@@ -305,7 +283,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
 
             second = WorkerProcess(config_path, tmp_path / "worker-2.log")
             started.append(second)
-            await second.start()
+            await second.started()
             await client.cancel(to_cancel["trade_id"], "ops", reason="fault test")
             views = await wait_all(client, trade_ids, timeout=80)
 
@@ -343,7 +321,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
     instruction = Instruction.model_validate(dvp(trade_id, "bob", "100", "9950.00"))
 
@@ -365,7 +343,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
             async with workers() as started:
                 first = WorkerProcess(config_path, tmp_path / "worker-1.log", "--ledger", "securities")
                 started.append(first)
-                await first.start()
+                await first.started()
                 await client.submit(instruction)
                 assert await asyncio.to_thread(gated.waiting.wait, 20), "the cash commit never started"
                 bond_hold = f"{trade_id}#0"
@@ -386,7 +364,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
 
                 second = WorkerProcess(config_path, tmp_path / "worker-2.log", "--ledger", "securities")
                 started.append(second)
-                await second.start()
+                await second.started()
                 final = await client.wait(trade_id, timeout=40)
         finally:
             gated.gate.set()
@@ -415,7 +393,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     """
     config_path = config_for(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-l-dvp-{i}", "bob", "7", f"{70 + i}.50") for i in range(8)]
     good += [four_legs(f"K-{uid}-l-4leg-{i}", i) for i in range(2)]
@@ -430,7 +408,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
             orchestrator = WorkerProcess(config_path, tmp_path / "orchestrator.log", "--ledger", "securities")
             cash = WorkerProcess(config_path, tmp_path / "cash-1.log", "--ledger", "cash", "--no-workflows")
             started += [orchestrator, cash]
-            await asyncio.gather(orchestrator.start(), cash.start())
+            await asyncio.gather(orchestrator.started(), cash.started())
             submitted = await client.submit_many(trades, wait_accepted=False)
             assert all(isinstance(v, TradeView) for v in submitted), submitted
 
@@ -447,7 +425,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
                 config_path, tmp_path / "cash-2.log", "--ledger", "cash", "--no-workflows"
             )
             started.append(restarted)
-            await restarted.start()
+            await restarted.started()
             views = await wait_all(client, trade_ids, timeout=80)
 
         assert_whole(instructions, views, ledgers)

@@ -306,7 +306,7 @@ class Gate(EvmLedger):
 
 
 def gates(config: Config) -> dict[str, Gate]:
-    return {name: Gate.from_config(name, config.ledgers[name]) for name in ("securities", "cash")}  # type: ignore[misc]
+    return {name: Gate.from_config(name, config.ledgers[name]) for name in ("securities", "cash")}
 
 
 # ------------------------------------------------------------------- tests
@@ -748,7 +748,7 @@ async def test_verify_trades_reports_a_settled_trade_whose_commit_a_deep_reorg_u
             lambda: sec.lock("F-verify#0")[0] == COMMITTED,
         )
         await asyncio.to_thread(wait_final, chains)
-        assert engine.ledgers["securities"].verify() == []  # type: ignore[attr-defined]
+        assert engine.ledgers["securities"].verify() == []
         assert (await engine.client.status("F-verify")).status is TradeStatus.SETTLED
 
         found = await asyncio.to_thread(verify, "--json")

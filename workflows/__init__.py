@@ -3,7 +3,8 @@
 The names below are loaded on first use (PEP 562), not when the package is imported:
 the workflow sandbox imports a workflow's module, and with it this package, afresh
 for every new workflow it runs, and a trade should not pay for importing the netting
-batch workflow (or a batch for the trade saga) each time.
+batch workflow (or a batch for the trade saga) each time. See
+docs/decisions/0003-sagas-passed-through-the-sandbox.md.
 """
 
 from __future__ import annotations

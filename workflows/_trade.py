@@ -1,72 +1,33 @@
 """The settlement saga: one durable workflow per trade.
 
-    PENDING ── validate accounts ── compliance screen ──┐   (REJECTED: nothing reserved)
-                                                        ▼
-    AWAITING_APPROVAL ── every required approver approves    (EXPIRED / CANCELLED)
-                                                        ▼
-    RESERVING ── hold every leg, in parallel per ledger; a short leg recycles
-                 until the deadline                          (EXPIRED / CANCELLED: release all)
-                                                        ▼
-              ── pin every hold (clear its ledger-side expiry)
-              ── record the commit decision  ────────────────  point of no return
-                                                        ▼
-    COMMITTING ── commit every hold, retried until it succeeds: the legs on chains
-                  first, one chain at a time, each until final; a chain lock that
-                  vanished is placed again        (AWAITING_OPERATOR while it cannot be)
-                                                        ▼
-    SETTLED
+    admit ── validate ── screen ── affirmations ── approvals ── reserve (a short leg recycles)
+          ── pin ── decide ── commit
 
-A ledger that refuses a step after holds were placed ends the trade RELEASED (every
-hold released), not REJECTED, which means nothing was reserved.
+Every ending but SETTLED releases what was reserved. The guarantees (why a hold cannot
+expire between the commit decision and the commits, cancellation, compensation,
+partial fills) and the full state diagram are in docs/design.md.
 
-Chains (see docs/finality.md): a chain ledger reports a lock placed, pinned or
-committed only once its transaction is final (its ``confirmations``), so the decision
-rests on final pins. After it, the legs of the trade's chain ledgers
-(``SettlementRequest.chain_ledgers``, the slowest to final first) are committed before
-any other leg, one ledger at a time, each until final: a lock that a reorganisation
-deeper than the confirmations removed is found while every other leg is still only
-held. Such a lock is placed again under the same id (the payer's tokens came back with
-the reorganisation) and committed; if the payer's funds are gone the trade waits in
-AWAITING_OPERATOR, the other legs held, and tries again until it can. Trades without
-``chain_ledgers`` (every recorded history) commit all their legs at once, as before.
+After the decision the legs on chains commit first, one chain at a time, each until
+final (``SettlementRequest.chain_ledgers``); a chain lock that a reorganisation removed
+is placed again, and the trade waits in AWAITING_OPERATOR while it cannot be. A ledger
+that refuses a step after holds were placed ends the trade RELEASED, not REJECTED
+(nothing reserved). See docs/finality.md.
 
-Why a hold's expiry cannot fire between the commit decision and the commits: a hold
-is placed with ``expires_at = deadline + hold_backstop`` so that a ledger can free it
-if the orchestrator vanished. Before the decision is recorded, every hold is pinned:
-the ledger clears its expiry in the same transaction that checks it is still open.
-The decision is recorded only if every pin succeeded, so from then on no hold of the
-trade has an expiry and only the commit can end it. A hold that expired before its
-pin makes the trade end EXPIRED with every hold released.
-
-Cancellation, through the ``cancel`` signal/update or a Temporal cancel request, is
-honoured only before the decision. Compensations (releases) are registered before
-the reservation they undo, run last-in first-out, are shielded from cancellation and
-are retried until they succeed; each release is idempotent on the hold's key, and
-releasing a key that was never placed records it so a late reservation is refused.
-
-Partial settlement (an instruction with ``partial``) repeats the reserve -> pin ->
-decide -> commit path once per fill, each fill with its own hold keys
-``<trade>#<leg>.<n>``, so each fill is atomic on its own:
-
-    RESERVING ── reserve the whole rest; if a leg is short, its outcome says what is
-                 available, and if a smaller fill is acceptable (``FillRule``), the
-                 holds of this size are released and that fill reserved instead
-              ── pin, decide, commit the fill
-    PARTIALLY_SETTLED ── the rest stays open and recycles until the deadline
-                                                        ▼
-    SETTLED (everything filled) or SETTLED_PARTIAL (the rest released at the deadline
-    or on cancel; a trade that filled nothing ends EXPIRED or CANCELLED as before)
+After ``temporal workflow reset`` (the Web UI's Reset) a trade re-runs from an earlier
+point of its history and meets, under its idempotent hold keys, what its earlier run
+did at the ledgers. A hold found committed, by a reservation, a pin or a refused
+release, means that run took the commit decision: it stands, the leg is COMMITTED and
+the rest of the trade is committed, never released; a trade whose holds are all
+committed ends SETTLED without moving anything again. A partial trade follows its
+earlier run's fill attempts at the ledgers (``look_up``), so a committed fill counts
+with its amounts. See docs/operations.md, "Resetting a trade".
 
 This module is the saga as plain deterministic Python (``TradeSaga``); its Temporal
 definition, ``SettlementWorkflow`` in ``workflows/settlement.py``, only hands it the
-run and the handlers. The split is for speed: the sandbox imports a workflow's module
-afresh for every workflow it starts, and ``@workflow.defn`` inspects every member of
-the class again; with the saga in the workflow's module that cost about 2 ms of worker
-CPU per trade. The worker passes this module through instead (loaded once, see
-``worker.WORKFLOW_RUNNER``). Code here must therefore keep to the workflow rules on
-its own: ``workflow.now()`` and ``workflow.*`` waits only, no I/O, and no state at
-module level. Anything that does not pass it through (the replay tests' ``Replayer``)
-imports it in the sandbox, under the sandbox's checks.
+run and the handlers. The worker passes this module through the sandbox
+(``worker.TRADE_WORKFLOW_MODULES``), so it keeps to the workflow rules on its own:
+``workflow.now()`` and ``workflow.*`` waits only, no I/O, no state at module level.
+Why: docs/decisions/0003-sagas-passed-through-the-sandbox.md.
 """
 
 from __future__ import annotations
@@ -84,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         ApprovalMessage,
+        AuthError,
         CancelMessage,
         CheckAccountsBatch,
         CheckAccountsRequest,
@@ -108,7 +70,17 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import (
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
@@ -117,6 +89,10 @@ _LOCAL = "*local"  # (trades without local_steps) the key of the commits on all 
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
 _OPERATOR_RETRY_MAX = timedelta(minutes=1)  # an operator who restored the funds waits at most this
+# workflow.patched id: an abort after every pin looks the holds up before releasing them
+# (TradeSaga._unwind); trades that aborted there before it replay without. See
+# docs/decisions/0010-reset-reads-the-ledgers.md.
+_LOOK_BEFORE_RELEASE = "look-up-before-release"
 
 
 # Each one-ledger activity's form for several ledgers at once, and its request type.
@@ -126,6 +102,7 @@ _BATCHES: dict[Callable[..., Any], tuple[Callable[..., Any], type]] = {
     LedgerActivities.pin: (LedgerActivities.pin_local, HoldRefsBatch),
     LedgerActivities.commit: (LedgerActivities.commit_local, HoldRefsBatch),
     LedgerActivities.release: (LedgerActivities.release_local, HoldRefsBatch),
+    LedgerActivities.look_up: (LedgerActivities.look_up_local, HoldRefsBatch),
 }
 
 
@@ -151,7 +128,9 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(instruction.legs)
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
+        self._cancelled_by = ""
         self._decided = False
+        self._pinned = False  # every hold of this attempt pinned, no decision yet (see _unwind)
         self._compensations: list[int] = []  # leg indexes to release, LIFO
         self._released_held = False  # a compensation released a hold that was placed
         # One call per step for all the local ledgers (_step), or, for a trade whose
@@ -161,33 +140,65 @@ class TradeSaga(TradeSagaBase):
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
+            if self._trusted:
+                await self._admit()
+            self._event("submitted", f"deadline {self._deadline.isoformat()}")
             await self._settle()
         except _Abort as abort:
-            await self._shielded(self._compensate())
-            self._end_unsettled(abort.status, abort.reason)
+            await self._shielded(self._unwind(abort.status, abort.reason))
         except asyncio.CancelledError:
             self._event("cancel requested through Temporal")
-            await self._shielded(self._compensate())
-            self._end_unsettled(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
+            await self._shielded(self._unwind(TradeStatus.CANCELLED, "workflow cancelled through Temporal"))
         self._publish()
         # The outcome is final: a cancel request arriving now must not replace it.
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self.view()
 
+    def _routed(self) -> None:
+        self._rule = _fill_rule(self._request)
+
     async def _settle(self) -> None:
         await self._validate()
+        if self._trusted:
+            self._authorize_submission()
         await self._screen()
+        if self._trusted:
+            await self._await_consent(lambda: self._cancel is not None)
+            self._raise_if_cancelled()
         await self._await_approvals()
         while True:
             await self._reserve_all()
-            await self._prepare()
-            self._decide()
+            # Either may find the decision taken by an earlier run (see _resume_decided).
+            if not self._decided:
+                await self._prepare()
+            if not self._decided:
+                self._decide()
             await self._shielded(self._commit_all())
             if not self._rest_open():
                 break
         self._set_status(TradeStatus.SETTLED)
+
+    async def _unwind(self, status: TradeStatus, reason: str) -> None:
+        """Release what the trade holds and end it unsettled, unless a hold is found committed."""
+        if self._pinned and workflow.patched(_LOOK_BEFORE_RELEASE):
+            # Every hold is pinned, the point where a run takes its decision: an earlier run
+            # of this trade (before a reset to here) may have taken it and committed some
+            # legs. Releasing the others, one call per ledger, would break the trade: look
+            # first. Patched, so that a trade that aborted here before replays as it ran.
+            await self._look_up_committed()
+        if not self._committed_legs():
+            await self._compensate()
+        if not self._committed_legs():
+            self._end_unsettled(status, reason)
+            return
+        # Committed by an earlier run of this trade (before a reset): its decision stands.
+        self._resume_decided()
+        await self._commit_all()
+        if self._rest_open():  # a partial trade: this fill counts, the rest is not tried
+            self._end_unsettled(status, reason)
+        else:
+            self._set_status(TradeStatus.SETTLED)
 
     # --------------------------------------------------------------- steps
 
@@ -229,8 +240,8 @@ class TradeSaga(TradeSagaBase):
     async def _reserve_all(self) -> None:
         if not self._fills:
             self._set_status(TradeStatus.RESERVING)
-        interval = self._request.settlement.recycle_interval
-        expires_at = self._deadline + self._request.settlement.hold_backstop
+        interval = self._request.policy().recycle_interval
+        expires_at = self._deadline + self._request.policy().hold_backstop
         while True:
             self._raise_if_cancelled()
             pending = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
@@ -248,6 +259,20 @@ class TradeSaga(TradeSagaBase):
             )
             for i, outcome in outcomes.items():
                 self._record_reservation(i, outcome)
+            if self._committed_legs():
+                self._resume_decided()
+                return
+            if released := [i for i in pending if self._leg_states[i] is LegState.RELEASED]:
+                # The key was released at the ledger (by an earlier run, before a reset): it
+                # can never be held again.
+                if self._rule is None:
+                    raise _Abort(TradeStatus.EXPIRED, f"hold of leg {released[0]} was released at the ledger")
+                await self._follow_earlier_run()
+                if self._decided or all(state is LegState.HELD for state in self._leg_states):
+                    return
+                if workflow.now() >= self._deadline:
+                    raise _Abort(TradeStatus.EXPIRED, "the deadline passed before the rest was reserved")
+                continue
             if all(state is LegState.HELD for state in self._leg_states):
                 return
             if (fill := self._smaller_fill(outcomes)) is not None:
@@ -258,16 +283,23 @@ class TradeSaga(TradeSagaBase):
             await self._wait_until(
                 lambda: self._cancel is not None, min(workflow.now() + interval, self._deadline)
             )
-            interval = min(interval * 2, self._request.settlement.max_recycle_interval)
+            interval = min(interval * 2, self._request.policy().max_recycle_interval)
 
     async def _prepare(self) -> None:
         outcomes = await self._holds_call(list(range(len(self._hold_ids))), LedgerActivities.pin, self._refs)
+        for i, outcome in outcomes.items():
+            if outcome.committed:
+                self._record_committed(i)
+        if self._committed_legs():
+            self._resume_decided()
+            return
         lost = [i for i, outcome in outcomes.items() if not outcome.ok]
         if lost:
             for i in lost:
                 self._leg_states[i] = LegState.RELEASED
                 self._leg_details[i] = outcomes[i].detail
             raise _Abort(TradeStatus.EXPIRED, f"hold of leg {lost[0]} ended at the ledger before the commit")
+        self._pinned = True
         self._raise_if_cancelled()
         if workflow.now() >= self._deadline:
             raise _Abort(TradeStatus.EXPIRED, "every leg was held, but only after the deadline")
@@ -285,9 +317,23 @@ class TradeSaga(TradeSagaBase):
         # publishes COMMITTING in _stuck. The decision itself is recorded when the
         # commits are scheduled (see ledger_call).
 
+    def _resume_decided(self) -> None:
+        """A leg was found committed at its ledger: an earlier run of this trade (before a
+        reset) took the commit decision. It stands: from here on, only commits."""
+        self._decided = True
+        committed = self._committed_legs()
+        legs = f"leg{'s' if len(committed) > 1 else ''} {', '.join(map(str, committed))}"
+        detail = f"{legs} committed at the ledger"
+        if len(committed) < len(self._leg_states):
+            detail += "; committing the rest"
+        if self._rule is not None:
+            detail = f"fill {len(self._fills) + 1}: {detail}"
+        self._event("commit decision found taken by an earlier run", detail)
+        self._set_status(TradeStatus.COMMITTING)
+
     async def _commit_all(self) -> None:
         await self._commit_chains()
-        remaining = [i for i in range(len(self._hold_ids)) if self._leg_states[i] is not LegState.COMMITTED]
+        remaining = [i for i, state in enumerate(self._leg_states) if state is not LegState.COMMITTED]
         pause = _STUCK_RETRY
         while remaining:
             try:
@@ -401,6 +447,21 @@ class TradeSaga(TradeSagaBase):
                 self._leg_details[i] = ""
                 self._event(f"leg {i} committed", self._describe_leg(i))
 
+    async def _look_up_committed(self) -> None:
+        """Record each leg whose hold its ledger reports committed; retried until every ledger answers."""
+        legs = list(range(len(self._hold_ids)))
+        pause = _STUCK_RETRY
+        while True:
+            try:
+                outcomes = await self._holds_call(legs, LedgerActivities.look_up, self._refs, forever=True)
+            except FailureError as err:
+                pause = await self._stuck("look-up failed, retrying", err, pause)
+                continue
+            for i, outcome in outcomes.items():
+                if outcome.committed:
+                    self._record_committed(i)
+            return
+
     async def _compensate(self) -> None:
         to_release = list(reversed(self._compensations))
         pause = _STUCK_RETRY
@@ -418,6 +479,8 @@ class TradeSaga(TradeSagaBase):
                     placed = outcome.placed
                     self._released_held = self._released_held or placed
                     self._event(f"leg {i} released", "hold returned" if placed else "nothing was held")
+                elif outcome.committed:
+                    self._record_committed(i)
                 else:
                     self._event(f"leg {i} could not be released", outcome.detail)
             to_release = []
@@ -464,6 +527,45 @@ class TradeSaga(TradeSagaBase):
         await self._compensate()
         self._next_attempt(fill)
 
+    async def _follow_earlier_run(self) -> None:
+        """This attempt's keys were released at the ledger: an earlier run of the trade
+        (before a reset) resized the fill or ended the attempt, and the amounts of its next
+        attempt, sized by what was available then, are known only to the ledgers.
+
+        Release what is left of the attempt, then look up the next attempt's keys and take
+        their amounts: a committed hold makes it a fill (decided, see _resume_decided), one
+        held on every leg is taken over, and one released or held on some legs only is
+        released in turn and passed. Returns at the first attempt the earlier run did not
+        reach, whose legs are then reserved afresh.
+        """
+        legs = list(range(len(self._hold_ids)))
+        passed = "released by an earlier run"
+        while True:
+            self._event(f"fill attempt {self._attempt} {passed}", ", ".join(self._hold_ids))
+            self._compensations = [
+                i for i in self._compensations if self._leg_states[i] is not LegState.RELEASED
+            ]
+            await self._compensate()
+            self._next_attempt(self._instruction.legs[0].amount - self._settled[0])
+            self._compensations = list(legs)  # whatever the earlier run placed under these keys
+            outcomes = await self._holds_call(legs, LedgerActivities.look_up, self._refs)
+            found = {i: outcome for i, outcome in outcomes.items() if outcome.ok}
+            if not found:
+                return
+            for i, outcome in found.items():
+                if outcome.status is not HoldStatus.RELEASED and outcome.amount:
+                    self._amounts[i] = outcome.amount
+                self._record_reservation(i, outcome)
+            if self._committed_legs():
+                self._resume_decided()
+                return
+            if all(state is LegState.HELD for state in self._leg_states):
+                return
+            if not any(state is LegState.RELEASED for state in self._leg_states):
+                passed = "held in part by an earlier run; releasing it"
+            else:
+                passed = "released by an earlier run"
+
     def _rest_open(self) -> bool:
         """After a commit: record a partial trade's fill; True while a rest remains to settle."""
         if self._rule is None:
@@ -501,6 +603,7 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(self._hold_ids)
         self._compensations.clear()
         self._decided = False
+        self._pinned = False
 
     def _filled(self) -> str:
         leg = self._instruction.legs[0]
@@ -521,26 +624,110 @@ class TradeSaga(TradeSagaBase):
 
     # ------------------------------------------------------------ handlers
 
-    def approve(self, message: ApprovalMessage) -> Decision:
-        party = message.party
+    def _approve_problem(self, party: str) -> str:
+        """Why ``party`` may not approve now ("" if it may)."""
         if self._status.terminal:
-            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}")
+            return f"trade is already {self._status.value}"
         if not self._instruction.approvers:
-            return self._rejected(f"approval by {party}", "trade needs no approval")
+            return "trade needs no approval"
         if party not in self._instruction.approvers:
             approvers = ", ".join(self._instruction.approvers)
-            return self._rejected(
-                f"approval by {party}", f"{party} is not an approver of this trade (approvers: {approvers})"
-            )
+            return f"{party} is not an approver of this trade (approvers: {approvers})"
         if party in self._approved:
-            return self._rejected(f"approval by {party}", f"{party} has already approved")
+            return f"{party} has already approved"
+        return ""
+
+    def check_approve(self, message: ApprovalMessage) -> None:
+        """Refuse an approval (before it is recorded) without a valid token of a named approver."""
+        if not self._trusted:
+            return  # a trade from before tokens answers as it did: in the handler
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated") from None
+        if problem := self._approve_problem(party):
+            raise refusal(problem)
+
+    def approve(self, message: ApprovalMessage) -> Decision:
+        """The approve update (after ``check_approve``)."""
+        party = accepted_subject(message.token)[0] if self._trusted else message.party
+        if problem := self._approve_problem(party):
+            return self._rejected(f"approval by {party}", problem)
         self._approved.append(party)
         self._event(f"approved by {party}")
         return Decision(accepted=True)
 
-    async def cancel(self, message: CancelMessage) -> Decision:
-        # Who may cancel depends on the accounts' owners and the operators, known
-        # once the trade is validated and screened.
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        """The approve signal: a refused one changes nothing and is only counted."""
+        if not self._trusted:
+            self.approve(message)
+            return
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError:
+            self._refused_signal()
+            return
+        if self._approve_problem(party):
+            self._refused_signal()
+            return
+        self._approved.append(party)
+        self._event(f"approved by {party}", "signal")
+
+    def _cancel_problem(self, party: str, roles: tuple[str, ...], owners_known: bool) -> str:
+        """Why ``party`` may not cancel now ("" if it may, or if that waits on the owners)."""
+        if self._status.terminal:
+            return f"trade is already {self._status.value}"
+        if self._decided:
+            return "the commit decision is recorded; the trade can no longer be cancelled"
+        if self._cancel is not None:
+            return f"cancel already accepted from {self._cancelled_by}"
+        if self._is_operator(party, roles) or not owners_known:
+            return ""
+        if party not in set(self._owners.values()):
+            return f"{party} is neither a party to this trade nor an operator"
+        return ""
+
+    def check_cancel(self, message: CancelMessage) -> None:
+        """Refuse a cancel (before it is recorded) without a valid token of a party or an operator."""
+        if not self._trusted:
+            return
+        try:
+            principal = verified(message.token, message.party)
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated") from None
+        if problem := self._cancel_problem(principal.subject, principal.roles, self._policy_known):
+            raise refusal(problem)
+
+    async def cancel(self, message: CancelMessage, signal: bool = False) -> Decision:
+        """The cancel update (after ``check_cancel``) or signal."""
+        if not self._trusted:
+            return await self._cancel_by_name(message)
+        if signal:
+            try:
+                principal = verified(message.token, message.party)
+            except AuthError as exc:
+                self._refused_signal()
+                return Decision(accepted=False, reason=str(exc))
+            party, roles = principal.subject, principal.roles
+        else:
+            party, roles = accepted_subject(message.token)
+        what = f"cancel by {party}"
+        # Whether a party may cancel depends on the accounts' owners, known once the
+        # trade is validated and screened; an operator may at once.
+        if not self._is_operator(party, roles):
+            await self.screened()
+        if problem := self._cancel_problem(party, roles, owners_known=True):
+            if signal:
+                self._refused_signal()
+                return Decision(accepted=False, reason=problem)
+            return self._rejected(what, problem)
+        self._cancel = message
+        self._cancelled_by = party
+        self._event(f"cancel accepted from {party}", message.reason)
+        return Decision(accepted=True)
+
+    async def _cancel_by_name(self, message: CancelMessage) -> Decision:
+        # Trades started before tokens: the party is the name the message gives.
         await self.screened()
         party, what = message.party, f"cancel by {message.party}"
         if self._status.terminal:
@@ -555,6 +742,7 @@ class TradeSaga(TradeSagaBase):
         if party not in owners and party not in self._operators:
             return self._rejected(what, f"{party} is neither a party to this trade nor an operator")
         self._cancel = message
+        self._cancelled_by = party
         self._event(f"cancel accepted from {party}", message.reason)
         return Decision(accepted=True)
 
@@ -569,7 +757,7 @@ class TradeSaga(TradeSagaBase):
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None:
-            reason = f"cancelled by {self._cancel.party}"
+            reason = f"cancelled by {self._cancelled_by}"
             if self._cancel.reason:
                 reason += f": {self._cancel.reason}"
             raise _Abort(TradeStatus.CANCELLED, reason)
@@ -589,7 +777,7 @@ class TradeSaga(TradeSagaBase):
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
-        if ledger not in self._request.local_ledgers:
+        if not self._request.is_local(ledger):
             self._publish()  # the call goes through the server: show where the trade stands
         return ledger_call(self._request, ledger, activity, argument, schedule_to_close=self._limit(forever))
 
@@ -609,7 +797,7 @@ class TradeSaga(TradeSagaBase):
         queue, all in parallel. Before the decision a failure aborts the trade.
         """
         ledgers = sorted(requests)
-        local = [lg for lg in ledgers if lg in self._request.local_ledgers]
+        local = [lg for lg in ledgers if self._request.is_local(lg)]
         calls: list[Awaitable[Any]] = []
         if local:
             batch_activity, batch_type = _BATCHES[activity]
@@ -637,7 +825,8 @@ class TradeSaga(TradeSagaBase):
         """For trades without ``local_steps`` (their client predates it): one call per ledger, in parallel.
 
         Before the decision a failure aborts the trade. Kept exactly as those trades made
-        their calls, so that they replay; remove once no such trade is running.
+        their calls, so that they replay; when it may go:
+        docs/decisions/0002-local-steps-in-the-request.md.
         """
         ledgers = sorted(items)
         try:
@@ -668,7 +857,7 @@ class TradeSaga(TradeSagaBase):
 
         # Trades without local_steps: after the decision (only commits then)
         # the local ledgers' commits go together.
-        local = [lg for lg in by_ledger if lg in self._request.local_ledgers] if self._decided else []
+        local = [lg for lg in by_ledger if self._request.is_local(lg)] if self._decided else []
         batch: dict[str, list[Any]] = {}
         if local:
             batch = {_LOCAL: [argument(lg, by_ledger.pop(lg)) for lg in local]}
@@ -683,8 +872,8 @@ class TradeSaga(TradeSagaBase):
                 )
             return await self._ledger_call(ledger, activity, argument(ledger, items), forever=forever)
 
-        results = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
-        return {index[o.hold_id]: o for result in results.values() for o in result.outcomes}
+        per_ledger = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
+        return {index[o.hold_id]: o for result in per_ledger.values() for o in result.outcomes}
 
     def _hold_request(self, i: int, expires_at: datetime | None) -> HoldRequest:
         leg = self._instruction.legs[i]
@@ -707,12 +896,28 @@ class TradeSaga(TradeSagaBase):
             self._leg_details[i] = ""
             self._event(f"leg {i} held", self._describe_leg(i))
             return
-        if outcome.ok:  # the key was released at the ledger: it can never be held again
-            raise _Abort(TradeStatus.EXPIRED, f"hold of leg {i} was released at the ledger")
+        if outcome.committed:
+            self._record_committed(i)
+            return
+        if outcome.ok:  # released at the ledger: the caller decides what that means
+            self._leg_states[i] = LegState.RELEASED
+            self._leg_details[i] = "released at the ledger"
+            return
         if self._leg_details[i] != outcome.detail:
             self._event(f"leg {i} short, recycling", outcome.detail)
         self._leg_states[i] = LegState.SHORT
         self._leg_details[i] = outcome.detail
+
+    def _record_committed(self, i: int) -> None:
+        """Leg ``i``'s hold is committed at its ledger (by an earlier run of this trade)."""
+        if self._leg_states[i] is LegState.COMMITTED:
+            return
+        self._leg_states[i] = LegState.COMMITTED
+        self._leg_details[i] = "committed at the ledger by an earlier run"
+        self._event(f"leg {i} found committed", self._describe_leg(i))
+
+    def _committed_legs(self) -> list[int]:
+        return [i for i, state in enumerate(self._leg_states) if state is LegState.COMMITTED]
 
     def _shortfall(self) -> str:
         short = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
@@ -739,8 +944,8 @@ def _fill_rule(request: SettlementRequest) -> FillRule | None:
         return None
     delivery, payment = request.instruction.legs
 
-    def precision(asset: str, amount: Decimal) -> int:  # the client sends the configured one
-        return request.precisions.get(asset, max(0, -int(amount.as_tuple().exponent)))
+    def precision(asset: str, amount: Decimal) -> int:  # the worker's configured one
+        return (request.precisions or {}).get(asset, max(0, -int(amount.as_tuple().exponent)))
 
     return FillRule(
         delivery.amount,

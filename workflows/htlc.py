@@ -3,10 +3,10 @@
 Its protocol (the steps, the roles, what the ledgers enforce, the state diagram) is
 ``HtlcSaga`` in ``workflows/_htlc.py``; this module is only its Temporal definition,
 which makes one saga per workflow and hands it the run, the status query and the
-signals and updates. The worker's runner passes it through the sandbox
-(``worker.WORKFLOW_RUNNER``), so it is loaded once; any other runner (the replay
-tests') imports it afresh for every trade, which is why it is kept this small (see
-``workflows/_trade.py`` on why a saga lives apart).
+signals and updates. The worker passes it through the sandbox
+(``worker.TRADE_WORKFLOW_MODULES``), so it is loaded once; any other runner (the replay
+tests') imports it afresh for every trade, which is why it is kept this small (why a
+saga lives apart: docs/decisions/0003-sagas-passed-through-the-sandbox.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
+        AffirmMessage,
         ApprovalMessage,
         CancelMessage,
         ClaimMessage,
@@ -65,16 +66,33 @@ class HtlcWorkflow:
 
     @workflow.signal(name="approve")
     def approve_signal(self, message: ApprovalMessage) -> None:
-        self._saga.approve(message)
+        self._saga.approve_signal(message)
 
     @workflow.update(name="approve_update")
     def approve_update(self, message: ApprovalMessage) -> Decision:
         return self._saga.approve(message)
 
+    @approve_update.validator
+    def _validate_approve(self, message: ApprovalMessage) -> None:
+        self._saga.check_approve(message)
+
     @workflow.signal(name="cancel")
     def cancel_signal(self, message: CancelMessage) -> None:
-        self._saga.cancel(message)
+        self._saga.cancel(message, signal=True)
 
     @workflow.update(name="cancel_update")
     def cancel_update(self, message: CancelMessage) -> Decision:
         return self._saga.cancel(message)
+
+    @cancel_update.validator
+    def _validate_cancel(self, message: CancelMessage) -> None:
+        self._saga.check_cancel(message)
+
+    @workflow.update(name="affirm")
+    async def affirm(self, message: AffirmMessage) -> Decision:
+        """Consent, as the token's subject, to the debits of its accounts."""
+        return await self._saga.affirm(message)
+
+    @affirm.validator
+    def _validate_affirm(self, message: AffirmMessage) -> None:
+        self._saga.check_affirm(message)

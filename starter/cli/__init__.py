@@ -15,9 +15,17 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from domain import ConfigError, DuplicateTrade, DvpError, InvalidInstruction, RequestRejected, TradeNotFound
+from domain import (
+    AuthError,
+    ConfigError,
+    DuplicateTrade,
+    DvpError,
+    InvalidInstruction,
+    RequestRejected,
+    TradeNotFound,
+)
 
-from . import batch, chain, ledger, server, trades
+from . import auth, batch, chain, ledger, server, trades
 from .output import EXIT_BAD_INPUT, EXIT_FAILED, CliError
 
 __all__ = ["build_parser", "main", "run"]
@@ -33,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML configuration (default: $DVP_CONFIG, else the embedded default)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (server, ledger, trades, batch, chain):
+    for group in (server, ledger, trades, batch, chain, auth):
         group.add_parser(sub)
     for plugin in sorted(entry_points(group=PLUGINS), key=lambda e: e.name):
         add: Callable[[Any], Any] = plugin.load()
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ConfigError as exc:
         print(f"dvp: configuration: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AuthError as exc:
+        print(f"dvp: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RequestRejected as exc:
         print(f"dvp: rejected: {exc.reason}", file=sys.stderr)

@@ -30,13 +30,13 @@ import json
 import os
 import re
 import signal
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from domain import Config, ConfigError, LedgerError, parse_config
 from processes.anvil import Anvil, AnvilError, find_anvil
+from processes.ports import listener, port_in_use
 
 from .output import EXIT_BAD_INPUT, CliError
 
@@ -111,15 +111,6 @@ def write_section(path: Path, name: str, section: dict[str, Any]) -> str:
     tmp.write_text(new)
     os.replace(tmp, path)
     return new
-
-
-def _port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 FIRST_CHAIN_ID = 31337  # anvil's own default
@@ -209,8 +200,11 @@ def chain_up(
     except AnvilError as exc:
         raise CliError(str(exc)) from None
     host = "127.0.0.1"
-    if _port_taken(host, port):
-        raise CliError(f"--port: {host}:{port} is taken; stop what listens there or give another --port")
+    if port_in_use(port, host):
+        held = listener(port)
+        stop = f"stop it (kill {held[0]})" if held else "stop what listens there"
+        by = f" by pid {held[0]} ({held[1]})" if held else ""
+        raise CliError(f"--port: {host}:{port} is taken{by}; {stop} or give another --port")
 
     mining = ["--block-time", f"{block_time:g}"] if block_time is not None else []
     node = Anvil(host=host, port=port, chain_id=chain_id, extra_args=mining)
@@ -229,7 +223,10 @@ def chain_up(
             section["block_time"] = block_time
         config_path.parent.mkdir(parents=True, exist_ok=True)
         write_section(config_path, ledger, section)
-        print(f"anvil is up at {node.url} (chain id {section['chain_id']}); the dvp contracts are deployed.")
+        print(
+            f"anvil is up at {node.url} (chain id {section['chain_id']}, pid {node.pid}); "
+            "the dvp contracts are deployed."
+        )
         print(f"Wrote [ledgers.{ledger}] into {config_path}:\n")
         print(render_section(ledger, section))
         print(f"Seed accounts on it:  dvp --config {config_path} ledger seed SEED.json")

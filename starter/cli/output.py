@@ -99,9 +99,16 @@ def trade_text(view: TradeView) -> str:
         f"status    {view.status.value}" + (f"   {view.reason}" if view.reason else ""),
         f"deadline  {view.deadline.isoformat() if view.deadline else '-'}",
     ]
+    if view.submitted_by:
+        head.append(f"submitted {view.submitted_by}")
+    if view.consent_from:
+        consented = ", ".join(view.consented) or "nobody yet"
+        head.append(f"consent   from {', '.join(view.consent_from)}   given by: {consented}")
     if view.approvers:
         approved = ", ".join(view.approved_by) or "nobody yet"
         head.append(f"approvers {', '.join(view.approvers)}   approved by: {approved}")
+    if view.refused_signals:
+        head.append(f"refused   {view.refused_signals} signal(s) without a valid token or not allowed")
     legs = table(
         [
             (leg.index, leg.ledger, leg.from_, leg.to, leg.amount, leg.asset, leg.state.value, leg.detail)
@@ -145,21 +152,23 @@ def batch_text(view: BatchView, removed_shown: int = 20) -> str:
         + (f" ({view.rounds} netting rounds)" if view.rounds > 1 else ""),
     ]
     if view.assets:
-        rows = [(a.ledger, a.asset, a.gross, a.net, a.saved, f"{a.saved_percent:.2f}%") for a in view.assets]
+        assets = [
+            (a.ledger, a.asset, a.gross, a.net, a.saved, f"{a.saved_percent:.2f}%") for a in view.assets
+        ]
         lines += [
             "",
-            table(rows, ["ledger", "asset", "gross", "net", "saved", "saved %"], right=(2, 3, 4, 5)),
+            table(assets, ["ledger", "asset", "gross", "net", "saved", "saved %"], right=(2, 3, 4, 5)),
         ]
     if view.positions:
-        rows = [(p.ledger, p.account, p.asset, p.amount) for p in view.positions]
+        positions = [(p.ledger, p.account, p.asset, p.amount) for p in view.positions]
         lines += [
             "",
             "net positions (+ receives, - pays)",
-            table(rows, ["ledger", "account", "asset", "net"], right=(3,)),
+            table(positions, ["ledger", "account", "asset", "net"], right=(3,)),
         ]
     if view.removed_trades:
-        rows = [(r.index, r.trade_id, r.reason) for r in view.removed_trades[:removed_shown]]
-        lines += ["", "removed trades", table(rows, ["index", "trade", "reason"])]
+        removed = [(r.index, r.trade_id, r.reason) for r in view.removed_trades[:removed_shown]]
+        lines += ["", "removed trades", table(removed, ["index", "trade", "reason"])]
         if len(view.removed_trades) > removed_shown:
             lines.append(f"... and {len(view.removed_trades) - removed_shown} more (--json lists them all)")
     return "\n".join(lines)

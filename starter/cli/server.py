@@ -32,7 +32,9 @@ def add_parser(sub: Any) -> None:
     p = command(
         sub, "server", cmd_server, "run the embedded Temporal dev server (and Web UI) in the foreground"
     )
-    p.add_argument("--db", help="keep the server's state in this SQLite file (default: in memory)")
+    p.add_argument(
+        "--db", help="keep the server's state in this SQLite file, one server at a time (default: in memory)"
+    )
     p.add_argument("--port", type=int, default=7233, help="frontend gRPC port (default 7233)")
     p.add_argument("--ui-port", type=int, default=None, help="Web UI port (default: port + 1000)")
 
