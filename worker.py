@@ -33,7 +33,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
-from connection import connect_client, exit_without_teardown
+from connection import connect_client, exit_without_teardown, party_tagger
 from domain import Config, DvpError, load_config
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
@@ -110,7 +110,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    SettlementActivities(config).screen,
+                    SettlementActivities(config, party_tagger(client)).screen,
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
 
     try:

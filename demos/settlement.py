@@ -254,7 +254,8 @@ async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]
     for trade in trades:
         del trade["settle_within"]  # a batch has its own time limit
     print(f"\nSettling {len(trades)} trades as one netting batch...", flush=True)
-    async with BatchClient(await connect_client(config.temporal.address), config) as client:
+    temporal = await connect_client(config.temporal.address, codec=config.codec)
+    async with BatchClient(temporal, config) as client:
         view = await client.submit(trades, batch_id=f"{run}-batch", wait=True, timeout=120)
     print(batch_text(view))
     removed = [r.trade_id.removeprefix(f"{run}-") for r in view.removed_trades]

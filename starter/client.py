@@ -33,7 +33,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from connection import connect_client
+from connection import connect_client, party_tagger
 from domain import (
     ApprovalMessage,
     CancelMessage,
@@ -93,7 +93,7 @@ class SettlementClient:
     @classmethod
     async def connect(cls, config: Config | None = None) -> SettlementClient:
         config = config or load_config()
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         return cls(client, config)
 
     async def __aenter__(self) -> SettlementClient:
@@ -137,7 +137,7 @@ class SettlementClient:
             "task_queue": self.config.settlement_queue(),
             "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
             "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            "search_attributes": initial_search_attributes(instruction),
+            "search_attributes": initial_search_attributes(instruction, party_tagger(self.client)),
         }
         try:
             if wait_accepted:
