@@ -115,7 +115,7 @@ class KeyRing:
     keys: dict[str, bytes]
     active: str
     party_key: bytes | None = None
-    source: str = "key ring"
+    source: str = "this key ring"
     _ciphers: dict[str, AESGCM] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -294,8 +294,8 @@ class EncryptionCodec(PayloadCodec):
         cipher = self.ring.cipher(kid)
         if cipher is None:
             return _refused(
-                f"payload refused: encrypted with key id {kid[:MAX_KEY_ID_LENGTH]!r}, which the key ring "
-                f"({self.ring.source}) does not hold (it holds: {', '.join(self.ring.keys)})"
+                f"payload refused: encrypted with key id {kid[:MAX_KEY_ID_LENGTH]!r}, which "
+                f"{self.ring.source} does not hold (it holds: {', '.join(self.ring.keys)})"
             )
         data = payload.data
         try:
