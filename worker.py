@@ -10,6 +10,10 @@ calls go through their own task queue so that they run only where the credential
 are. Any number of workers may run side by side against the same server and
 ledgers. Every ledger a worker opens is also swept for expired holds, the backstop
 for an orchestrator that vanished.
+
+A worker that runs the workflows loads the keys of ``[auth]`` when it starts, and
+refuses to start without any: the workflows check every acting message's token
+with them (docs/trust.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from activities import BatchActivities, LedgerActivities, NettingLedgerActivitie
 from adapters import Ledger, open_ledger
 from connection import connect_client, exit_without_teardown, party_tagger
 from domain import Config, DvpError, load_config
+from identity import Verifier, install_verifier, uninstall_verifier
 from stores import BatchStore
 from workflows import HtlcWorkflow, NettingBatchWorkflow, SettlementWorkflow
 
@@ -47,6 +52,7 @@ ACTIVITY_THREADS = 16
 # Their definitions too: re-importing one ran its handlers' decorators again, which
 # read every handler's signature and type hints.
 TRADE_WORKFLOW_MODULES = (
+    "identity",  # the worker's verifier, installed for the workflows (identity.install_verifier)
     "workflows.calls",
     "workflows._saga",
     "workflows._trade",
@@ -87,6 +93,8 @@ async def run_worker(
     otherwise each ledger is opened from its configuration.
     """
     stop = stop or asyncio.Event()
+    # Keys first: a worker that cannot check tokens must not run a single trade.
+    verifier = Verifier.from_config(config.auth) if workflows else None
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
@@ -110,7 +118,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    SettlementActivities(config, party_tagger(client)).screen,
+                    *SettlementActivities(config, verifier, party_tagger(client)).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -136,6 +144,8 @@ async def run_worker(
             )
         )
     sweepers = [asyncio.create_task(_sweep(ledger, config, stop)) for ledger in opened.values()]
+    if verifier is not None:
+        install_verifier(config.settlement_queue(), verifier)
     try:
         async with _all_running(workers):
             log.info(
@@ -147,6 +157,8 @@ async def run_worker(
             await stop.wait()
     finally:
         stop.set()
+        if verifier is not None:
+            uninstall_verifier(config.settlement_queue(), verifier)
         await asyncio.gather(*sweepers, return_exceptions=True)
         executor.shutdown(wait=True)
         if store is not None:

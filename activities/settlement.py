@@ -1,4 +1,10 @@
-"""Activities of the settlement itself (not of any ledger): the compliance screen."""
+"""Activities of the settlement itself (not of any ledger): admission and the compliance screen.
+
+Both read the settlement worker's own configuration, and both run as local
+activities of the trade's workflow, so their answers are recorded in its history:
+a replay takes the routing and the submitter the trade ran with, whatever the
+worker's configuration or keys are by then.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +12,65 @@ from collections.abc import Callable
 
 from temporalio import activity
 
-from domain import Config, ScreenRequest, ScreenResult
+from domain import Admission, AdmitRequest, AuthError, Config, Routing, ScreenRequest, ScreenResult
+from identity import Verifier
 
 
 class SettlementActivities:
-    """Policy checks that read the worker's configuration.
+    """Policy checks that read the worker's configuration (and its keys).
 
     ``party_tag`` maps a party to what the ``DvpParties`` search attribute shows of it
     (``connection.party_tagger``: a keyed hash); None shows the names.
     """
 
-    def __init__(self, config: Config, party_tag: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier | None = None,
+        party_tag: Callable[[str], str] | None = None,
+    ) -> None:
+        self._config = config
+        self._verifier = verifier
         self._sanctioned = {p.casefold() for p in config.compliance.sanctioned}
         self._operators = list(config.roles.operators)
         self._party_tag = party_tag
+
+    @activity.defn(name="settlement.admit")
+    async def admit(self, request: AdmitRequest) -> Admission:
+        """Verify the submitter's token at the workflow's time; the routing of the requested ledgers.
+
+        ``ledgers`` empty: every configured ledger (a netting batch learns its ledgers later).
+        """
+        subject, roles, refused = "", [], ""
+        if self._verifier is None:
+            refused = "this worker has no keys to verify tokens with"
+        else:
+            try:
+                principal = self._verifier.verify(request.token, request.now)
+                subject, roles = principal.subject, list(principal.roles)
+            except AuthError as exc:
+                refused = str(exc)
+        return Admission(subject=subject, roles=roles, refused=refused, routing=self.routing(request))
+
+    def routing(self, request: AdmitRequest) -> Routing:
+        config = self._config
+        wanted = request.ledgers or sorted(config.ledgers)
+        known = [name for name in wanted if name in config.ledgers]
+        local = set(config.local_ledgers())
+        return Routing(
+            settlement_queue=config.settlement_queue(),
+            ledger_queues={name: config.ledger_queue(name) for name in known},
+            local_ledgers=[name for name in known if name in local],
+            unknown_ledgers=[name for name in wanted if name not in config.ledgers],
+            settlement=config.settlement,
+            precisions={asset: config.precision(asset) for asset in request.assets},
+            operators=self._operators,
+            operator_roles=list(config.roles.operator_roles),
+        )
+
+    def all(self) -> list[object]:
+        """Every activity of this class, to register with a worker."""
+        return [self.admit, self.screen]
 
     @activity.defn(name="settlement.screen")
     async def screen(self, request: ScreenRequest) -> ScreenResult:

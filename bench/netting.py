@@ -17,12 +17,14 @@ import sys
 import time
 import tomllib
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from connection import connect_client
 from domain import BatchStatus, Config, parse_config
+from identity import TokenIssuer
 from starter.batch import BatchClient, parse_batch
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
 
@@ -75,10 +77,13 @@ def random_trades(n: int, prefix: str, seed_value: int = SEED) -> list[dict[str,
 
 def _config_text(urls: dict[str, str], batches: str, address: str, namespace: str, prefix: str) -> str:
     ledgers = "".join(f'[ledgers.{name}]\nkind = "sql"\nurl = "{url}"\n\n' for name, url in urls.items())
+    keys = Path(batches.removeprefix("sqlite:///")).parent / "auth"
     return (
         f"# written by dvp bench (netting)\n{ledgers}"
         f'[batches]\nurl = "{batches}"\n\n'
-        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n'
+        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
+        '[roles]\noperators = ["ops"]\n\n'
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{keys}"\n'
     )
 
 
@@ -104,7 +109,8 @@ async def run_netting(
         start_new_session=True,
     )
     try:
-        client = BatchClient(await connect_client(address, namespace), config)
+        token = TokenIssuer.from_config(config.auth).issue("ops", ttl=timedelta(hours=12))  # an operator's
+        client = BatchClient(await connect_client(address, namespace), config, token=token)
         warm = random_trades(20, f"{run}w", SEED + 1)
         warm_view = await client.submit(warm, batch_id=f"{run}-warm", wait=True, timeout=timeout)
         trades = random_trades(n, f"{run}t")

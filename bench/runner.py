@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
@@ -76,6 +76,7 @@ from domain import (
     TradeView,
     parse_config,
 )
+from identity import TokenIssuer
 from processes.devserver import DYNAMIC_CONFIG, DevServer, find_temporal_binary
 from starter.client import SettlementClient, parse_instruction
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, seed
@@ -317,7 +318,12 @@ def _fresh_ledgers(kind: str, base: Path, postgres: str, tag: str) -> Iterator[d
 
 
 def _config_text(
-    urls: dict[str, str], address: str, namespace: str, prefix: str, ledger_calls: str = "local"
+    urls: dict[str, str],
+    address: str,
+    namespace: str,
+    prefix: str,
+    ledger_calls: str = "local",
+    auth_dir: Path | None = None,
 ) -> str:
     local = "true" if ledger_calls == "local" else "false"
     ledgers = "".join(
@@ -328,7 +334,9 @@ def _config_text(
         f"# written by dvp bench\n{ledgers}"
         '[compliance]\nsanctioned = ["mallory"]\n\n'
         '[roles]\noperators = ["ops"]\n\n'
-        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n'
+        f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
+        # the local development issuer: the bench's client acts with an operator's token
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{auth_dir or Path(".dvp") / "auth"}"\n'
     )
 
 
@@ -449,7 +457,9 @@ class _Phase:
         self.config = config
         self.options = options
         self.run = run
-        self.dvp = SettlementClient(client, config)
+        # an operator's token: the bench's trades are a venue's, submitted locked-in
+        token = TokenIssuer.from_config(config.auth).issue("ops", ttl=timedelta(hours=12))
+        self.dvp = SettlementClient(client, config, token)
         self.prefix = config.temporal.task_queue_prefix
         self.trade_views: list[TradeView] = []
         self.references_failed = 0
@@ -458,14 +468,19 @@ class _Phase:
     # what one item of each kind is -----------------------------------------
 
     def _trade_request(self, trade_id: str, i: int) -> SettlementRequest:
-        return self.dvp.settlement_request(parse_instruction(_instruction(trade_id, i), self.config))
+        instruction = parse_instruction(_instruction(trade_id, i), self.config)
+        return self.dvp.settlement_request(instruction, self.dvp.token or "")
 
     def _reference_request(self, ref_id: str, i: int) -> SettlementRequest:
+        # The references route themselves (a trade's routing is its worker's): the same
+        # input as a trade's, token included, plus their own queues.
         request = self._trade_request(ref_id, i)
         return request.model_copy(
             update={
                 "settlement_queue": f"{self.prefix}-bench",
                 "ledger_queues": {name: f"{self.prefix}-bench-ledger-{name}" for name in sorted(LEDGERS)},
+                "local_ledgers": [name for name in self.config.local_ledgers() if name in LEDGERS],
+                "settlement": self.config.settlement,
             }
         )
 
@@ -479,7 +494,7 @@ class _Phase:
                     SettlementWorkflow.run,
                     request,
                     id=workflow_id_for(trade_id),
-                    task_queue=request.settlement_queue,
+                    task_queue=self.config.settlement_queue(),
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     search_attributes=initial_search_attributes(request.instruction),
                 )
@@ -610,7 +625,7 @@ async def _run_phase(
 ) -> dict[str, Any]:
     run = f"b{datetime.now(UTC):%H%M%S}-w{n_workers}-{uuid.uuid4().hex[:4]}"
     with _fresh_ledgers(options.ledger, base, options.postgres, f"w{n_workers}") as urls:
-        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls)
+        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls, base / "auth")
         config = parse_config(tomllib.loads(text), "bench configuration")
         config_path = base / f"dvp-w{n_workers}.toml"
         config_path.write_text(text)

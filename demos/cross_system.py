@@ -37,6 +37,7 @@ from adapters import open_ledger
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
 from demos.settlement import REPO, _expected_balances, _sums, _Worker
 from domain import Config, LedgerError, TradeStatus, TradeView, parse_config
+from identity import TokenIssuer
 from processes.anvil import Anvil, AnvilError
 from processes.devserver import DevServer
 from starter.cli.chain import render_section
@@ -135,6 +136,10 @@ sanctioned = ["mallory"]
 [roles]
 operators = ["ops"]
 
+[auth]
+local_issuer = true
+local_keys = "{base / "auth"}"
+
 [assets."{BOND}"]
 precision = 0
 
@@ -166,7 +171,8 @@ class _Escrow:
 
 
 async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
-    client = await SettlementClient.connect(config)
+    # the venue, an operator, submits the locked-in trades (a token from the local issuer)
+    client = await SettlementClient.connect(config, TokenIssuer.from_config(config.auth).issue("ops"))
     chain = open_ledger("chain", config.ledgers["chain"])
     plays = [
         (

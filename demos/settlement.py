@@ -1,9 +1,15 @@
 """``dvp demo``: the seed document's scenarios, end to end, on a real Temporal server.
 
 Starts the embedded Temporal dev server (file-backed, under ``.dvp/demo/``) and a
-worker process, seeds two SQLite ledgers, settles six trades side by side, and
+worker process, seeds two SQLite ledgers, settles eight trades side by side, and
 prints each outcome against the one the seed documents call for, with the balances
 before and after. Exits 0 only if every outcome matches and the ledgers balance.
+
+Every actor acts with its own token from the local development issuer (its key pair
+is made under ``.dvp/demo/auth/``): the venue ``ops`` (an operator) submits the
+locked-in trades, alice cancels, the notary approves, bob claims; and in one
+scenario bob submits a trade himself, which waits until alice affirms the debit of
+her cash.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from connection import connect_client
 from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
+from identity import TokenIssuer
 from processes.devserver import DevServer, _port_is_free
 from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
@@ -84,29 +91,51 @@ class Scenario:
     name: str
     instruction: dict[str, Any]
     expected: TradeStatus
-    act: Callable[[SettlementClient, str], Awaitable[list[str]]] | None = None
+    act: Callable[[SettlementClient, str, _Tokens], Awaitable[list[str]]] | None = None
+    submitter: str = "ops"  # the venue, an operator: its trades are locked in, every debit consented
 
 
-async def _buyer_cancels(client: SettlementClient, trade_id: str) -> list[str]:
+class _Tokens:
+    """Each actor's token, from the local development issuer."""
+
+    def __init__(self, config: Config) -> None:
+        self._issuer = TokenIssuer.from_config(config.auth)
+
+    def __call__(self, subject: str) -> str:
+        return self._issuer.issue(subject)
+
+
+async def _buyer_cancels(client: SettlementClient, trade_id: str, tokens: _Tokens) -> list[str]:
     # alice's cash is held; dave cannot deliver, so the trade recycles until alice walks away
     await _until(client, trade_id, lambda v: v.legs[1].state.value == "HELD")
-    await client.cancel(trade_id, "alice", reason="seller cannot deliver")
+    await client.cancel(trade_id, "alice", reason="seller cannot deliver", token=tokens("alice"))
     return ["alice cancelled while her cash was held: the hold was released"]
 
 
-async def _notary_approves(client: SettlementClient, trade_id: str) -> list[str]:
+async def _notary_approves(client: SettlementClient, trade_id: str, tokens: _Tokens) -> list[str]:
     await _until(client, trade_id, lambda v: v.status is TradeStatus.AWAITING_APPROVAL)
     notes = []
     try:
-        await client.approve(trade_id, "bob")
+        await client.approve(trade_id, "bob", token=tokens("bob"))
     except RequestRejected as exc:
         notes.append(f"bob tried to approve: rejected ({exc.reason})")
-    await client.approve(trade_id, "notary")
+    await client.approve(trade_id, "notary", token=tokens("notary"))
     notes.append("notary approved")
     return notes
 
 
-async def _first_fill(client: SettlementClient, trade_id: str) -> list[str]:
+async def _buyer_affirms(client: SettlementClient, trade_id: str, tokens: _Tokens) -> list[str]:
+    await _until(client, trade_id, lambda v: v.status is TradeStatus.AWAITING_AFFIRMATION)
+    waiting = await client.status(trade_id)
+    held = [leg.index for leg in waiting.legs if leg.state.value != "PENDING"]
+    await client.affirm(trade_id, "alice", token=tokens("alice"))
+    return [
+        f"bob submitted it himself: it waited for alice ({waiting.reason}; legs held: {held or 'none'})",
+        "alice affirmed the debit of her cash; then it settled",
+    ]
+
+
+async def _first_fill(client: SettlementClient, trade_id: str, tokens: _Tokens) -> list[str]:
     await _until(client, trade_id, lambda v: v.status is TradeStatus.PARTIALLY_SETTLED)
     view = await client.status(trade_id)
     return [
@@ -123,7 +152,9 @@ async def _until(client: SettlementClient, trade_id: str, condition: Callable[[T
         await asyncio.sleep(0.1)
 
 
-def _htlc(trade_id: str) -> tuple[dict[str, Any], Callable[[SettlementClient, str], Awaitable[list[str]]]]:
+def _htlc(
+    trade_id: str,
+) -> tuple[dict[str, Any], Callable[[SettlementClient, str, _Tokens], Awaitable[list[str]]]]:
     """Bob sells alice 20 bonds under a hashed timelock; only bob knows the secret."""
     secret = secrets.token_bytes(32)
     instruction = dvp_instruction(
@@ -136,9 +167,9 @@ def _htlc(trade_id: str) -> tuple[dict[str, Any], Callable[[SettlementClient, st
         hashlock=hashlib.sha256(secret).hexdigest(),
     )
 
-    async def bob_claims(client: SettlementClient, trade_id: str) -> list[str]:
+    async def bob_claims(client: SettlementClient, trade_id: str, tokens: _Tokens) -> list[str]:
         await _until(client, trade_id, lambda v: v.status is TradeStatus.AWAITING_CLAIM)
-        await client.claim(trade_id, secret.hex())
+        await client.claim(trade_id, secret.hex(), token=tokens("bob"))
         return ["bob claimed the cash with the secret; the engine claimed the bonds for alice with it"]
 
     return instruction, bob_claims
@@ -189,6 +220,13 @@ def scenarios(run: str) -> list[Scenario]:
             TradeStatus.REJECTED,
         ),
         Scenario("hashed timelock (HTLC) swap", htlc_instruction, TradeStatus.SETTLED, htlc_act),
+        Scenario(
+            "submitted by the seller: waits for the buyer's affirmation",
+            dvp_instruction(f"{run}-affirm", "bob", "alice", "30", "2985.00"),
+            TradeStatus.SETTLED,
+            _buyer_affirms,
+            submitter="bob",
+        ),
     ]
 
 
@@ -207,6 +245,10 @@ sanctioned = ["mallory"]
 
 [roles]
 operators = ["ops"]
+
+[auth]
+local_issuer = true
+local_keys = "{base / "auth"}"
 
 [temporal]
 address = "{address}"
@@ -245,7 +287,7 @@ def _expected_balances(
     return expected
 
 
-async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]]:
+async def _netting(config: Config, run: str, tokens: _Tokens) -> tuple[bool, list[dict[str, Any]]]:
     """One netting batch: its liquidity saving, and leo's unaffordable trade removed."""
     from starter.batch import BatchClient
     from starter.cli.output import batch_text
@@ -254,8 +296,8 @@ async def _netting(config: Config, run: str) -> tuple[bool, list[dict[str, Any]]
     for trade in trades:
         del trade["settle_within"]  # a batch has its own time limit
     print(f"\nSettling {len(trades)} trades as one netting batch...", flush=True)
-    temporal = await connect_client(config.temporal.address, codec=config.codec)
-    async with BatchClient(temporal, config) as client:
+    connection = await connect_client(config.temporal.address, codec=config.codec)
+    async with BatchClient(connection, config, token=tokens("ops")) as client:  # batches: operators only
         view = await client.submit(trades, batch_id=f"{run}-batch", wait=True, timeout=120)
     print(batch_text(view))
     removed = [r.trade_id.removeprefix(f"{run}-") for r in view.removed_trades]
@@ -291,20 +333,20 @@ class _Worker:
         self._log.close()
 
 
-async def _play(client: SettlementClient, scenario: Scenario) -> tuple[TradeView, list[str]]:
+async def _play(client: SettlementClient, scenario: Scenario, tokens: _Tokens) -> tuple[TradeView, list[str]]:
     trade_id = scenario.instruction["trade_id"]
-    await client.submit(scenario.instruction)
-    notes = await scenario.act(client, trade_id) if scenario.act else []
+    await client.submit(scenario.instruction, token=tokens(scenario.submitter))
+    notes = await scenario.act(client, trade_id, tokens) if scenario.act else []
     final = await client.wait(trade_id, timeout=120)
     print(f"  {final.trade_id:<28} {final.status.value:<15} {scenario.name}", flush=True)
     return final, notes
 
 
-async def _run(config: Config, run: str) -> tuple[bool, list[TradeView]]:
-    client = await SettlementClient.connect(config)
+async def _run(config: Config, run: str, tokens: _Tokens) -> tuple[bool, list[TradeView]]:
+    client = await SettlementClient.connect(config)  # each call sends its actor's token
     plays = scenarios(run)
     print(f"\nSettling {len(plays)} trades side by side...", flush=True)
-    outcomes = await asyncio.gather(*(_play(client, s) for s in plays), return_exceptions=True)
+    outcomes = await asyncio.gather(*(_play(client, s, tokens) for s in plays), return_exceptions=True)
     for scenario, outcome in zip(plays, outcomes, strict=True):
         if isinstance(outcome, BaseException):
             print(f"\n{scenario.name}: failed: {outcome}", file=sys.stderr)
@@ -356,8 +398,9 @@ def run_demo(keep: bool = False) -> int:
         print(balances_table(before))
 
         run = time.strftime("D%H%M%S")
-        matched, views = asyncio.run(_run(config, run))
-        batch_ok, batch_settled = asyncio.run(_netting(config, run)) if matched else (False, [])
+        tokens = _Tokens(config)
+        matched, views = asyncio.run(_run(config, run, tokens))
+        batch_ok, batch_settled = asyncio.run(_netting(config, run, tokens)) if matched else (False, [])
 
         with opened(config) as ledgers:
             after = all_balances(ledgers)

@@ -12,21 +12,39 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from ._config import SettlementConfig
-from ._models import Amount, FieldError, Hold, HoldStatus, Instruction, _Model
+from ._models import (
+    MAX_LEGS,
+    MAX_NAME,
+    MAX_REASON,
+    MAX_TOKEN,
+    Amount,
+    FieldError,
+    Hold,
+    HoldStatus,
+    Instruction,
+    _Model,
+)
 
 
 class SettlementRequest(_Model):
-    """The workflow's input: the instruction and what the workflow must know to run it."""
+    """The workflow's input: the instruction, the submitter's token, and how the trade is routed.
+
+    The routing (queues, local ledgers, settlement settings, precisions) is the
+    settlement worker's: a request that leaves it out gets the worker's, and one that
+    names any of it otherwise is REJECTED before anything is reserved. Trades started
+    before that rule carried their routing here and still replay on it.
+    """
 
     instruction: Instruction
     fingerprint: str
-    settlement_queue: str
-    ledger_queues: dict[str, str]
+    token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's signed token
+    settlement_queue: str | None = None
+    ledger_queues: dict[str, str] | None = None
     # Ledgers called through local activities of the settlement worker (see
     # LedgerConfig.local_activities); the others through their task queues.
-    local_ledgers: list[str] = Field(default_factory=list)
-    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
-    precisions: dict[str, int] = Field(default_factory=dict)  # asset -> decimals, for partial fills
+    local_ledgers: list[str] | None = None
+    settlement: SettlementConfig | None = None
+    precisions: dict[str, int] | None = None  # asset -> decimals, for partial fills
     # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
     # TradeSaga._step), as the client has asked since that change; false (absent), one
     # call per local ledger, as trades started before it did. In the input, and so in
@@ -147,24 +165,70 @@ class ScreenResult(_Model):
     party_tags: dict[str, str] | None = None
 
 
+class AdmitRequest(_Model):
+    """What the settlement worker is asked when a trade or batch starts (an activity's input)."""
+
+    token: str = Field(default="", max_length=MAX_TOKEN)
+    now: datetime  # the workflow's time: the token is judged at it
+    ledgers: list[str]
+    assets: list[str] = Field(default_factory=list)
+
+
+class Routing(_Model):
+    """The settlement worker's routing and policy for one trade's ledgers and assets."""
+
+    settlement_queue: str
+    ledger_queues: dict[str, str]  # of the requested ledgers the worker knows
+    local_ledgers: list[str]
+    unknown_ledgers: list[str] = Field(default_factory=list)
+    settlement: SettlementConfig
+    precisions: dict[str, int] = Field(default_factory=dict)
+    operators: list[str] = Field(default_factory=list)
+    operator_roles: list[str] = Field(default_factory=list)
+
+
+class Admission(_Model):
+    """The worker's verdict on a submission's token, and its routing; recorded, so a replay needs no key."""
+
+    subject: str = ""  # the verified subject; empty if the token was refused
+    roles: list[str] = Field(default_factory=list)
+    refused: str = ""  # why the token was refused
+    routing: Routing
+
+
+# Acting messages. ``token`` is the sender's signed token: the acting party is its
+# subject. ``party``, if given (``--as``), must be that subject. Messages recorded before
+# tokens carried only ``party``; they replay as they ran.
+
+
 class ApprovalMessage(_Model):
-    party: str = Field(min_length=1)
+    party: str = Field(default="", max_length=MAX_NAME)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class CancelMessage(_Model):
-    party: str = Field(min_length=1)
-    reason: str = ""
+    party: str = Field(default="", max_length=MAX_NAME)
+    reason: str = Field(default="", max_length=MAX_REASON)
+    token: str = Field(default="", max_length=MAX_TOKEN)
+
+
+class AffirmMessage(_Model):
+    """An owner's consent to the debits of its accounts in a trade submitted by someone else."""
+
+    party: str = Field(default="", max_length=MAX_NAME)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class ClaimMessage(_Model):
     """Claim an HTLC trade's leg with the secret: 32 bytes in hex whose SHA-256 is the hashlock.
 
     ``leg`` is the leg to claim; by default the payment leg (``legs[1]``) if it is
-    still open, else the other.
+    still open, else the other. Sent by a party of the trade (``token``).
     """
 
-    preimage: str = Field(min_length=1)
-    leg: int | None = None
+    preimage: str = Field(min_length=1, max_length=130)
+    leg: int | None = Field(default=None, ge=0, lt=MAX_LEGS)
+    token: str = Field(default="", max_length=MAX_TOKEN)
 
 
 class ClaimRequest(_Model):

@@ -62,6 +62,20 @@ Protocol = Literal["escrow", "htlc"]
 """How a trade settles: ``escrow`` (the orchestrated saga) or ``htlc`` (hashed timelocks)."""
 
 
+# What a caller may send, at most (docs/trust.md, "Limits"): beyond it a request is
+# refused naming the field, before anything starts.
+MAX_NAME = 128
+"""Characters in a name a caller sends: a trade id, ledger, asset, account, party or approver."""
+MAX_LEGS = 64
+MAX_APPROVERS = 16
+MAX_REASON = 500
+"""Characters in a cancel's reason."""
+MAX_TOKEN = 4096
+"""Characters in a signed token."""
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -74,10 +88,10 @@ class _Model(BaseModel):
 class Leg(_Model):
     """Move ``amount`` of ``asset`` on ``ledger`` from account ``from`` to account ``to``."""
 
-    ledger: str = Field(min_length=1)
-    asset: str = Field(min_length=1)
-    from_: str = Field(alias="from", min_length=1)
-    to: str = Field(min_length=1)
+    ledger: str = Field(min_length=1, max_length=MAX_NAME)
+    asset: str = Field(min_length=1, max_length=MAX_NAME)
+    from_: str = Field(alias="from", min_length=1, max_length=MAX_NAME)
+    to: str = Field(min_length=1, max_length=MAX_NAME)
     amount: Amount
 
     @field_validator("amount")
@@ -141,11 +155,11 @@ class Instruction(_Model):
     with the preimage revealed by the first claim. See ``workflows/htlc.py``.
     """
 
-    trade_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    legs: list[Leg] = Field(min_length=2, max_length=64)
+    trade_id: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    legs: list[Leg] = Field(min_length=2, max_length=MAX_LEGS)
     settle_within: timedelta | None = None
     deadline: AwareDatetime | None = None
-    approvers: list[str] = Field(default_factory=list)
+    approvers: list[Name] = Field(default_factory=list, max_length=MAX_APPROVERS)
     partial: Partial | None = None
     # Settlement protocol (see workflows/htlc.py for "htlc"); the HTLC terms apply to it only.
     protocol: Protocol = Field(default="escrow", validate_default=True)
@@ -243,6 +257,10 @@ class Instruction(_Model):
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def debited(self) -> list[str]:
+        """Every account a leg debits, in first-seen order."""
+        return list(dict.fromkeys(leg.from_ for leg in self.legs))
+
     def parties(self) -> list[str]:
         """Every account the trade touches, in first-seen order."""
         seen: dict[str, None] = {}
@@ -265,6 +283,7 @@ def normalise_sha256(value: str, what: str) -> str:
 
 class TradeStatus(StrEnum):
     PENDING = "PENDING"
+    AWAITING_AFFIRMATION = "AWAITING_AFFIRMATION"  # a debited account's owner has not consented yet
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     RESERVING = "RESERVING"
     AWAITING_CLAIM = "AWAITING_CLAIM"  # htlc: both legs locked, waiting for the preimage
@@ -350,6 +369,12 @@ class TradeView(_Model):
     errors: list[FieldError] = Field(default_factory=list)
     fingerprint: str = ""
     fills: list[FillView] = Field(default_factory=list)  # partial trades only
+    submitted_by: str = ""  # the verified subject of the submission's token
+    # Owners of debited accounts whose consent the trade needs, and those who gave it.
+    consent_from: list[str] = Field(default_factory=list)
+    consented: list[str] = Field(default_factory=list)
+    # Signals refused (no valid token, or not allowed): counted, never added to the timeline.
+    refused_signals: int = 0
 
 
 class HoldStatus(StrEnum):

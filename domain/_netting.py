@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ._config import SettlementConfig
 from ._errors import DvpError
-from ._models import Amount, FieldError, TimelineEvent, _Model
+from ._models import MAX_TOKEN, Amount, FieldError, TimelineEvent, _Model
 
 
 class DuplicateBatch(DvpError):
@@ -33,10 +33,11 @@ class BatchStatus(StrEnum):
     SETTLED = "SETTLED"  # every trade not removed settled
     EXPIRED = "EXPIRED"  # nothing settled: every hold released
     CANCELLED = "CANCELLED"  # cancelled through Temporal before the commit decision: nothing settled
+    REJECTED = "REJECTED"  # refused before anything was read or reserved (its submitter, its routing)
 
     @property
     def terminal(self) -> bool:
-        return self in (BatchStatus.SETTLED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+        return self in (BatchStatus.SETTLED, BatchStatus.EXPIRED, BatchStatus.CANCELLED, BatchStatus.REJECTED)
 
 
 class TradeOutcome(StrEnum):
@@ -55,9 +56,11 @@ class BatchRequest(_Model):
     trade_count: int
     fingerprint: str
     settle_within: timedelta
-    settlement_queue: str
-    ledger_queues: dict[str, str]
-    settlement: SettlementConfig = Field(default_factory=SettlementConfig)
+    token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's: an operator's
+    # The routing is the settlement worker's (see SettlementRequest): absent, or the same.
+    settlement_queue: str | None = None
+    ledger_queues: dict[str, str] | None = None
+    settlement: SettlementConfig | None = None
 
 
 class AccountRef(_Model):

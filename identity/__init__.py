@@ -9,11 +9,13 @@
 ``[auth]`` names the accepted issuers, the audience and the public keys by ``kid``
 (PEM files or a JWKS file; several at once, for rotation). The embedded default
 configuration uses the local development issuer, whose Ed25519 key pair is made
-under ``.dvp/auth/`` on first use. Imports only ``domain`` of the project.
+under ``.dvp/auth/`` on first use. A worker installs its verifier for the workflows
+it runs with ``install_verifier``. Imports only ``domain`` of the project.
 """
 
 from domain import AuthError
 
+from ._installed import install_verifier, installed_verifier, uninstall_verifier
 from ._keys import ALGORITHMS, VerificationKey, key_id, local_issuer_key, verification_keys
 from ._tokens import (
     MAX_ROLE_LENGTH,
@@ -24,6 +26,7 @@ from ._tokens import (
     TokenIssuer,
     Verifier,
     check_subject,
+    unverified_claims,
 )
 
 __all__ = [
@@ -38,7 +41,11 @@ __all__ = [
     "VerificationKey",
     "Verifier",
     "check_subject",
+    "install_verifier",
+    "installed_verifier",
     "key_id",
     "local_issuer_key",
+    "uninstall_verifier",
+    "unverified_claims",
     "verification_keys",
 ]

@@ -11,6 +11,7 @@ same history gives the same verdict on replay), and the subject and roles.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from domain import LOCAL_ISSUER, AuthConfig, AuthError, ConfigError
 
@@ -42,6 +47,7 @@ __all__ = [
     "TokenIssuer",
     "Verifier",
     "check_subject",
+    "unverified_claims",
 ]
 
 MAX_TOKEN_LENGTH = 4096
@@ -97,6 +103,25 @@ def _at(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
+def _import_signature_errors() -> None:
+    """Have cryptography import the exception it raises for a bad signature, here and now.
+
+    Its Rust core imports ``InvalidSignature`` lazily, the first time it raises it; in
+    a workflow's sandbox that import fails and aborts the whole process. A verifier
+    is built outside any sandbox (a worker starting), so it makes that first raise.
+    """
+    for verify in (
+        lambda: Ed25519PrivateKey.generate().public_key().verify(b"\0" * 64, b""),
+        lambda: (
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .verify(b"0\x06\x02\x01\x01\x02\x01\x01", b"", ec.ECDSA(hashes.SHA256()))
+        ),
+    ):
+        with contextlib.suppress(InvalidSignature):
+            verify()
+
+
 class Verifier:
     """Checks tokens against known keys, accepted issuers and one audience. Holds no state but those.
 
@@ -112,6 +137,7 @@ class Verifier:
         audience: str,
         max_lifetime: timedelta = timedelta(days=1),
     ) -> None:
+        _import_signature_errors()
         self._keys = {key.kid: key for key in keys}
         self._issuers = frozenset(issuers)
         self._audience = audience
@@ -251,3 +277,21 @@ class TokenIssuer:
         if roles:
             claims["roles"] = list(roles)
         return jwt.encode(claims, self._key, algorithm=self._algorithm, headers={"kid": self.kid})
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of ``token`` read WITHOUT checking its signature: never the basis of a decision.
+
+    For a client's courtesy checks of its own token before it sends anything (is it
+    expired? is it the ``--as`` party's?); the engine verifies every token itself.
+    ``AuthError`` if ``token`` is not a JWT.
+    """
+    if not isinstance(token, str) or not token:
+        raise AuthError("token: missing")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise AuthError(f"token: longer than {MAX_TOKEN_LENGTH} characters")
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        raise AuthError("token: not a signed JWT") from None
+    return claims

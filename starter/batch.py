@@ -12,7 +12,8 @@ legs: ``settle_within``, ``deadline`` and ``approvers`` belong to single trades 
 are refused here (the batch has its own time limit).
 
 The client stores the trades in the batch store in one bulk insert and starts the
-batch workflow with the batch id alone. Without an explicit id, the batch id is
+batch workflow with the batch id and the submitter's token: only an operator's
+batch settles (any other ends REJECTED, nothing reserved). Without an explicit id, the batch id is
 derived from the content, so submitting the same file twice settles it once.
 """
 
@@ -36,6 +37,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from connection import connect_client
 from domain import (
+    MAX_NAME,
+    AuthError,
     BatchNotFound,
     BatchRequest,
     BatchStatus,
@@ -156,9 +159,9 @@ def _fast(
             and type(payee) is str
             and type(text) is str
             and ledger in ledgers
-            and asset
-            and payer
-            and payee
+            and 0 < len(asset) <= MAX_NAME
+            and 0 < len(payer) <= MAX_NAME
+            and 0 < len(payee) <= MAX_NAME
             and payer != payee
             and not payer.startswith(_RESERVED)
             and not payee.startswith(_RESERVED)
@@ -224,16 +227,19 @@ def check_batch_id(batch_id: str) -> str:
 class BatchClient:
     """Submit netting batches and follow them. Build it with ``connect``."""
 
-    def __init__(self, client: Client, config: Config, store: BatchStore | None = None) -> None:
+    def __init__(
+        self, client: Client, config: Config, store: BatchStore | None = None, token: str | None = None
+    ) -> None:
         self.client = client
         self.config = config
         self.store = store or BatchStore(config.batches_url())
+        self.token = token
 
     @classmethod
-    async def connect(cls, config: Config | None = None) -> BatchClient:
+    async def connect(cls, config: Config | None = None, token: str | None = None) -> BatchClient:
         config = config or load_config()
         client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
-        return cls(client, config)
+        return cls(client, config, token=token)
 
     async def __aenter__(self) -> BatchClient:
         return self
@@ -252,28 +258,34 @@ class BatchClient:
         settle_within: timedelta | None = None,
         wait: bool = False,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> BatchView:
-        """Store the trades and start the batch; idempotent on the batch id.
+        """Store the trades and start the batch, as the token's subject (an operator); idempotent on the id.
 
-        Raises ``InvalidInstruction`` (nothing stored) for a malformed trade and
-        ``DuplicateBatch`` when the id exists with different content. With ``wait``
-        returns the final view, else the view as the batch starts.
+        Raises ``InvalidInstruction`` (nothing stored) for a malformed trade,
+        ``AuthError`` (nothing stored) without a token, and ``DuplicateBatch`` when
+        the id exists with different content. With ``wait`` returns the final view,
+        else the view as the batch starts.
         """
+        token = token or self.token
+        if not token:
+            raise AuthError(
+                "no token: submitting a batch needs an operator's signed token (token=, --token, "
+                "--token-file or $DVP_TOKEN); nothing was stored or sent"
+            )
         batch = trades if isinstance(trades, ParsedBatch) else parse_batch(trades, self.config)
         batch_id = check_batch_id(batch_id) if batch_id else batch.default_id()
         within = settle_within or self.config.batches.default_settle_within
         await asyncio.to_thread(
             self.store.insert_batch, batch_id, batch.fingerprint, batch.trades, batch.accounts
         )
-        ledgers = sorted({ledger for ledger, _account, _asset in batch.accounts})
+        # The routing is the settlement worker's: the request names none.
         request = BatchRequest(
             batch_id=batch_id,
             trade_count=len(batch.trades),
             fingerprint=batch.fingerprint,
             settle_within=within,
-            settlement_queue=self.config.settlement_queue(),
-            ledger_queues={name: self.config.ledger_queue(name) for name in ledgers},
-            settlement=self.config.settlement,
+            token=token,
         )
         # Already started: the same content was submitted before (the store checked the fingerprint).
         with contextlib.suppress(WorkflowAlreadyStartedError):

@@ -12,6 +12,11 @@ account is refused at once too. Both raise ``InvalidInstruction`` naming the fie
 An instruction with ``"protocol": "htlc"`` runs the HTLC workflow instead of the
 escrow saga, under the same workflow id, so ``status``, ``wait`` and ``list`` treat
 both alike; ``claim`` hands it the secret.
+
+Every acting call (submit, approve, cancel, affirm, claim) sends the client's signed
+token (``token=``, from ``dvp auth token`` or your identity provider), or the one the
+call is given; the engine acts for the token's subject. Without a token nothing is
+sent (``AuthError``). Reading (status, wait, list) needs none.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from connection import connect_client, party_tagger
 from domain import (
+    AffirmMessage,
     ApprovalMessage,
+    AuthError,
     CancelMessage,
     ClaimMessage,
     Config,
@@ -52,6 +59,7 @@ from domain import (
     load_config,
     normalise_sha256,
 )
+from identity import unverified_claims
 from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
 
 from ._checks import check_ledger, check_precision, invalid_from
@@ -84,17 +92,22 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
 
 
 class SettlementClient:
-    """Submit and manage settlements. Build it with ``connect``."""
+    """Submit and manage settlements. Build it with ``connect``; ``token`` is who it acts for."""
 
-    def __init__(self, client: Client, config: Config) -> None:
+    def __init__(self, client: Client, config: Config, token: str | None = None) -> None:
         self.client = client
         self.config = config
+        self.token = token
 
     @classmethod
-    async def connect(cls, config: Config | None = None) -> SettlementClient:
+    async def connect(cls, config: Config | None = None, token: str | None = None) -> SettlementClient:
         config = config or load_config()
         client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
-        return cls(client, config)
+        return cls(client, config, token)
+
+    def with_token(self, token: str) -> SettlementClient:
+        """A client on the same connection that acts with ``token``."""
+        return SettlementClient(self.client, self.config, token)
 
     async def __aenter__(self) -> SettlementClient:
         return self
@@ -105,30 +118,48 @@ class SettlementClient:
     def _handle(self, trade_id: str) -> WorkflowHandle[Any, TradeView]:
         return self.client.get_workflow_handle_for(SettlementWorkflow.run, workflow_id_for(trade_id))
 
-    def settlement_request(self, instruction: Instruction) -> SettlementRequest:
-        """The settlement workflow's input for ``instruction`` under this client's config."""
-        ledgers = {leg.ledger for leg in instruction.legs}
+    def _token(self, token: str | None, party: str | None = None) -> str:
+        """The token to act with; ``AuthError`` (nothing sent) if there is none or it is not ``party``'s."""
+        token = token or self.token
+        if not token:
+            raise AuthError(
+                "no token: acting on a trade needs a signed token (token=, --token, --token-file or "
+                "$DVP_TOKEN; make one with `dvp auth token SUBJECT`); nothing was sent"
+            )
+        if party:
+            subject = unverified_claims(token).get("sub")
+            if subject != party:
+                raise AuthError(f"party: {party!r} is not the token's subject {subject!r}; nothing was sent")
+        return token
+
+    def settlement_request(self, instruction: Instruction, token: str = "") -> SettlementRequest:
+        """The settlement workflow's input for ``instruction``: the routing is left to the worker."""
         return SettlementRequest(
             instruction=instruction,
             fingerprint=instruction.fingerprint(),
-            settlement_queue=self.config.settlement_queue(),
-            ledger_queues={name: self.config.ledger_queue(name) for name in sorted(ledgers)},
-            local_ledgers=[name for name in self.config.local_ledgers() if name in ledgers],
-            settlement=self.config.settlement,
-            precisions={leg.asset: self.config.precision(leg.asset) for leg in instruction.legs},
+            token=token,
             local_steps=True,
         )
 
-    async def submit(self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True) -> TradeView:
-        """Start settling one instruction; idempotent on the trade id.
+    async def submit(
+        self, data: Mapping[str, Any] | Instruction, *, wait_accepted: bool = True, token: str | None = None
+    ) -> TradeView:
+        """Start settling one instruction, as the token's subject; idempotent on the trade id.
 
         With ``wait_accepted`` (the default) this returns once the accounts are
         validated and the trade screened, and raises ``InvalidInstruction`` if an
-        account is unknown. Submitting the same content again returns the existing
-        trade; different content under the same id raises ``DuplicateTrade``.
+        account is unknown (or the engine refused the token: field ``token``).
+        Submitting the same content again returns the existing trade; different
+        content under the same id raises ``DuplicateTrade``. A submitter that owns
+        no account of the trade and is not an operator gets it back REJECTED.
         """
         instruction = parse_instruction(data, self.config)
-        request = self.settlement_request(instruction)
+        token = self._token(token)
+        # A courtesy check of our own token: an expired one would burn the trade id.
+        expires = unverified_claims(token).get("exp")
+        if isinstance(expires, (int, float)) and expires <= datetime.now(UTC).timestamp():
+            raise AuthError("token: expired; nothing was sent")
+        request = self.settlement_request(instruction, token)
         # the protocol picks the workflow; both answer the same updates and queries
         workflow_class: Any = HtlcWorkflow if instruction.protocol == "htlc" else SettlementWorkflow
         # one workflow per trade id, ever: a running one is joined, a closed one refused
@@ -174,14 +205,16 @@ class SettlementClient:
         *,
         wait_accepted: bool = True,
         concurrency: int = 32,
+        token: str | None = None,
     ) -> list[TradeView | Exception]:
         """Submit several instructions; each result is a view or the error it raised."""
+        token = self._token(token)  # none: nothing is sent
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(item: Mapping[str, Any] | Instruction) -> TradeView | Exception:
             async with semaphore:
                 try:
-                    return await self.submit(item, wait_accepted=wait_accepted)
+                    return await self.submit(item, wait_accepted=wait_accepted, token=token)
                 except (InvalidInstruction, DuplicateTrade) as exc:
                     return exc
 
@@ -206,31 +239,45 @@ class SettlementClient:
                 raise TradeNotFound(f"no trade {trade_id!r}") from None
             raise
 
-    async def approve(self, trade_id: str, party: str) -> Decision:
-        """Approve as ``party``; raises ``RequestRejected`` with the reason if refused."""
-        return await self._decide(trade_id, SettlementWorkflow.approve_update, ApprovalMessage(party=party))
+    async def approve(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
+        """Approve as the token's subject (``party``, if given, must be it); ``RequestRejected`` if not."""
+        message = ApprovalMessage(party=party or "", token=self._token(token, party))
+        return await self._decide(trade_id, SettlementWorkflow.approve_update, message)
 
-    async def cancel(self, trade_id: str, party: str, reason: str = "") -> Decision:
-        """Cancel as ``party``; raises ``RequestRejected`` with the reason if refused."""
-        message = CancelMessage(party=party, reason=reason)
+    async def cancel(
+        self, trade_id: str, party: str | None = None, reason: str = "", *, token: str | None = None
+    ) -> Decision:
+        """Cancel as the token's subject; ``RequestRejected`` with the reason if refused."""
+        message = CancelMessage(party=party or "", reason=reason, token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.cancel_update, message)
 
-    async def claim(self, trade_id: str, preimage: str, leg: int | None = None) -> TradeView:
+    async def affirm(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
+        """Consent, as the token's subject, to the trade's debits of its accounts.
+
+        A trade submitted by someone else waits in AWAITING_AFFIRMATION until every
+        owner of an account it debits has affirmed. ``RequestRejected`` if refused.
+        """
+        message = AffirmMessage(party=party or "", token=self._token(token, party))
+        return await self._decide(trade_id, SettlementWorkflow.affirm, message)
+
+    async def claim(
+        self, trade_id: str, preimage: str, leg: int | None = None, *, token: str | None = None
+    ) -> TradeView:
         """Claim a leg of an HTLC trade with the secret whose SHA-256 is its hashlock.
 
         ``leg`` defaults to the payment leg (``legs[1]``) while it is open. Returns
         the view once the claim, and the claim of the other leg it lets the engine
         make (``auto_claim``), ended. A malformed preimage raises ``InvalidInstruction``;
-        a wrong one, or a leg that cannot be claimed now, ``RequestRejected``; in both
-        cases nothing changes and the preimage is not recorded.
+        a wrong one, a leg that cannot be claimed now, or a sender that is not a
+        party, ``RequestRejected``; in each case nothing changes and the preimage is
+        not recorded.
         """
         try:
             normalise_sha256(preimage, "a 32-byte secret")
         except ValueError as exc:
             raise InvalidInstruction("preimage", str(exc)) from None
-        view: TradeView = await self._update(
-            trade_id, HtlcWorkflow.claim, ClaimMessage(preimage=preimage, leg=leg)
-        )
+        message = ClaimMessage(preimage=preimage, leg=leg, token=self._token(token))
+        view: TradeView = await self._update(trade_id, HtlcWorkflow.claim, message)
         return view
 
     async def _update(self, trade_id: str, update: Any, message: Any) -> Any:
@@ -244,7 +291,10 @@ class SettlementClient:
                 raise RequestRejected(f"trade is already {view.status.value}") from None
             raise
         except WorkflowUpdateFailedError as exc:
-            raise RequestRejected(str(exc.cause or exc)) from None
+            cause = exc.cause
+            raise RequestRejected(
+                cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
+            ) from None
 
     async def _decide(self, trade_id: str, update: Any, message: Any) -> Decision:
         decision: Decision = await self._update(trade_id, update, message)

@@ -2,7 +2,9 @@
 
 ``settlement`` gives a running engine on the session's real dev server with two
 fresh SQLite ledgers (``cash`` and ``securities``), its own task queues, and the
-accounts of ``STANDARD_ACCOUNTS``.
+accounts of ``STANDARD_ACCOUNTS``. The engine trusts the test issuer
+(``tests/_fixtures_auth.py``); its ``client`` acts as the operator ``ops``, and
+``engine.acting("alice")`` is a client that acts as alice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from starter.client import SettlementClient
 from starter.ledgers import opened, parse_seed, seed
 from worker import run_worker
 
+from ._fixtures_auth import auth_section, token
+
 STANDARD_ACCOUNTS = [
     {"ledger": "securities", "id": "bob-sec", "asset": "BOND-2030", "owner": "bob", "balance": "1000"},
     {"ledger": "securities", "id": "alice-sec", "asset": "BOND-2030", "owner": "alice", "balance": "0"},
@@ -42,9 +46,13 @@ def make_config(
     prefix: str,
     *,
     local_activities: bool | Collection[str] = True,
+    auth: dict[str, Any] | None = None,
     **settlement: Any,
 ) -> Config:
-    """SQL ledgers at ``urls``: ``local_activities`` true, false, or the names of the local ones."""
+    """SQL ledgers at ``urls``: ``local_activities`` true, false, or the names of the local ones.
+
+    ``auth`` replaces the test issuer's ``[auth]``.
+    """
 
     def local(name: str) -> bool:
         return local_activities if isinstance(local_activities, bool) else name in local_activities
@@ -59,6 +67,7 @@ def make_config(
             "roles": {"operators": ["ops"]},
             "temporal": {"task_queue_prefix": prefix},
             "settlement": {"recycle_interval": "PT0.2S", "max_recycle_interval": "PT1S", **settlement},
+            "auth": auth if auth is not None else auth_section(),
         }
     )
 
@@ -86,6 +95,10 @@ class Engine:
     config: Config
     ledgers: dict[str, Ledger]
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def acting(self, subject: str, *roles: str) -> SettlementClient:
+        """A client on the engine's connection that acts as ``subject`` (a test issuer's token)."""
+        return self.client.with_token(token(subject, roles))
 
     def balance(self, ledger: str, account: str) -> Decimal:
         return self.ledgers[ledger].account(account).balance
@@ -122,7 +135,7 @@ async def run_engine(
     """
     with opened(config) as ledgers:
         seed(config, parse_seed({"accounts": STANDARD_ACCOUNTS}, config), ledgers)
-        engine = Engine(SettlementClient(temporal_client, config), config, ledgers)
+        engine = Engine(SettlementClient(temporal_client, config, token("ops")), config, ledgers)
         task = asyncio.create_task(
             run_worker(config, temporal_client, stop=engine._stop, instances={**ledgers, **(instances or {})})
         )

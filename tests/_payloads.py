@@ -9,9 +9,10 @@ from temporalio.api.common.v1 import Payload
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowHistory
 
-# The SDK's core writes one payload itself, beside a local activity's result: the
-# marker's "data" (sequence number, attempt, activity type, times), which no codec sees.
-CORE_MARKER = "core_local_activity"
+# The SDK's core writes two payloads itself, which no codec sees: a local activity
+# marker's "data" (sequence number, attempt, activity type, times; the result beside it
+# is ours), and a patch marker's "patch-data" (the patch id).
+CORE_MARKERS = {"core_local_activity": "data", "core_patch": "patch-data"}
 
 
 def _walk(message: Any, skip: frozenset[str]) -> Iterator[Payload]:
@@ -33,9 +34,11 @@ def _walk(message: Any, skip: frozenset[str]) -> Iterator[Payload]:
 
 
 def core_marker_data(event: HistoryEvent) -> Payload | None:
+    """The payload core wrote itself into a marker event, if the event is such a marker."""
     marker = event.marker_recorded_event_attributes
-    if marker.marker_name == CORE_MARKER and "data" in marker.details:
-        (payload,) = marker.details["data"].payloads
+    key = CORE_MARKERS.get(marker.marker_name)
+    if key is not None and key in marker.details:
+        (payload,) = marker.details[key].payloads
         return payload
     return None
 
@@ -46,7 +49,7 @@ def history_payloads(
     """The payloads of every event that went through the codec.
 
     ``search_attributes`` adds the search attributes' (which no codec sees), and
-    ``core_markers`` the local activity markers' data that the SDK's core writes.
+    ``core_markers`` the markers' data that the SDK's core writes (``CORE_MARKERS``).
     """
     skip = frozenset() if search_attributes else frozenset({"search_attributes"})
     found = []

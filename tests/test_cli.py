@@ -12,6 +12,7 @@ from typing import Any
 
 from starter.instructions import dvp_instruction
 
+from ._fixtures_auth import auth_toml, token
 from ._fixtures_settlement import Engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,15 +24,21 @@ def config_file(engine: Engine, address: str, tmp_path: Path) -> Path:
         lines += [f"[ledgers.{name}]", 'kind = "sql"', f'url = "{ledger.url}"', ""]
     prefix = engine.config.temporal.task_queue_prefix
     lines += ["[compliance]", 'sanctioned = ["mallory"]', ""]
-    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"']
+    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"', "", auth_toml()]
     path = tmp_path / "dvp.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-async def dvp(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+async def dvp(
+    config: Path, *args: str, stdin: str | None = None, as_: str | None = "ops"
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dvp`` with ``$DVP_TOKEN`` a test issuer's token for ``as_`` (None: no token)."""
     env = {**os.environ, "DVP_CONFIG": str(config)}
     env.pop("TEMPORAL_ADDRESS", None)
+    env.pop("DVP_TOKEN", None)
+    if as_ is not None:
+        env["DVP_TOKEN"] = token(as_)
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "starter.cli", *args],
@@ -92,8 +99,8 @@ async def test_rejected_approve_exits_1_with_the_reason(
     config = config_file(settlement, temporal_server.address, tmp_path)
     await settlement.client.submit({**trade("C-appr"), "approvers": ["notary"]})
 
-    wrong = await dvp(config, "approve", "C-appr", "--as", "bob")
-    right = await dvp(config, "approve", "C-appr", "--as", "notary")
+    wrong = await dvp(config, "approve", "C-appr", "--as", "bob", as_="bob")
+    right = await dvp(config, "approve", "C-appr", "--as", "notary", as_="notary")
 
     assert wrong.returncode == 1
     assert "rejected: bob is not an approver of this trade" in wrong.stderr

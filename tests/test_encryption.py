@@ -38,6 +38,7 @@ from processes.devserver import DevServer, _free_port, find_temporal_binary
 from starter.instructions import dvp_instruction
 from workflows import HtlcWorkflow, SettlementWorkflow, workflow_id_for
 
+from ._fixtures_auth import token
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 from ._payloads import history_payloads
 from .test_cli import config_file, dvp
@@ -51,14 +52,8 @@ def trade(trade_id: str, **extra: Any) -> dict[str, Any]:
     return dvp_instruction(trade_id, "bob", "alice", BONDS, CASH, **extra)
 
 
-def with_auth(config: Config, tmp_path: Path, **codec: Any) -> Config:
-    """``config`` with the local development issuer's keys under ``tmp_path``, and ``codec``."""
-    auth = AuthConfig(local_issuer=True, local_keys=str(tmp_path / "auth"))
-    return config.model_copy(update={"auth": auth, "codec": CodecConfig(**codec)})
-
-
-def token(config: Config, subject: str, *roles: str) -> str:
-    return TokenIssuer.from_config(config.auth).issue(subject, list(roles))
+def with_codec(config: Config, **codec: Any) -> Config:
+    return config.model_copy(update={"codec": CodecConfig(**codec)})
 
 
 async def raw_history(server: DevServer, workflow_id: str) -> dict[str, Any]:
@@ -115,7 +110,7 @@ async def test_a_settled_trades_raw_history_names_no_account_owner_amount_or_pre
     await settlement.client.submit(trade("E-plain"))
     await settlement.client.submit(trade("E-htlc", protocol="htlc", hashlock=hashlock, settle_within="PT60S"))
     await wait_for_status(settlement, "E-htlc", TradeStatus.AWAITING_CLAIM, timeout=60)
-    await settlement.client.claim("E-htlc", preimage)
+    await settlement.acting("bob").claim("E-htlc", preimage)
     for trade_id in ("E-plain", "E-htlc"):
         assert (await settlement.client.wait(trade_id, timeout=60)).status is TradeStatus.SETTLED
 
@@ -156,7 +151,7 @@ async def test_dvp_parties_holds_keyed_hashes_of_accounts_and_owners(settlement:
 async def test_hash_parties_off_publishes_the_names(
     temporal_server: DevServer, task_queue_prefix: str, tmp_path: Path
 ) -> None:
-    config = with_auth(make_config(sqlite_urls(tmp_path), task_queue_prefix), tmp_path, hash_parties=False)
+    config = with_codec(make_config(sqlite_urls(tmp_path), task_queue_prefix), hash_parties=False)
     client = await temporal_server.connect(codec=config.codec)
     async with run_engine(client, config) as engine:
         await engine.client.submit(trade("E-names"))
@@ -171,9 +166,9 @@ async def test_hash_parties_off_publishes_the_names(
 
 
 @pytest.fixture
-def codec_config(settlement: Engine, tmp_path: Path) -> Config:
-    """The engine's config with a local token issuer, its codec the one the session's client uses."""
-    return with_auth(settlement.config, tmp_path)
+def codec_config(settlement: Engine) -> Config:
+    """The engine's config: the test issuer's tokens, the codec the session's client uses."""
+    return settlement.config
 
 
 @pytest.fixture
@@ -216,13 +211,13 @@ async def test_codec_server_decodes_for_a_valid_token(
     answer = await post(
         f"{codec_server.url}/decode",
         body,
-        Authorization=f"Bearer {token(codec_config, 'ops')}",
+        Authorization=f"Bearer {token('ops')}",
         Origin="http://127.0.0.1:8233",
     )
     viewer = await post(
-        f"{codec_server.url}/decode", body, Authorization=f"Bearer {token(codec_config, 'v', 'codec-viewer')}"
+        f"{codec_server.url}/decode", body, Authorization=f"Bearer {token('v', ['codec-viewer'])}"
     )
-    in_path = await post(f"{codec_server.url}/t/{token(codec_config, 'ops')}/decode", body)
+    in_path = await post(f"{codec_server.url}/t/{token('ops')}/decode", body)
 
     assert answer.status_code == 200, answer.text
     assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"
@@ -236,18 +231,19 @@ async def test_codec_server_refuses_without_a_valid_token_or_from_another_origin
     settlement: Engine, codec_config: Config, codec_server: CodecServerThread, tmp_path: Path
 ) -> None:
     body = as_json(await encrypted_payloads(settlement, "E-refused"))
-    good = token(codec_config, "ops")
+    good = token("ops")
     header, claims, signature = good.split(".")
     altered = f"{header}.{claims[:-4]}AAAA.{signature}"
-    foreign = with_auth(codec_config, tmp_path / "other")  # another issuer key, same names
+    local = AuthConfig(local_issuer=True, local_keys=str(tmp_path / "auth"))  # a key the server lacks
+    foreign = TokenIssuer.from_config(local).issue("ops")
     decode = f"{codec_server.url}/decode"
-    viewer = token(codec_config, "v", "codec-viewer")
+    viewer = token("v", ["codec-viewer"])
 
     answers = {
         "no token": await post(decode, body),
         "altered": await post(decode, body, Authorization=f"Bearer {altered}"),
-        "unknown key": await post(decode, body, Authorization=f"Bearer {token(foreign, 'ops')}"),
-        "not a viewer": await post(decode, body, Authorization=f"Bearer {token(codec_config, 'alice')}"),
+        "unknown key": await post(decode, body, Authorization=f"Bearer {foreign}"),
+        "not a viewer": await post(decode, body, Authorization=f"Bearer {token('alice')}"),
         "wrong origin": await post(
             decode, body, Authorization=f"Bearer {good}", Origin="http://evil.example"
         ),
@@ -289,7 +285,7 @@ async def test_temporal_cli_reads_the_trade_through_the_codec_endpoint(
 
     shown = await asyncio.to_thread(
         subprocess.run,
-        [*command, "--codec-auth", f"Bearer {token(codec_config, 'ops')}"],
+        [*command, "--codec-auth", f"Bearer {token('ops')}"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -333,7 +329,7 @@ async def test_web_ui_shows_a_decoded_trade_through_the_codec_endpoint(
     task_queue_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="dvp.codec-server")
-    config = with_auth(make_config(sqlite_urls(tmp_path), task_queue_prefix), tmp_path)
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
     server = DevServer(port=_free_port(), ui_port=_free_port())
     assert server.ui_url
     codec = CodecServer.from_config(config, origins=origins_of(server.ui_url))
@@ -368,7 +364,7 @@ async def test_trades_started_under_the_old_key_finish_and_replay_after_rotation
 ) -> None:
     keys = tmp_path / "codec-keys.json"
     keys.write_text(KeyRing.generate().to_json())
-    config = with_auth(make_config(sqlite_urls(tmp_path), task_queue_prefix), tmp_path, key_file=str(keys))
+    config = with_codec(make_config(sqlite_urls(tmp_path), task_queue_prefix), key_file=str(keys))
     old = load_key_ring(config.codec).active
 
     async with engine_with(temporal_server, config) as (engine, _):
@@ -408,8 +404,8 @@ async def test_trades_started_under_the_old_key_finish_and_replay_after_rotation
 async def test_an_unknown_key_id_is_refused_and_changes_nothing(
     temporal_server: DevServer, task_queue_prefix: str, tmp_path: Path
 ) -> None:
-    config = with_auth(
-        make_config(sqlite_urls(tmp_path), task_queue_prefix), tmp_path, key_file=str(tmp_path / "keys.json")
+    config = with_codec(
+        make_config(sqlite_urls(tmp_path), task_queue_prefix), key_file=str(tmp_path / "keys.json")
     )
     (tmp_path / "keys.json").write_text(KeyRing.generate().to_json())
     stranger = await connect_client(temporal_server.address, codec=EncryptionCodec(KeyRing.generate()))
@@ -419,14 +415,15 @@ async def test_an_unknown_key_id_is_refused_and_changes_nothing(
         await engine.client.submit(trade("E-stranger", approvers=["notary"], settle_within="PT60S"))
         await wait_for_status(engine, "E-stranger", TradeStatus.AWAITING_APPROVAL)
         # sealed with a key the worker does not hold: a signal dropped, an update rejected
-        await handle.signal("approve", {"party": "notary"})
+        approval = {"party": "notary", "token": token("notary")}
+        await handle.signal("approve", approval)
         with pytest.raises(WorkflowUpdateFailedError):  # why, only the worker's key holders read
-            await handle.execute_update("approve_update", {"party": "notary"})
+            await handle.execute_update("approve_update", approval)
         with pytest.raises(PayloadRefused, match="encrypted with key id '.+', which this key ring does not"):
             await handle.query(SettlementWorkflow.status)  # the worker's answer, to the stranger
         view = await engine.client.status("E-stranger")
         assert view.status is TradeStatus.AWAITING_APPROVAL
-        await engine.client.approve("E-stranger", "notary")  # the trade was not wedged
+        await engine.acting("notary").approve("E-stranger")  # the trade was not wedged
         assert (await engine.client.wait("E-stranger")).status is TradeStatus.SETTLED
 
 

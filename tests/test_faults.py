@@ -55,6 +55,7 @@ from worker import run_worker
 from workflows import workflow_id_for
 from workflows._saga import STATUS
 
+from ._fixtures_auth import auth_toml, token
 from ._fixtures_settlement import STANDARD_ACCOUNTS
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,8 @@ def write_config(tmp_path: Path, server: DevServer, prefix: str, queued: tuple[s
         + '[roles]\noperators = ["ops"]\n\n'
         + f'[temporal]\naddress = "{server.address}"\nnamespace = "{server.namespace}"\n'
         + f'task_queue_prefix = "{prefix}"\n\n'
-        + '[settlement]\nrecycle_interval = "PT0.2S"\nmax_recycle_interval = "PT1S"\n'
+        + '[settlement]\nrecycle_interval = "PT0.2S"\nmax_recycle_interval = "PT1S"\n\n'
+        + auth_toml()
     )
     return path
 
@@ -276,7 +278,7 @@ async def test_worker_killed_mid_settlement_leaves_every_trade_whole(
     """
     config_path = write_config(tmp_path, temporal_server, task_queue_prefix)
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-dvp-{i}", "bob", "10", f"{100 + i}.25") for i in range(20)]
     good += [four_legs(f"K-{uid}-4leg-{i}", i) for i in range(5)]
@@ -355,7 +357,7 @@ async def test_orchestrator_killed_while_a_commit_is_blocked_settles_after_resta
     """
     config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     trade_id = f"K-{task_queue_prefix.removeprefix('t-')}-blocked"
     instruction = Instruction.model_validate(dvp(trade_id, "bob", "100", "9950.00"))
 
@@ -427,7 +429,7 @@ async def test_cash_ledger_worker_killed_and_restarted_leaves_every_trade_whole(
     """
     config_path = write_config(tmp_path, temporal_server, task_queue_prefix, queued=("cash",))
     config = load_config(config_path)
-    client = SettlementClient(temporal_client, config)
+    client = SettlementClient(temporal_client, config, token("ops"))
     uid = task_queue_prefix.removeprefix("t-")
     good = [dvp(f"K-{uid}-l-dvp-{i}", "bob", "7", f"{70 + i}.50") for i in range(8)]
     good += [four_legs(f"K-{uid}-l-4leg-{i}", i) for i in range(2)]

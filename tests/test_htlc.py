@@ -111,7 +111,7 @@ async def test_htlc_trade_settles_when_the_seller_claims(settlement: Engine) -> 
     # the seller's leg has the longer timelock
     assert holds["H-settle#0"].expires_at > holds["H-settle#1"].expires_at  # type: ignore[operator]
 
-    await settlement.client.claim("H-settle", preimage)
+    await settlement.acting("bob").claim("H-settle", preimage)
     final = await settlement.client.wait("H-settle", timeout=60)
 
     assert final.status is TradeStatus.SETTLED, final.reason
@@ -149,9 +149,9 @@ async def test_wrong_preimage_is_rejected_and_changes_nothing(settlement: Engine
     before, holds_before = settlement.balances(), settlement.open_holds()
 
     with pytest.raises(RequestRejected, match="preimage: its SHA-256 does not match"):
-        await settlement.client.claim("H-wrong", wrong)
+        await settlement.acting("bob").claim("H-wrong", wrong)
     with pytest.raises(InvalidInstruction, match="preimage"):
-        await settlement.client.claim("H-wrong", "not-hex")
+        await settlement.acting("bob").claim("H-wrong", "not-hex")
 
     view = await settlement.client.status("H-wrong")
     assert view.status is TradeStatus.AWAITING_CLAIM
@@ -160,7 +160,7 @@ async def test_wrong_preimage_is_rejected_and_changes_nothing(settlement: Engine
     assert settlement.open_holds() == holds_before
     assert not secret_in(await history_bytes(settlement, "H-wrong"), wrong)  # rejected before recording
 
-    await settlement.client.claim("H-wrong", preimage)
+    await settlement.acting("bob").claim("H-wrong", preimage)
     assert (await settlement.client.wait("H-wrong", timeout=60)).status is TradeStatus.SETTLED
 
 
@@ -176,7 +176,7 @@ async def test_preimage_is_in_no_workflow_payload_before_the_claim(settlement: E
     described = await handle.describe()
     assert not secret_in(repr(described.raw_description).encode(), preimage)  # memo, search attributes
 
-    await settlement.client.claim("H-secret", preimage)
+    await settlement.acting("bob").claim("H-secret", preimage)
     assert secret_in(await history_bytes(settlement, "H-secret"), preimage)  # the claim reveals it
     assert (await settlement.client.wait("H-secret", timeout=60)).status is TradeStatus.SETTLED
 
@@ -260,7 +260,7 @@ async def test_htlc_ends_one_sided_when_the_other_claim_does_not_get_through(
             await wait_for_status(engine, "H-down", TradeStatus.AWAITING_CLAIM)
             securities.down.set()  # alice's claim of the bonds will not get through
 
-            await engine.client.claim("H-down", preimage)
+            await engine.acting("bob").claim("H-down", preimage)
             final = await engine.client.wait("H-down", timeout=90)
 
             assert final.status is TradeStatus.ONE_SIDED, final.reason
@@ -287,7 +287,7 @@ async def test_htlc_buyer_who_never_claims_is_left_one_sided(
         await engine.client.submit(instruction)
         await wait_for_status(engine, "H-walk", TradeStatus.AWAITING_CLAIM)
 
-        claimed = await engine.client.claim("H-walk", preimage)  # bob takes the cash
+        claimed = await engine.acting("bob").claim("H-walk", preimage)  # bob takes the cash
         assert [leg.state for leg in claimed.legs] == [LegState.HELD, LegState.COMMITTED]
         assert any(preimage in e.detail for e in claimed.timeline)  # public now, for alice to use
         final = await engine.client.wait("H-walk", timeout=90)  # ...but alice never does
@@ -361,8 +361,8 @@ async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server:
     assert listed_text.returncode == 0 and "H-cli" in listed_text.stdout
 
     malformed = await dvp(config, "claim", "H-cli", "--preimage", "xyz")
-    wrong = await dvp(config, "claim", "H-cli", "--preimage", new_secret()[0])
-    right = await dvp(config, "claim", "H-cli", "--preimage", preimage, "--json")
+    wrong = await dvp(config, "claim", "H-cli", "--preimage", new_secret()[0], as_="bob")
+    right = await dvp(config, "claim", "H-cli", "--preimage", preimage, "--json", as_="bob")
 
     assert malformed.returncode == 2 and "preimage: must be a 32-byte secret" in malformed.stderr
     assert wrong.returncode == 1 and "does not match the trade's hashlock" in wrong.stderr

@@ -38,6 +38,7 @@ from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from stores import BatchStore
 from workflows import NettingBatchWorkflow
 
+from ._fixtures_auth import auth_toml, token
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 from .test_faults import WorkerProcess, workers, write_config
 
@@ -145,7 +146,7 @@ async def test_random_batch_settles_like_every_trade_one_by_one(engine: Engine, 
     seed_accounts(engine, participant_accounts())
     trades = random_batch(10_000, seed_value=20240601)
     before = balances(engine)
-    client = BatchClient(temporal_client, engine.config)
+    client = BatchClient(temporal_client, engine.config, token=token("ops"))
     view = await client.submit(trades, batch_id="random-10k", wait=True, timeout=240)
 
     assert view.status is BatchStatus.SETTLED, view.reason
@@ -215,7 +216,7 @@ async def test_insolvent_participant_removes_the_trades_it_cannot_cover(
     seed_accounts(engine, WORKED_ACCOUNTS)
     trades = worked_trades()
     before = balances(engine)
-    client = BatchClient(temporal_client, engine.config)
+    client = BatchClient(temporal_client, engine.config, token=token("ops"))
     view = await client.submit(trades, batch_id="insolvent", wait=True, timeout=120)
 
     assert view.status is BatchStatus.SETTLED, view.reason
@@ -286,7 +287,7 @@ async def test_duplicate_batch_id_is_refused_and_resubmission_settles_once(
     engine: Engine, temporal_client: Any
 ) -> None:
     seed_accounts(engine, WORKED_ACCOUNTS)
-    client = BatchClient(temporal_client, engine.config)
+    client = BatchClient(temporal_client, engine.config, token=token("ops"))
     trades = [dvp("D1", "ben", "ann", 10, "100.00"), dvp("D2", "cat", "ann", 5, "50.00")]
     before = balances(engine)
     first = await client.submit(trades, batch_id="dup", wait=True, timeout=120)
@@ -336,14 +337,14 @@ def _config_file(engine: Engine, address: str, tmp_path: Path) -> Path:
     lines += ["[compliance]", 'sanctioned = ["mallory"]', ""]
     lines += ["[batches]", f'url = "{engine.config.batches_url()}"', ""]
     prefix = engine.config.temporal.task_queue_prefix
-    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"']
+    lines += ["[temporal]", f'address = "{address}"', f'task_queue_prefix = "{prefix}"', "", auth_toml()]
     path = tmp_path / "dvp.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 async def _dvp(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DVP_CONFIG": str(config)}
+    env = {**os.environ, "DVP_CONFIG": str(config), "DVP_TOKEN": token("ops")}
     env.pop("TEMPORAL_ADDRESS", None)
     return await asyncio.to_thread(
         subprocess.run,
@@ -369,7 +370,7 @@ async def test_cli_refuses_a_bad_file_storing_nothing_and_settles_a_good_one(
     assert refused.returncode == 2, refused.stderr
     assert "trades[1].legs[1].amount" in refused.stderr and "positive" in refused.stderr
     with pytest.raises(BatchNotFound):
-        await BatchClient(temporal_client, engine.config).status("cli-bad")
+        await BatchClient(temporal_client, engine.config, token=token("ops")).status("cli-bad")
     missing = await _dvp(config, "batch", "status", "cli-bad")
     assert missing.returncode == 1 and "no batch" in missing.stderr
 
@@ -427,7 +428,7 @@ async def test_a_ledger_failing_after_the_decision_delays_but_settles_the_batch(
         seed_accounts(engine, WORKED_ACCOUNTS)
         before = balances(engine)
         trades = [t for t in worked_trades() if t["trade_id"] in ("N2", "N3", "N6")]
-        view = await BatchClient(temporal_client, engine.config).submit(
+        view = await BatchClient(temporal_client, engine.config, token=token("ops")).submit(
             trades, batch_id="flaky", wait=True, timeout=120
         )
         assert view.status is BatchStatus.SETTLED, view.reason
@@ -446,7 +447,7 @@ async def test_a_ledger_refusing_before_the_decision_releases_everything(
     async with run_engine(temporal_client, config, instances={"securities": refusing}) as engine:
         seed_accounts(engine, WORKED_ACCOUNTS)
         before = balances(engine)
-        client = BatchClient(temporal_client, engine.config)
+        client = BatchClient(temporal_client, engine.config, token=token("ops"))
         view = await client.submit(worked_trades()[1:5], batch_id="refused", wait=True, timeout=120)
         assert view.status is BatchStatus.EXPIRED and "refused (injected)" in view.reason
         await assert_replays(await temporal_client.get_workflow_handle(view.workflow_id).fetch_history())
@@ -519,7 +520,7 @@ async def test_worker_killed_mid_batch_still_settles_it_whole(
             first = WorkerProcess(config_path, tmp_path / "worker-1.log")
             started.append(first)
             await first.start()
-            client = BatchClient(temporal_client, config)
+            client = BatchClient(temporal_client, config, token=token("ops"))
             await client.submit(trades, batch_id="killed")
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60

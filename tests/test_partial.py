@@ -267,7 +267,7 @@ async def test_cancel_after_a_fill_releases_the_rest_and_keeps_the_fill(settleme
     await settlement.client.submit(partial_dvp("P-cancel"))
     await wait_for_status(settlement, "P-cancel", TradeStatus.PARTIALLY_SETTLED)
 
-    await settlement.client.cancel("P-cancel", "alice", reason="enough")
+    await settlement.acting("alice").cancel("P-cancel", reason="enough")
     final = await settlement.client.wait("P-cancel")
 
     assert final.status is TradeStatus.SETTLED_PARTIAL

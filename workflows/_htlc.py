@@ -1,7 +1,11 @@
 """The HTLC protocol: a two-leg swap locked by a secret's hash and two timelocks.
 
-    PENDING ── validate accounts (the legs must be a swap) ── compliance screen
+    PENDING ── admit: the submitter's token, the worker's routing
+            ── validate accounts (the legs must be a swap); the submitter is a party or an operator
+            ── compliance screen
                                                         ▼      (REJECTED: nothing locked)
+    AWAITING_AFFIRMATION ── the other party consents, unless an operator submitted
+                                                        ▼      (EXPIRED: nothing locked)
     RESERVING ── lock legs[0] (hashlock H, refunds at T0 = deadline + claim window)
              ── lock legs[1] (hashlock H, refunds at T1 = deadline)
                                                         ▼      (EXPIRED: a lock failed, the other released)
@@ -61,6 +65,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         ApprovalMessage,
+        AuthError,
         CancelMessage,
         CheckAccountsRequest,
         ClaimMessage,
@@ -81,7 +86,17 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check them in the sandbox with this
 # module; the worker passes them through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import (
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, ledger_call
 
 T = TypeVar("T")
@@ -102,10 +117,7 @@ class HtlcSaga(TradeSagaBase):
     def __init__(self, request: SettlementRequest) -> None:
         super().__init__(request)
         instruction = request.instruction
-        now = workflow.now()
-        self._remote = request.model_copy(update={"local_ledgers": []})
-        window = instruction.claim_window or max(self._deadline - now, timedelta(seconds=1))
-        self._timelocks = [self._deadline + window, self._deadline]
+        self._routed()
         self._auto_claim = instruction.auto_claim is not False
         self._hold_ids = [f"{instruction.trade_id}#{i}" for i in range(len(instruction.legs))]
         self._states = [LegState.PENDING] * len(instruction.legs)
@@ -114,14 +126,25 @@ class HtlcSaga(TradeSagaBase):
         self._preimage: str | None = None
         self._requested: list[int] = []  # legs to claim with the preimage, in order
 
+    def _routed(self) -> None:
+        self._remote = self._request.model_copy(update={"local_ledgers": []})
+        window = self._instruction.claim_window or max(self._deadline - self._started, timedelta(seconds=1))
+        self._timelocks = [self._deadline + window, self._deadline]
+
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
-        self._event("submitted", f"protocol htlc; timelocks: {when}")
         try:
+            if self._trusted:
+                await self._admit()
+            when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
+            self._event("submitted", f"protocol htlc; timelocks: {when}")
             await self._validate()
+            if self._trusted:
+                self._authorize_submission()
             await self._screen()
+            if self._trusted:
+                await self._await_consent()
             await self._lock_all()
         except _Abort as abort:
             await self._shielded(self._release_locked())
@@ -316,14 +339,22 @@ class HtlcSaga(TradeSagaBase):
 
     async def claim(self, message: ClaimMessage) -> None:
         """Claim a leg with the preimage; return once that claim (and any it unlocks) ended."""
+        by = f" by {accepted_subject(message.token)[0]}" if self._trusted else ""
         leg = self._claim_target(message)
         self._preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         self._requested.append(leg)
-        self._event(f"claim of leg {leg} with the preimage", f"preimage {self._preimage} is now public")
+        self._event(f"claim of leg {leg} with the preimage{by}", f"preimage {self._preimage} is now public")
         await workflow.wait_condition(lambda: not self._pending_claims() or self._status.terminal)
 
     def check_claim(self, message: ClaimMessage) -> None:
-        """Refuse a claim (before it enters the history) that is wrong or cannot be made now."""
+        """Refuse a claim (before it enters the history): wrong, impossible now, or not a party's."""
+        if self._trusted:
+            try:
+                subject = verified(message.token).subject
+            except AuthError as exc:
+                raise refusal(str(exc), "Unauthenticated") from None
+            if subject not in set(self._owners.values()):
+                raise _rejection(f"{subject} is not a party to this trade: only its parties may claim")
         try:
             preimage = normalise_sha256(message.preimage, "a 32-byte secret")
         except ValueError as exc:
@@ -357,16 +388,33 @@ class HtlcSaga(TradeSagaBase):
             raise _rejection(f"leg: the timelock of leg {leg} passed at {self._timelocks[leg].isoformat()}")
         return leg
 
+    def check_approve(self, message: ApprovalMessage) -> None:
+        if self._trusted:
+            raise refusal("an htlc trade needs no approval")
+
     def approve(self, message: ApprovalMessage) -> Decision:
         return self._rejected(f"approval by {message.party}", "an htlc trade needs no approval")
 
-    def cancel(self, message: CancelMessage) -> Decision:
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        if self._trusted:
+            self._refused_signal()
+        else:
+            self.approve(message)
+
+    def _cancel_refusal(self) -> str:
         if self._status.terminal:
-            return self._rejected(f"cancel by {message.party}", f"trade is already {self._status.value}")
-        return self._rejected(
-            f"cancel by {message.party}",
-            "an htlc trade cannot be cancelled: each leg refunds at its timelock",
-        )
+            return f"trade is already {self._status.value}"
+        return "an htlc trade cannot be cancelled: each leg refunds at its timelock"
+
+    def check_cancel(self, message: CancelMessage) -> None:
+        if self._trusted:
+            raise refusal(self._cancel_refusal())
+
+    def cancel(self, message: CancelMessage, signal: bool = False) -> Decision:
+        if self._trusted and signal:
+            self._refused_signal()
+            return Decision(accepted=False, reason=self._cancel_refusal())
+        return self._rejected(f"cancel by {message.party}", self._cancel_refusal())
 
     # ------------------------------------------------------------- helpers
 

@@ -3,6 +3,15 @@
 Deterministic and free of side effects and of state at import, like the workflows
 themselves. The worker passes this module through the sandbox (``worker.WORKFLOW_RUNNER``);
 the trade sagas import it unpassed, so the replay tests check it in the sandbox.
+
+Authority (docs/trust.md). A trade acts only on verified tokens: the submitter's is
+judged by the worker when the trade starts (``SettlementActivities.admit``, a local
+activity whose verdict and routing are recorded); an update's in its validator, a
+signal's in its handler, at ``workflow.now()``, with the verifier the worker
+installed for its task queue (``identity.install_verifier``). So a replay needs the
+keys only for the signals it holds (they re-run), and finds the same verdicts as long
+as those keys are still known. Trades started before this carry no patch marker
+``TRUST_PATCH`` and replay under the rules they ran with.
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ with workflow.unsafe.imports_passed_through():
     from activities.settlement import SettlementActivities
     from domain import (
         AccountCheck,
+        Admission,
+        AdmitRequest,
+        AffirmMessage,
+        AuthError,
         CheckAccountsResult,
         Decision,
         FieldError,
@@ -33,18 +46,24 @@ with workflow.unsafe.imports_passed_through():
         Leg,
         LegState,
         LegView,
+        Routing,
         ScreenRequest,
         ScreenResult,
+        SettlementConfig,
         SettlementRequest,
         SubmitCheck,
         TimelineEvent,
         TradeStatus,
         TradeView,
     )
+    from identity import Principal, installed_verifier, unverified_claims
 
 from .calls import CALL_TIMEOUT
 
 T = TypeVar("T")
+
+TRUST_PATCH = "dvp-trust"
+"""The patch marker of trades that act on verified tokens, consent and the worker's routing."""
 
 STATUS = SearchAttributeKey.for_keyword("DvpStatus")
 TRADE_ID = SearchAttributeKey.for_keyword("DvpTradeId")
@@ -157,6 +176,68 @@ def abort_for(err: FailureError) -> _Abort:
     return _Abort(TradeStatus.EXPIRED, f"a ledger did not answer before the deadline ({cause(err)})")
 
 
+def refusal(reason: str, kind: str = "Refused") -> ApplicationError:
+    """How an update's validator refuses: nothing of the update is recorded."""
+    return ApplicationError(reason, type=kind, non_retryable=True)
+
+
+def verified(token: str, party: str = "") -> Principal:
+    """Who ``token`` speaks for now, by the worker's verifier; ``AuthError`` on any doubt.
+
+    ``party`` (a name the sender typed, ``--as``), when given, must be the token's subject.
+    """
+    verifier = installed_verifier(workflow.info().task_queue)
+    if verifier is None:
+        raise AuthError("this worker has no keys to verify tokens with")
+    principal = verifier.verify(token, workflow.now())
+    if party and party != principal.subject:
+        raise AuthError(f"party: {party!r} is not the token's subject {principal.subject!r}")
+    return principal
+
+
+def accepted_subject(token: str) -> tuple[str, tuple[str, ...]]:
+    """The subject and roles of the token of an update its validator accepted.
+
+    Not verified again, on purpose: an update's handler runs only once its validator
+    has verified the token and accepted the update, and the history records that
+    acceptance; on replay validators do not run, so the history, not the keys of the
+    day, is the proof, and a replay of a trade's updates needs no key at all.
+    """
+    claims = unverified_claims(token)
+    roles = claims.get("roles")
+    return str(claims.get("sub")), tuple(roles) if isinstance(roles, list) else ()
+
+
+def routing_problems(request: SettlementRequest, routing: Routing) -> list[FieldError]:
+    """Where ``request`` names routing other than the worker's: each field that differs."""
+    problems: list[FieldError] = []
+    for i, leg in enumerate(request.instruction.legs):
+        if leg.ledger in routing.unknown_ledgers:
+            message = f"{leg.ledger!r} is not a ledger of the settlement worker's configuration"
+            problems.append(FieldError(field=f"legs[{i}].ledger", message=message))
+    if request.settlement_queue is not None and request.settlement_queue != routing.settlement_queue:
+        message = f"{request.settlement_queue!r} is not the worker's ({routing.settlement_queue!r})"
+        problems.append(FieldError(field="settlement_queue", message=message))
+    for ledger, queue in sorted((request.ledger_queues or {}).items()):
+        expected = routing.ledger_queues.get(ledger)
+        if queue != expected:
+            message = f"{queue!r} is not the task queue the worker's configuration gives it ({expected!r})"
+            problems.append(FieldError(field=f"ledger_queues.{ledger}", message=message))
+    if request.local_ledgers is not None and sorted(request.local_ledgers) != routing.local_ledgers:
+        message = (
+            f"{sorted(request.local_ledgers)} are not the worker's local ledgers {routing.local_ledgers}"
+        )
+        problems.append(FieldError(field="local_ledgers", message=message))
+    if request.settlement is not None and request.settlement != routing.settlement:
+        message = "differs from the settlement worker's [settlement] configuration"
+        problems.append(FieldError(field="settlement", message=message))
+    for asset, places in sorted((request.precisions or {}).items()):
+        if routing.precisions.get(asset) != places:
+            message = f"{places} is not the precision the worker's configuration gives {asset}"
+            problems.append(FieldError(field=f"precisions.{asset}", message=message))
+    return problems
+
+
 def leg_checks(i: int, leg: Leg) -> list[AccountCheck]:
     """Leg ``i``'s accounts must exist and hold its asset: the payer's and the payee's."""
     return [
@@ -206,9 +287,21 @@ class TradeSagaBase:
         instruction = request.instruction
         self._request = request
         self._instruction = instruction
-        self._deadline: datetime = instruction.deadline or workflow.now() + (
-            instruction.settle_within or request.settlement.default_settle_within
-        )
+        self._started = workflow.now()
+        # Provisional until the worker's routing is known (_admit), for a trade that
+        # gives no time limit of its own.
+        self._deadline: datetime = self._deadline_under(request.settlement or SettlementConfig())
+        # True for every trade started since verified tokens, consent and the worker's
+        # routing (its history holds the marker); False only when replaying one started
+        # before, which keeps the rules it ran with: routing from its input, parties by name.
+        self._trusted = workflow.patched(TRUST_PATCH)
+        self._routing: Routing | None = None
+        self._submitter = ""
+        self._submitter_roles: list[str] = []
+        self._consent_known = False  # whose consent the debits need (after the account checks)
+        self._consent_from: list[str] = []
+        self._consented: list[str] = []
+        self._refused_signals = 0
         self._status = TradeStatus.PENDING
         self._reason = ""
         self._errors: list[FieldError] = []
@@ -221,6 +314,138 @@ class TradeSagaBase:
         self._published: dict[str, Any] = {
             pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
         }
+
+    def _deadline_under(self, settlement: SettlementConfig) -> datetime:
+        instruction = self._instruction
+        if instruction.deadline is not None:
+            return instruction.deadline
+        return self._started + (instruction.settle_within or settlement.default_settle_within)
+
+    # ------------------------------------------------------------ authority
+
+    async def _admit(self) -> None:
+        """The submitter's token and the worker's routing; REJECTED, with nothing reserved, if refused.
+
+        One local activity: the worker verifies the token at the workflow's time and
+        answers with its own routing for the trade's ledgers; both are recorded, so a
+        replay needs neither the keys nor the same configuration.
+        """
+        instruction = self._instruction
+        admission: Admission = await workflow.execute_local_activity_method(
+            SettlementActivities.admit,
+            AdmitRequest(
+                token=self._request.token,
+                now=workflow.now(),
+                ledgers=sorted({leg.ledger for leg in instruction.legs}),
+                assets=sorted({leg.asset for leg in instruction.legs}),
+            ),
+            start_to_close_timeout=CALL_TIMEOUT,
+        )
+        routing = admission.routing
+        self._routing = routing
+        if admission.refused:
+            self._errors = [FieldError(field="token", message=admission.refused.removeprefix("token: "))]
+            raise _Abort(TradeStatus.REJECTED, f"submission refused: {admission.refused}")
+        self._submitter, self._submitter_roles = admission.subject, admission.roles
+        self._reject_invalid(routing_problems(self._request, routing))
+        self._request = self._request.model_copy(
+            update={
+                "settlement_queue": routing.settlement_queue,
+                "ledger_queues": routing.ledger_queues,
+                "local_ledgers": routing.local_ledgers,
+                "settlement": routing.settlement,
+                "precisions": routing.precisions,
+            }
+        )
+        self._deadline = self._deadline_under(routing.settlement)
+        self._routed()
+
+    def _routed(self) -> None:
+        """What a saga derives from its request's routing; again once the worker's replaces it."""
+
+    def _is_operator(self, subject: str, roles: Iterable[str] = ()) -> bool:
+        """An operator by the worker's configuration: in [roles] operators, or holding an operator role."""
+        routing = self._routing
+        if routing is None:
+            return False
+        return subject in routing.operators or bool(set(roles) & set(routing.operator_roles))
+
+    def _authorize_submission(self) -> None:
+        """The submitter must be an operator or own an account of the trade; note whose consent is due.
+
+        The owners are the ledgers' answers to the account checks, never the
+        instruction's. An operator's submission consents for every account; a
+        party's, for the accounts it owns; every other owner of a debited account
+        must affirm.
+        """
+        owners = [self._owners[account] for account in self._instruction.parties() if account in self._owners]
+        operator = self._is_operator(self._submitter, self._submitter_roles)
+        if not operator and self._submitter not in owners:
+            raise _Abort(
+                TradeStatus.REJECTED,
+                f"submitted by {self._submitter}, who owns no account of this trade and is not an operator",
+            )
+        debited = [self._owners[a] for a in self._instruction.debited() if a in self._owners]
+        self._consent_from = list(dict.fromkeys(debited))
+        self._consented = [o for o in self._consent_from if operator or o == self._submitter]
+        self._consent_known = True
+        by = "an operator" if operator else "a party"
+        self._event(
+            f"submitted by {self._submitter}", f"{by}; consents for {', '.join(self._consented) or 'none'}"
+        )
+
+    def _missing_consent(self) -> list[str]:
+        return [o for o in self._consent_from if o not in self._consented]
+
+    async def _await_consent(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Wait until every debited account's owner consented (AWAITING_AFFIRMATION); else EXPIRED."""
+        if not self._missing_consent():
+            return
+        self._set_status(
+            TradeStatus.AWAITING_AFFIRMATION, f"waiting for {', '.join(self._missing_consent())}"
+        )
+        await self._wait_until(lambda: not self._missing_consent() or stop(), self._deadline)
+        if stop():
+            return
+        if missing := self._missing_consent():
+            raise _Abort(TradeStatus.EXPIRED, f"no affirmation from {', '.join(missing)} before the deadline")
+
+    def _affirm_problem(self, subject: str) -> str:
+        """Why ``subject`` may not affirm now ("" if it may); consent must be known."""
+        if self._status.terminal:
+            return f"trade is already {self._status.value}"
+        if subject not in self._consent_from:
+            return f"{subject} owns no account this trade debits"
+        if subject in self._consented:
+            return f"{subject} has already consented"
+        return ""
+
+    def check_affirm(self, message: AffirmMessage) -> None:
+        """Refuse an affirmation (before it is recorded) whose token fails or that cannot count."""
+        if not self._trusted:
+            raise refusal("this trade started before affirmations existed: it needs none")
+        try:
+            subject = verified(message.token, message.party).subject
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated") from None
+        if self._status.terminal:
+            raise refusal(f"trade is already {self._status.value}")
+        if self._consent_known and (problem := self._affirm_problem(subject)):
+            raise refusal(problem)
+
+    async def affirm(self, message: AffirmMessage) -> Decision:
+        """Consent, as the token's subject, to the debits of its accounts (after ``check_affirm``)."""
+        subject, _ = accepted_subject(message.token)
+        await workflow.wait_condition(lambda: self._consent_known or self._status.terminal)
+        if problem := self._affirm_problem(subject):
+            return self._rejected(f"affirmation by {subject}", problem)
+        self._consented.append(subject)
+        self._event(f"affirmed by {subject}", "consents to the debits of its accounts")
+        return Decision(accepted=True)
+
+    def _refused_signal(self) -> None:
+        # Counted, not added to the timeline: a flood of refused signals must not grow it.
+        self._refused_signals += 1
 
     async def screened(self) -> None:
         """Wait until the trade is validated and screened (its parties known), or ended."""
@@ -330,5 +555,9 @@ class TradeSagaBase:
             timeline=self._timeline,
             errors=self._errors,
             fingerprint=self._request.fingerprint,
+            submitted_by=self._submitter,
+            consent_from=self._consent_from,
+            consented=self._consented,
+            refused_signals=self._refused_signals,
             **more,
         )

@@ -1,7 +1,11 @@
 """The settlement saga: one durable workflow per trade.
 
-    PENDING ── validate accounts ── compliance screen ──┐   (REJECTED: nothing reserved)
+    PENDING ── admit: the submitter's token, the worker's routing
+            ── validate accounts; the submitter owns one or is an operator
+            ── compliance screen ───────────────────────┐   (REJECTED: nothing reserved)
                                                         ▼
+    AWAITING_AFFIRMATION ── every owner of a debited account consented
+                                                        ▼    (EXPIRED / CANCELLED: nothing reserved)
     AWAITING_APPROVAL ── every required approver approves    (EXPIRED / CANCELLED)
                                                         ▼
     RESERVING ── hold every leg, in parallel per ledger; a short leg recycles
@@ -68,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         ApprovalMessage,
+        AuthError,
         CancelMessage,
         CheckAccountsBatch,
         CheckAccountsRequest,
@@ -90,7 +95,17 @@ with workflow.unsafe.imports_passed_through():
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
 # module; the worker passes both through (worker.WORKFLOW_RUNNER).
-from ._saga import TradeSagaBase, _Abort, abort_for, account_checks, cause, shielded
+from ._saga import (
+    TradeSagaBase,
+    _Abort,
+    abort_for,
+    accepted_subject,
+    account_checks,
+    cause,
+    refusal,
+    shielded,
+    verified,
+)
 from .calls import STUCK_AFTER, commit_locally, ledger_call, local_call
 
 T = TypeVar("T")
@@ -132,6 +147,7 @@ class TradeSaga(TradeSagaBase):
         self._leg_details = [""] * len(instruction.legs)
         self._approved: list[str] = []
         self._cancel: CancelMessage | None = None
+        self._cancelled_by = ""
         self._decided = False
         self._compensations: list[int] = []  # leg indexes to release, LIFO
         # One call per step for all the local ledgers (_step), or, for a trade whose
@@ -141,8 +157,10 @@ class TradeSaga(TradeSagaBase):
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
-        self._event("submitted", f"deadline {self._deadline.isoformat()}")
         try:
+            if self._trusted:
+                await self._admit()
+            self._event("submitted", f"deadline {self._deadline.isoformat()}")
             await self._settle()
         except _Abort as abort:
             await self._shielded(self._compensate())
@@ -156,9 +174,17 @@ class TradeSaga(TradeSagaBase):
         await self._shielded(workflow.wait_condition(workflow.all_handlers_finished))
         return self.view()
 
+    def _routed(self) -> None:
+        self._rule = _fill_rule(self._request)
+
     async def _settle(self) -> None:
         await self._validate()
+        if self._trusted:
+            self._authorize_submission()
         await self._screen()
+        if self._trusted:
+            await self._await_consent(lambda: self._cancel is not None)
+            self._raise_if_cancelled()
         await self._await_approvals()
         while True:
             await self._reserve_all()
@@ -398,26 +424,110 @@ class TradeSaga(TradeSagaBase):
 
     # ------------------------------------------------------------ handlers
 
-    def approve(self, message: ApprovalMessage) -> Decision:
-        party = message.party
+    def _approve_problem(self, party: str) -> str:
+        """Why ``party`` may not approve now ("" if it may)."""
         if self._status.terminal:
-            return self._rejected(f"approval by {party}", f"trade is already {self._status.value}")
+            return f"trade is already {self._status.value}"
         if not self._instruction.approvers:
-            return self._rejected(f"approval by {party}", "trade needs no approval")
+            return "trade needs no approval"
         if party not in self._instruction.approvers:
             approvers = ", ".join(self._instruction.approvers)
-            return self._rejected(
-                f"approval by {party}", f"{party} is not an approver of this trade (approvers: {approvers})"
-            )
+            return f"{party} is not an approver of this trade (approvers: {approvers})"
         if party in self._approved:
-            return self._rejected(f"approval by {party}", f"{party} has already approved")
+            return f"{party} has already approved"
+        return ""
+
+    def check_approve(self, message: ApprovalMessage) -> None:
+        """Refuse an approval (before it is recorded) without a valid token of a named approver."""
+        if not self._trusted:
+            return  # a trade from before tokens answers as it did: in the handler
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated") from None
+        if problem := self._approve_problem(party):
+            raise refusal(problem)
+
+    def approve(self, message: ApprovalMessage) -> Decision:
+        """The approve update (after ``check_approve``)."""
+        party = accepted_subject(message.token)[0] if self._trusted else message.party
+        if problem := self._approve_problem(party):
+            return self._rejected(f"approval by {party}", problem)
         self._approved.append(party)
         self._event(f"approved by {party}")
         return Decision(accepted=True)
 
-    async def cancel(self, message: CancelMessage) -> Decision:
-        # Who may cancel depends on the accounts' owners and the operators, known
-        # once the trade is validated and screened.
+    def approve_signal(self, message: ApprovalMessage) -> None:
+        """The approve signal: a refused one changes nothing and is only counted."""
+        if not self._trusted:
+            self.approve(message)
+            return
+        try:
+            party = verified(message.token, message.party).subject
+        except AuthError:
+            self._refused_signal()
+            return
+        if self._approve_problem(party):
+            self._refused_signal()
+            return
+        self._approved.append(party)
+        self._event(f"approved by {party}", "signal")
+
+    def _cancel_problem(self, party: str, roles: tuple[str, ...], owners_known: bool) -> str:
+        """Why ``party`` may not cancel now ("" if it may, or if that waits on the owners)."""
+        if self._status.terminal:
+            return f"trade is already {self._status.value}"
+        if self._decided:
+            return "the commit decision is recorded; the trade can no longer be cancelled"
+        if self._cancel is not None:
+            return f"cancel already accepted from {self._cancelled_by}"
+        if self._is_operator(party, roles) or not owners_known:
+            return ""
+        if party not in set(self._owners.values()):
+            return f"{party} is neither a party to this trade nor an operator"
+        return ""
+
+    def check_cancel(self, message: CancelMessage) -> None:
+        """Refuse a cancel (before it is recorded) without a valid token of a party or an operator."""
+        if not self._trusted:
+            return
+        try:
+            principal = verified(message.token, message.party)
+        except AuthError as exc:
+            raise refusal(str(exc), "Unauthenticated") from None
+        if problem := self._cancel_problem(principal.subject, principal.roles, self._policy_known):
+            raise refusal(problem)
+
+    async def cancel(self, message: CancelMessage, signal: bool = False) -> Decision:
+        """The cancel update (after ``check_cancel``) or signal."""
+        if not self._trusted:
+            return await self._cancel_by_name(message)
+        if signal:
+            try:
+                principal = verified(message.token, message.party)
+            except AuthError as exc:
+                self._refused_signal()
+                return Decision(accepted=False, reason=str(exc))
+            party, roles = principal.subject, principal.roles
+        else:
+            party, roles = accepted_subject(message.token)
+        what = f"cancel by {party}"
+        # Whether a party may cancel depends on the accounts' owners, known once the
+        # trade is validated and screened; an operator may at once.
+        if not self._is_operator(party, roles):
+            await self.screened()
+        if problem := self._cancel_problem(party, roles, owners_known=True):
+            if signal:
+                self._refused_signal()
+                return Decision(accepted=False, reason=problem)
+            return self._rejected(what, problem)
+        self._cancel = message
+        self._cancelled_by = party
+        self._event(f"cancel accepted from {party}", message.reason)
+        return Decision(accepted=True)
+
+    async def _cancel_by_name(self, message: CancelMessage) -> Decision:
+        # Trades started before tokens: the party is the name the message gives.
         await self.screened()
         party, what = message.party, f"cancel by {message.party}"
         if self._status.terminal:
@@ -432,6 +542,7 @@ class TradeSaga(TradeSagaBase):
         if party not in owners and party not in self._operators:
             return self._rejected(what, f"{party} is neither a party to this trade nor an operator")
         self._cancel = message
+        self._cancelled_by = party
         self._event(f"cancel accepted from {party}", message.reason)
         return Decision(accepted=True)
 
@@ -446,7 +557,7 @@ class TradeSaga(TradeSagaBase):
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None:
-            reason = f"cancelled by {self._cancel.party}"
+            reason = f"cancelled by {self._cancelled_by}"
             if self._cancel.reason:
                 reason += f": {self._cancel.reason}"
             raise _Abort(TradeStatus.CANCELLED, reason)
@@ -616,8 +727,8 @@ def _fill_rule(request: SettlementRequest) -> FillRule | None:
         return None
     delivery, payment = request.instruction.legs
 
-    def precision(asset: str, amount: Decimal) -> int:  # the client sends the configured one
-        return request.precisions.get(asset, max(0, -int(amount.as_tuple().exponent)))
+    def precision(asset: str, amount: Decimal) -> int:  # the worker's configured one
+        return (request.precisions or {}).get(asset, max(0, -int(amount.as_tuple().exponent)))
 
     return FillRule(
         delivery.amount,

@@ -15,6 +15,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from domain import (
+        AffirmMessage,
         ApprovalMessage,
         CancelMessage,
         ClaimMessage,
@@ -65,16 +66,33 @@ class HtlcWorkflow:
 
     @workflow.signal(name="approve")
     def approve_signal(self, message: ApprovalMessage) -> None:
-        self._saga.approve(message)
+        self._saga.approve_signal(message)
 
     @workflow.update(name="approve_update")
     def approve_update(self, message: ApprovalMessage) -> Decision:
         return self._saga.approve(message)
 
+    @approve_update.validator
+    def _validate_approve(self, message: ApprovalMessage) -> None:
+        self._saga.check_approve(message)
+
     @workflow.signal(name="cancel")
     def cancel_signal(self, message: CancelMessage) -> None:
-        self._saga.cancel(message)
+        self._saga.cancel(message, signal=True)
 
     @workflow.update(name="cancel_update")
     def cancel_update(self, message: CancelMessage) -> Decision:
         return self._saga.cancel(message)
+
+    @cancel_update.validator
+    def _validate_cancel(self, message: CancelMessage) -> None:
+        self._saga.check_cancel(message)
+
+    @workflow.update(name="affirm")
+    async def affirm(self, message: AffirmMessage) -> Decision:
+        """Consent, as the token's subject, to the debits of its accounts."""
+        return await self._saga.affirm(message)
+
+    @affirm.validator
+    def _validate_affirm(self, message: AffirmMessage) -> None:
+        self._saga.check_affirm(message)

@@ -13,6 +13,13 @@
                   every net receiver out of it (retried until done)
     SETTLED   ── every trade still in the batch is marked settled in the store
 
+Only an operator submits a batch: the submitter's token is verified by the worker
+when the batch starts (``SettlementActivities.admit``), and the routing (queues,
+settlement settings) is the worker's; a batch whose token fails, whose submitter
+is not an operator, or whose request names other routing ends REJECTED before
+anything is read or reserved. Batches started before that rule (no ``TRUST_PATCH``
+marker in their history) replay as they ran.
+
 A batch ends SETTLED (every trade not removed settled) or EXPIRED / CANCELLED
 (nothing settled, every hold released). Each ledger's clearing account receives
 exactly what it pays out, so it ends every batch where it started and every ledger
@@ -41,6 +48,8 @@ with workflow.unsafe.imports_passed_through():
     from domain import (
         AccountPosition,
         AccountRef,
+        Admission,
+        AdmitRequest,
         AssetTotals,
         BatchAccounts,
         BatchRequest,
@@ -64,7 +73,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
     # deterministic helpers: loaded once, not afresh for every workflow
-    from ._saga import cause, shielded
+    from ._saga import TRUST_PATCH, cause, shielded
     from .calls import CALL_TIMEOUT, HEARTBEAT_TIMEOUT, RETRY
 
 T = TypeVar("T")
@@ -104,6 +113,7 @@ class NettingBatchWorkflow:
         self._decided = False
         self._holds: dict[str, list[str]] = {}  # ledger -> pay-in hold ids of the current round
         self._compensations: list[tuple[str, list[str]]] = []  # (ledger, hold ids), LIFO
+        self._trusted = workflow.patched(TRUST_PATCH)
 
     # ----------------------------------------------------------------- run
 
@@ -121,7 +131,44 @@ class NettingBatchWorkflow:
             await self._shielded(self._end(BatchStatus.CANCELLED, "workflow cancelled through Temporal"))
         return self._view()
 
+    async def _admit(self) -> None:
+        """The submitter must be an operator (a verified token) and the routing the worker's."""
+        request = self._request
+        admission: Admission = await workflow.execute_local_activity_method(
+            SettlementActivities.admit,
+            AdmitRequest(token=request.token, now=workflow.now(), ledgers=[]),
+            start_to_close_timeout=CALL_TIMEOUT,
+        )
+        routing = admission.routing
+        # The outcome is recorded through the worker's own settlement queue, whatever the request says.
+        self._request = request.model_copy(update={"settlement_queue": routing.settlement_queue})
+        if admission.refused:
+            raise _Abort(BatchStatus.REJECTED, f"submission refused: {admission.refused}")
+        operator = admission.subject in routing.operators or bool(
+            set(admission.roles) & set(routing.operator_roles)
+        )
+        if not operator:
+            raise _Abort(
+                BatchStatus.REJECTED, f"submitted by {admission.subject}: only an operator submits batches"
+            )
+        problems = []
+        if request.settlement_queue is not None and request.settlement_queue != routing.settlement_queue:
+            problems.append(f"settlement_queue: {request.settlement_queue!r} is not the worker's")
+        for ledger, queue in sorted((request.ledger_queues or {}).items()):
+            if queue != routing.ledger_queues.get(ledger):
+                problems.append(f"ledger_queues.{ledger}: {queue!r} is not the queue the worker gives it")
+        if request.settlement is not None and request.settlement != routing.settlement:
+            problems.append("settlement: differs from the worker's [settlement] configuration")
+        if problems:
+            raise _Abort(BatchStatus.REJECTED, "; ".join(problems))
+        self._request = self._request.model_copy(
+            update={"ledger_queues": routing.ledger_queues, "settlement": routing.settlement}
+        )
+        self._event("admitted", f"submitted by {admission.subject}, an operator")
+
     async def _settle(self) -> None:
+        if self._trusted:
+            await self._admit()
         self._set_status(BatchStatus.NETTING)
         accounts: BatchAccounts = await self._store_call(BatchActivities.accounts, self._request.batch_id)
         positions = await self._positions(accounts.accounts)
@@ -213,6 +260,7 @@ class NettingBatchWorkflow:
     async def _reserve(self, plan: NetPlan) -> bool:
         """Hold every net debit; False if one was short (this round's holds are then released)."""
         self._set_status(BatchStatus.RESERVING)
+        assert self._request.settlement is not None
         expires_at = self._deadline + self._request.settlement.hold_backstop
         requests: dict[str, list[HoldRequest]] = {}
         for leg in plan.positions:
@@ -316,7 +364,7 @@ class NettingBatchWorkflow:
                     RecordRequest(
                         batch_id=self._request.batch_id, settled=settled, reason=reason, result=view
                     ),
-                    task_queue=self._request.settlement_queue,
+                    task_queue=self._request.settlement_queue or workflow.info().task_queue,
                     start_to_close_timeout=CALL_TIMEOUT,
                     retry_policy=_RETRY_FOREVER,
                 )
@@ -344,7 +392,7 @@ class NettingBatchWorkflow:
         return workflow.execute_activity_method(
             activity,
             argument,
-            task_queue=self._request.settlement_queue,
+            task_queue=self._request.settlement_queue or workflow.info().task_queue,
             start_to_close_timeout=_STORE_TIMEOUT,
             heartbeat_timeout=_STORE_HEARTBEAT_TIMEOUT,
             schedule_to_close_timeout=self._remaining(),
@@ -354,6 +402,7 @@ class NettingBatchWorkflow:
     def _ledger_call(
         self, ledger: str, activity: Callable[[Any, Any], Any], argument: Any, forever: bool = False
     ) -> Awaitable[Any]:
+        assert self._request.ledger_queues is not None
         options: dict[str, Any] = {
             "task_queue": self._request.ledger_queues[ledger],
             "heartbeat_timeout": HEARTBEAT_TIMEOUT,

@@ -14,7 +14,15 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from domain import ApprovalMessage, CancelMessage, Decision, SettlementRequest, SubmitCheck, TradeView
+    from domain import (
+        AffirmMessage,
+        ApprovalMessage,
+        CancelMessage,
+        Decision,
+        SettlementRequest,
+        SubmitCheck,
+        TradeView,
+    )
 
 # Not passed through here: the worker's runner passes it through (worker.WORKFLOW_RUNNER),
 # any other runner imports it in the sandbox and checks it.
@@ -45,18 +53,39 @@ class SettlementWorkflow:
     def _validate_submit(self, check: SubmitCheck) -> None:
         self._saga.check_submit(check)
 
+    # Every acting message carries its sender's token; the validators refuse (nothing is
+    # recorded) a message whose token fails or that the sender may not send. A refused
+    # signal changes nothing and is counted in the view.
+
     @workflow.signal(name="approve")
     def approve_signal(self, message: ApprovalMessage) -> None:
-        self._saga.approve(message)
+        self._saga.approve_signal(message)
 
     @workflow.update(name="approve_update")
     def approve_update(self, message: ApprovalMessage) -> Decision:
         return self._saga.approve(message)
 
+    @approve_update.validator
+    def _validate_approve(self, message: ApprovalMessage) -> None:
+        self._saga.check_approve(message)
+
     @workflow.signal(name="cancel")
     async def cancel_signal(self, message: CancelMessage) -> None:
-        await self._saga.cancel(message)
+        await self._saga.cancel(message, signal=True)
 
     @workflow.update(name="cancel_update")
     async def cancel_update(self, message: CancelMessage) -> Decision:
         return await self._saga.cancel(message)
+
+    @cancel_update.validator
+    def _validate_cancel(self, message: CancelMessage) -> None:
+        self._saga.check_cancel(message)
+
+    @workflow.update(name="affirm")
+    async def affirm(self, message: AffirmMessage) -> Decision:
+        """Consent, as the token's subject, to the debits of its accounts."""
+        return await self._saga.affirm(message)
+
+    @affirm.validator
+    def _validate_affirm(self, message: AffirmMessage) -> None:
+        self._saga.check_affirm(message)

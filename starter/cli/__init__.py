@@ -15,7 +15,15 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from domain import ConfigError, DuplicateTrade, DvpError, InvalidInstruction, RequestRejected, TradeNotFound
+from domain import (
+    AuthError,
+    ConfigError,
+    DuplicateTrade,
+    DvpError,
+    InvalidInstruction,
+    RequestRejected,
+    TradeNotFound,
+)
 
 from . import auth, batch, chain, codec, ledger, server, trades
 from .output import EXIT_BAD_INPUT, EXIT_FAILED, CliError
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ConfigError as exc:
         print(f"dvp: configuration: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AuthError as exc:
+        print(f"dvp: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RequestRejected as exc:
         print(f"dvp: rejected: {exc.reason}", file=sys.stderr)

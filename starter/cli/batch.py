@@ -13,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from domain import BatchStatus, Config, load_config
 from starter.batch import BatchClient, check_batch_id, parse_batch_text
 
+from .auth import add_token_options, token_from
 from .output import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, batch_json, batch_text, emit_json
 
 
@@ -26,9 +27,9 @@ def _duration(text: str) -> timedelta:
     return value
 
 
-async def _connect(config: Config) -> BatchClient | None:
+async def _connect(config: Config, token: str | None = None) -> BatchClient | None:
     try:
-        return await BatchClient.connect(config)
+        return await BatchClient.connect(config, token)
     except RuntimeError as exc:
         print(
             f"dvp: cannot reach Temporal at {config.temporal.address} (start one with `dvp server`): {exc}",
@@ -38,6 +39,7 @@ async def _connect(config: Config) -> BatchClient | None:
 
 
 async def cmd_batch_submit(args: argparse.Namespace) -> int:
+    token = token_from(args)  # an operator's; none: nothing is stored or sent
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     except OSError as exc:
@@ -47,7 +49,7 @@ async def cmd_batch_submit(args: argparse.Namespace) -> int:
     batch = parse_batch_text(text, config)  # every trade checked before anything is stored
     if args.id:
         check_batch_id(args.id)
-    client = await _connect(config)
+    client = await _connect(config, token)
     if client is None:
         return EXIT_FAILED
     async with client:
@@ -88,6 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--wait", action="store_true", help="wait until the batch ends; exit 1 unless SETTLED")
     p.add_argument("--json", action="store_true")
+    add_token_options(p)
     p.set_defaults(handler=cmd_batch_submit)
     p = bsub.add_parser("status", help="a batch: counts, gross vs net per asset, removed trades")
     p.add_argument("batch_id")

@@ -1,4 +1,9 @@
-"""``dvp submit``, ``status``, ``list``, ``approve``, ``cancel`` and ``claim``: one trade at a time."""
+"""``dvp submit``, ``status``, ``list``, ``approve``, ``cancel``, ``affirm``, ``claim``: one trade at a time.
+
+The acting commands (submit, approve, cancel, affirm, claim) send the token of
+``--token``, ``--token-file`` or ``$DVP_TOKEN`` and act for its subject; without one
+they send nothing and exit 2. ``--as NAME``, where accepted, must be that subject.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import asyncio
 import sys
 from typing import Any
 
-from domain import InvalidInstruction, TradeStatus, TradeView, load_config
+from domain import AuthError, InvalidInstruction, TradeStatus, TradeView, load_config
+from identity import unverified_claims
 from starter.client import SettlementClient, parse_instruction
 
+from .auth import add_token_options, token_from
 from .output import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -24,10 +31,26 @@ from .output import (
 )
 
 
-async def _client(args: argparse.Namespace) -> SettlementClient:
+def _acting(args: argparse.Namespace) -> str:
+    """The token an acting command sends, checked against ``--as`` before anything is sent."""
+    token = token_from(args)
+    party = getattr(args, "party", None)
+    if party:
+        try:
+            subject = unverified_claims(token).get("sub")
+        except AuthError as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        if subject != party:
+            raise CliError(
+                f"--as {party}: the token is {subject!r}'s, not {party!r}'s; nothing was sent", EXIT_BAD_INPUT
+            )
+    return token
+
+
+async def _client(args: argparse.Namespace, token: str | None = None) -> SettlementClient:
     config = load_config(args.config)
     try:
-        return await SettlementClient.connect(config)
+        return await SettlementClient.connect(config, token)
     except RuntimeError as exc:
         raise CliError(
             f"cannot reach Temporal at {config.temporal.address} (start one with `dvp server`): {exc}"
@@ -35,6 +58,7 @@ async def _client(args: argparse.Namespace) -> SettlementClient:
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
+    token = _acting(args)
     data = read_json(args.file, "instruction file")
     many = isinstance(data, list)
     items = data if many else [data]
@@ -46,7 +70,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         except InvalidInstruction as exc:
             where = f"instruction {i} " if many else ""
             raise CliError(f"{where}refused: {exc}", EXIT_BAD_INPUT) from None
-    client = await _client(args)
+    client = await _client(args, token)
     results = await client.submit_many(items)
     refused = [(i, r) for i, r in enumerate(results) if isinstance(r, Exception)]
     views = [r for r in results if isinstance(r, TradeView)]
@@ -86,20 +110,34 @@ async def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _who(token: str) -> str:
+    return str(unverified_claims(token).get("sub"))
+
+
 async def cmd_approve(args: argparse.Namespace) -> int:
-    await (await _client(args)).approve(args.trade_id, args.party)
-    print(f"approval by {args.party} accepted")
+    token = _acting(args)
+    await (await _client(args, token)).approve(args.trade_id, args.party)
+    print(f"approval by {_who(token)} accepted")
     return EXIT_OK
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    await (await _client(args)).cancel(args.trade_id, args.party, args.reason or "")
-    print(f"cancel by {args.party} accepted")
+    token = _acting(args)
+    await (await _client(args, token)).cancel(args.trade_id, args.party, args.reason or "")
+    print(f"cancel by {_who(token)} accepted")
+    return EXIT_OK
+
+
+async def cmd_affirm(args: argparse.Namespace) -> int:
+    token = _acting(args)
+    await (await _client(args, token)).affirm(args.trade_id, args.party)
+    print(f"affirmation by {_who(token)} accepted")
     return EXIT_OK
 
 
 async def cmd_claim(args: argparse.Namespace) -> int:
-    view = await (await _client(args)).claim(args.trade_id, args.preimage, args.leg)
+    token = _acting(args)
+    view = await (await _client(args, token)).claim(args.trade_id, args.preimage, args.leg)
     if args.json:
         emit_json(trade_json(view))
     else:
@@ -108,9 +146,10 @@ async def cmd_claim(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    """``dvp submit``, ``status``, ``list``, ``approve``, ``cancel`` and ``claim``."""
+    """``dvp submit``, ``status``, ``list``, ``approve``, ``cancel``, ``affirm`` and ``claim``."""
     p = command(sub, "submit", cmd_submit, "submit one instruction or a JSON list of them")
     p.add_argument("file", help="instruction JSON file, or - for stdin")
+    add_token_options(p)
     p.add_argument(
         "--wait", action="store_true", help="wait until every trade ends; exit 1 unless all settled"
     )
@@ -124,14 +163,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--status", choices=[s.value for s in TradeStatus])
     p.add_argument("--json", action="store_true")
 
+    as_help = "the token's subject, checked (optional)"
     p = command(sub, "approve", cmd_approve, "approve a trade as one of its required approvers")
     p.add_argument("trade_id")
-    p.add_argument("--as", dest="party", required=True, help="the approving party")
+    p.add_argument("--as", dest="party", help=f"the approver: {as_help}")
+    add_token_options(p)
 
     p = command(sub, "cancel", cmd_cancel, "cancel a trade before its commit decision")
     p.add_argument("trade_id")
-    p.add_argument("--as", dest="party", required=True, help="a party of the trade or an operator")
-    p.add_argument("--reason", help="recorded in the trade's timeline")
+    p.add_argument("--as", dest="party", help=f"a party of the trade or an operator: {as_help}")
+    p.add_argument("--reason", help="recorded in the trade's timeline (at most 500 characters)")
+    add_token_options(p)
+
+    p = command(
+        sub,
+        "affirm",
+        cmd_affirm,
+        "consent to a trade's debits of your accounts (it waits in AWAITING_AFFIRMATION)",
+    )
+    p.add_argument("trade_id")
+    p.add_argument("--as", dest="party", help=f"the owner of a debited account: {as_help}")
+    add_token_options(p)
 
     p = command(
         sub, "claim", cmd_claim, "claim a leg of an htlc trade with the secret (the hashlock's preimage)"
@@ -142,3 +194,4 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--leg", type=int, help="the leg to claim (default: legs[1], the payment, while open)")
     p.add_argument("--json", action="store_true")
+    add_token_options(p)
