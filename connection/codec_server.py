@@ -43,6 +43,7 @@ __all__ = [
     "CodecServerThread",
     "build_app",
     "origins_of",
+    "serve_ui",
     "split_address",
     "ui_endpoint",
 ]
@@ -256,3 +257,19 @@ def ui_endpoint(config: Config, url: str, *, ttl: timedelta = timedelta(hours=12
     ttl = min(ttl, config.auth.max_token_lifetime)
     token = TokenIssuer.from_config(config.auth).issue(UI_SUBJECT, [config.codec.viewer_roles[0]], ttl=ttl)
     return f"{url}/t/{token}", datetime.now(UTC) + ttl
+
+
+def serve_ui(
+    config: Config, ui_url: str, address: str | None = None
+) -> tuple[CodecServerThread, str, datetime]:
+    """Start the codec server in this process for the dev server's Web UI at ``ui_url``.
+
+    It listens on ``address`` (default ``[codec] server``) and answers that UI's origin
+    only. Returns it, the endpoint to give the UI (``ui_endpoint``) and when the UI's
+    token expires. ``ConfigError`` for a key that cannot be loaded, ``OSError`` when it
+    cannot listen.
+    """
+    host, port = split_address(address or config.codec.server)
+    server = CodecServer.from_config(config, origins=origins_of(ui_url))
+    endpoint, expires = ui_endpoint(config, f"http://{host}:{port}")
+    return CodecServerThread(server, host, port).start(), endpoint, expires

@@ -22,6 +22,7 @@ sent (``AuthError``). Reading (status, wait, list) needs none.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -302,11 +303,20 @@ class SettlementClient:
             raise RequestRejected(decision.reason)
         return decision
 
-    async def list(self, status: TradeStatus | str | None = None, limit: int = 1000) -> list[TradeView]:
-        """Trades, newest first, optionally only those in ``status`` (without timelines)."""
+    async def list(
+        self, status: TradeStatus | str | None = None, limit: int = 1000, *, party: str | None = None
+    ) -> list[TradeView]:
+        """Trades, newest first, optionally only those in ``status``, of ``party`` (without timelines).
+
+        ``party`` is an account or an owner; DvpParties holds its keyed hash (``[codec]
+        hash_parties``), which this client computes, so the name never reaches the server.
+        """
         query = 'WorkflowType IN ("Settlement", "Htlc")'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
+        if party is not None:
+            tag = party_tagger(self.client)
+            query += f" AND DvpParties = {json.dumps(tag(party) if tag else party)}"
         trade_ids: list[str] = []
         async for execution in self.client.list_workflows(query, limit=limit):
             if execution.status in (WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT):

@@ -126,6 +126,8 @@ async def test_a_settled_trades_raw_history_names_no_account_owner_amount_or_pre
     config = config_file(settlement, temporal_server.address, tmp_path)
     status = await dvp(config, "status", "E-plain", "--json")
     listed = await dvp(config, "list", "--json")
+    alices = await dvp(config, "list", "--party", "alice", "--json")  # searched by alice's tag
+    carols = await dvp(config, "list", "--party", "carol", "--json")
     assert status.returncode == 0, status.stderr
     legs = json.loads(status.stdout)["legs"]
     assert [(leg["from"], leg["to"], leg["amount"]) for leg in legs] == [
@@ -134,6 +136,8 @@ async def test_a_settled_trades_raw_history_names_no_account_owner_amount_or_pre
     ]
     assert listed.returncode == 0, listed.stderr
     assert {"E-plain", "E-htlc"} <= {row["trade_id"] for row in json.loads(listed.stdout)}
+    assert {"E-plain", "E-htlc"} <= {row["trade_id"] for row in json.loads(alices.stdout)}
+    assert not {"E-plain", "E-htlc"} & {row["trade_id"] for row in json.loads(carols.stdout)}
 
 
 async def test_dvp_parties_holds_keyed_hashes_of_accounts_and_owners(settlement: Engine) -> None:

@@ -13,22 +13,18 @@ from domain import Config, ConfigError, load_config
 from .output import EXIT_BAD_INPUT, EXIT_OK, CliError, command
 
 
-def start_codec_server(config: Config, ui_url: str, address: str | None = None) -> tuple[Any, str, str]:
+def start_codec_server(config: Config, ui_url: str) -> tuple[Any, str, str]:
     """Start the codec server in this process for the Web UI at ``ui_url``.
 
     Returns the running server, the endpoint to give the dev server's UI (with its
     token) and a line saying what it does. ``CliError`` when it cannot start.
     """
-    from connection.codec_server import CodecServer, CodecServerThread, origins_of, split_address, ui_endpoint
+    from connection.codec_server import serve_ui
 
-    host, port = split_address(address or config.codec.server)
     try:
-        server = CodecServer.from_config(config, origins=origins_of(ui_url))
-        endpoint, expires = ui_endpoint(config, f"http://{host}:{port}")
+        running, endpoint, expires = serve_ui(config, ui_url)
     except ConfigError as exc:
         raise CliError(f"codec server: {exc}", EXIT_BAD_INPUT) from None
-    try:
-        running = CodecServerThread(server, host, port).start()
     except OSError as exc:
         raise CliError(f"codec.server: {exc}", EXIT_BAD_INPUT) from None
     note = (
