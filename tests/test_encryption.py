@@ -30,7 +30,15 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.worker import Replayer
 
 from connection import HEADER_CODEC, PayloadRefused, connect_client, data_converter, party_tagger
-from connection.codec import ENCRYPTED, KEY_ID, EncryptionCodec, KeyRing, load_key_ring, rotate_key_file
+from connection.codec import (
+    ENCRYPTED,
+    KEY_ID,
+    EncryptionCodec,
+    KeyRing,
+    history_payloads,
+    load_key_ring,
+    rotate_key_file,
+)
 from connection.codec_server import CodecServer, CodecServerThread, origins_of, ui_endpoint
 from domain import AuthConfig, CodecConfig, Config, ConfigError, TradeStatus
 from identity import TokenIssuer
@@ -40,7 +48,6 @@ from workflows import HtlcWorkflow, SettlementWorkflow, workflow_id_for
 
 from ._fixtures_auth import token
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
-from ._payloads import history_payloads
 from .test_cli import config_file, dvp
 
 BONDS, CASH = "437", "9950.37"

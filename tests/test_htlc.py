@@ -23,6 +23,7 @@ import pytest
 
 from adapters.sql import SqlLedger
 from connection import party_tagger
+from connection.codec import history_payloads
 from domain import (
     Hold,
     HoldStatus,
@@ -39,7 +40,6 @@ from workflows import workflow_id_for
 
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 from ._fixtures_settlement import wait_for_status as _wait_for_status
-from ._payloads import history_payloads
 
 
 def new_secret() -> tuple[str, str]:

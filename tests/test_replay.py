@@ -34,11 +34,10 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from connection import HEADER_CODEC, data_converter
-from connection.codec import ENCRYPTED, EncryptionCodec, KeyRing
+from connection.codec import ENCRYPTED, EncryptionCodec, KeyRing, history_payloads
 from domain import SettlementRequest, TradeStatus, TradeView
 from workflows import HtlcWorkflow, SettlementWorkflow
 
-from ._payloads import history_payloads
 from .record_histories import FIXTURE_KEYS
 
 HERE = Path(__file__).resolve().parent / "histories"
