@@ -86,8 +86,16 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from connection.codec import KeyRing
+
+    # for [codec] key_env, e.g.: export DVP_CODEC_KEYS="$(dvp codec-keys new)"
+    print(KeyRing.generate().to_json(), end="")
+    return EXIT_OK
+
+
 def add_parser(sub: Any) -> None:
-    """``dvp codec-server`` and ``dvp codec-keys list|rotate``."""
+    """``dvp codec-server`` and ``dvp codec-keys list|rotate|new``."""
     p = command(
         sub,
         "codec-server",
@@ -100,3 +108,4 @@ def add_parser(sub: Any) -> None:
     ksub = keys.add_subparsers(dest="codec_keys_command", required=True, metavar="COMMAND")
     command(ksub, "list", cmd_keys_list, "list the key ids of the ring and the active one (no key material)")
     command(ksub, "rotate", cmd_keys_rotate, "add a fresh key to the ring's file and make it active")
+    command(ksub, "new", cmd_keys_new, "print a fresh key ring (JSON), e.g. for [codec] key_env")
