@@ -86,15 +86,18 @@ async def run_worker(
     workflows: bool = True,
     stop: asyncio.Event | None = None,
     instances: dict[str, Ledger] | None = None,
+    verifier: Verifier | None = None,
 ) -> None:
     """Run until ``stop`` is set (or forever).
 
     ``instances`` supplies already opened ledgers (they are not closed here);
-    otherwise each ledger is opened from its configuration.
+    otherwise each ledger is opened from its configuration. ``verifier`` checks the
+    workflows' tokens; by default it is built from ``[auth]``.
     """
     stop = stop or asyncio.Event()
     # Keys first: a worker that cannot check tokens must not run a single trade.
-    verifier = Verifier.from_config(config.auth) if workflows else None
+    if workflows and verifier is None:
+        verifier = Verifier.from_config(config.auth)
     # Ledger queues to serve. A local ledger's queue still serves the netting batches.
     names = list(config.ledgers) if ledgers is None else ledgers
     unknown = [n for n in names if n not in config.ledgers]
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
+        # before connecting: a worker without keys to check tokens with does not start
+        verifier = None if args.no_workflows else Verifier.from_config(config.auth)
     except DvpError as exc:
         print(f"dvp worker: {exc}", file=sys.stderr)
         return 2
@@ -239,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
-        await run_worker(config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop)
+        await run_worker(
+            config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop, verifier=verifier
+        )
 
     try:
         asyncio.run(serve())

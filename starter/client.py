@@ -25,7 +25,7 @@ import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from temporalio.client import (
@@ -65,6 +65,8 @@ from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attribute
 
 from ._checks import check_ledger, check_precision, invalid_from
 
+T = TypeVar("T")
+
 
 def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> Instruction:
     """Parse and check an instruction against the configuration.
@@ -90,6 +92,14 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
     if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
         raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
     return instruction
+
+
+def _message(model: type[T], **fields: Any) -> T:
+    """An acting message; ``InvalidInstruction`` naming the field that is out of bounds (nothing sent)."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise invalid_from(exc, "(message)") from None
 
 
 class SettlementClient:
@@ -242,14 +252,14 @@ class SettlementClient:
 
     async def approve(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
         """Approve as the token's subject (``party``, if given, must be it); ``RequestRejected`` if not."""
-        message = ApprovalMessage(party=party or "", token=self._token(token, party))
+        message = _message(ApprovalMessage, party=party or "", token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.approve_update, message)
 
     async def cancel(
         self, trade_id: str, party: str | None = None, reason: str = "", *, token: str | None = None
     ) -> Decision:
         """Cancel as the token's subject; ``RequestRejected`` with the reason if refused."""
-        message = CancelMessage(party=party or "", reason=reason, token=self._token(token, party))
+        message = _message(CancelMessage, party=party or "", reason=reason, token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.cancel_update, message)
 
     async def affirm(self, trade_id: str, party: str | None = None, *, token: str | None = None) -> Decision:
@@ -258,7 +268,7 @@ class SettlementClient:
         A trade submitted by someone else waits in AWAITING_AFFIRMATION until every
         owner of an account it debits has affirmed. ``RequestRejected`` if refused.
         """
-        message = AffirmMessage(party=party or "", token=self._token(token, party))
+        message = _message(AffirmMessage, party=party or "", token=self._token(token, party))
         return await self._decide(trade_id, SettlementWorkflow.affirm, message)
 
     async def claim(
@@ -277,7 +287,7 @@ class SettlementClient:
             normalise_sha256(preimage, "a 32-byte secret")
         except ValueError as exc:
             raise InvalidInstruction("preimage", str(exc)) from None
-        message = ClaimMessage(preimage=preimage, leg=leg, token=self._token(token))
+        message = _message(ClaimMessage, preimage=preimage, leg=leg, token=self._token(token))
         view: TradeView = await self._update(trade_id, HtlcWorkflow.claim, message)
         return view
 
@@ -306,12 +316,15 @@ class SettlementClient:
     async def list(
         self, status: TradeStatus | str | None = None, limit: int = 1000, *, party: str | None = None
     ) -> list[TradeView]:
-        """Trades, newest first, optionally only those in ``status``, of ``party`` (without timelines).
+        """This deployment's trades (its settlement queue), newest first, optionally only those in
+        ``status``, of ``party`` (without timelines).
 
         ``party`` is an account or an owner; DvpParties holds its keyed hash (``[codec]
         hash_parties``), which this client computes, so the name never reaches the server.
         """
-        query = 'WorkflowType IN ("Settlement", "Htlc")'
+        # this deployment's trades: others may share the namespace under another queue
+        # prefix, and a trade whose workers are not ours would not answer our queries
+        query = f'WorkflowType IN ("Settlement", "Htlc") AND TaskQueue = "{self.config.settlement_queue()}"'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
         if party is not None:

@@ -5,8 +5,11 @@
 Starts its own dev server, an in-process worker and fresh SQLite ledgers in a
 temporary directory, runs one trade per scenario below, and writes each finished
 workflow's history to ``<out>/<workflow id>.json``. Re-record after an intended
-change to the workflow (and say so in the commit): a replay failure on the old
-histories is exactly what a running trade would hit on upgrade.
+change to the workflow (and say so in the commit), keeping the old histories in a
+folder of their own: a replay failure on them is exactly what a running trade would
+hit on upgrade. The trades act with the test issuer's tokens (the venue ``ops``
+submits, except where a party does); none of the histories holds an accepted signal,
+so replaying them needs no key.
 
 The histories are written as the server stores them: encrypted, under the fixture
 key ring ``tests/codec-fixture-keys.json`` (a key for these fixtures only, public on
@@ -68,7 +71,7 @@ async def cancelled(engine: Engine) -> str:
     """A short trade cancelled by a party while its cash leg is held."""
     await engine.client.submit(dvp("R-cancelled", bonds="5000"))
     await _until(engine, "R-cancelled", lambda e: any(h.hold_id == "R-cancelled#1" for h in e.open_holds()))
-    await engine.client.cancel("R-cancelled", "alice", reason="changed my mind")
+    await engine.acting("alice").cancel("R-cancelled", reason="changed my mind")
     return "R-cancelled"
 
 
@@ -83,18 +86,31 @@ async def cancelled_through_temporal(engine: Engine) -> str:
 
 
 async def approval(engine: Engine) -> str:
-    """A trade needing the notary: bob (update) and eve (signal) are refused, the notary approves."""
+    """A trade needing the notary: bob (update) and eve (tokenless signal) are refused; notary approves."""
     await engine.client.submit(dvp("R-approval", approvers=["notary"]))
     try:
-        await engine.client.approve("R-approval", "bob")
+        await engine.acting("bob").approve("R-approval")
     except RequestRejected:
-        pass  # as intended: the refusal is in the history as the update's result
+        pass  # as intended: refused in the validator, so not in the history at all
     else:
         raise RuntimeError("R-approval: bob's approval was accepted")
     handle = engine.client.client.get_workflow_handle(workflow_id_for("R-approval"))
-    await handle.signal("approve", {"party": "eve"})
-    await engine.client.approve("R-approval", "notary")
+    await handle.signal("approve", {"party": "eve"})  # in the history; the trade counts it
+    await engine.acting("notary").approve("R-approval", "notary")
     return "R-approval"
+
+
+async def affirmed(engine: Engine) -> str:
+    """Bob submits himself: the trade waits for alice's affirmation of her cash's debit, then settles."""
+    await engine.acting("bob").submit(dvp("R-affirmed"))
+    for _ in range(200):
+        if (await engine.client.status("R-affirmed")).status is TradeStatus.AWAITING_AFFIRMATION:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError("R-affirmed: never awaited an affirmation")
+    await engine.acting("alice").affirm("R-affirmed")
+    return "R-affirmed"
 
 
 async def sanctioned(engine: Engine) -> str:
@@ -147,7 +163,7 @@ async def htlc_settled(engine: Engine) -> str:
     """Bob claims the cash with the secret; the engine claims the bonds for alice with it."""
     await engine.client.submit(htlc("R-htlc-settled"))
     await _locked(engine, "R-htlc-settled")
-    await engine.client.claim("R-htlc-settled", SECRET)
+    await engine.acting("bob").claim("R-htlc-settled", SECRET)
     return "R-htlc-settled"
 
 
@@ -163,7 +179,7 @@ async def htlc_one_sided(engine: Engine) -> str:
         htlc("R-htlc-one-sided", settle_within="PT10S", claim_window="PT1S", auto_claim=False)
     )
     await _locked(engine, "R-htlc-one-sided")
-    await engine.client.claim("R-htlc-one-sided", SECRET)
+    await engine.acting("bob").claim("R-htlc-one-sided", SECRET)
     return "R-htlc-one-sided"
 
 
@@ -173,6 +189,7 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "cancelled": (cancelled, TradeStatus.CANCELLED),
     "cancelled_through_temporal": (cancelled_through_temporal, TradeStatus.CANCELLED),
     "approval": (approval, TradeStatus.SETTLED),
+    "affirmed": (affirmed, TradeStatus.SETTLED),
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
     "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
     "htlc_settled": (htlc_settled, TradeStatus.SETTLED),

@@ -190,3 +190,19 @@ def test_dvp_auth_token_signs_with_the_local_issuer_and_exits_2_without_a_privat
     assert refused.stdout == ""
     bad_ttl = run_dvp("auth", "token", "alice", "--ttl", "an hour", cwd=tmp_path)
     assert bad_ttl.returncode == 2 and "--ttl" in bad_ttl.stderr
+
+
+def test_a_worker_without_keys_to_verify_tokens_with_does_not_start(tmp_path: Path) -> None:
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[ledgers.cash]\nkind = "sql"\nurl = "sqlite:///cash.db"\n')
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "worker.py"), "--config", str(bare)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "auth: no key to verify tokens with" in result.stderr

@@ -31,11 +31,14 @@ from temporalio.worker import Replayer, Worker
 from connection import HEADER_CODEC, data_converter
 from connection.codec_server import CodecServer, CodecServerThread
 from domain import (
+    AuthError,
+    BatchStatus,
     CheckAccountsResult,
     HoldOutcome,
     HoldOutcomes,
     HoldStatus,
     Instruction,
+    InvalidInstruction,
     RequestRejected,
     SettlementRequest,
     TradeStatus,
@@ -43,6 +46,7 @@ from domain import (
 )
 from identity import TokenIssuer, Verifier, install_verifier, uninstall_verifier
 from processes.devserver import DevServer, _free_port, find_temporal_binary
+from starter.batch import BatchClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import parse_seed, seed
 from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
@@ -419,6 +423,30 @@ async def test_erins_instruction_without_alices_affirmation_expires_with_every_b
     assert engine.balances() == before and engine.open_holds() == []
 
 
+async def test_dvp_status_and_list_show_a_trade_awaiting_affirmation(
+    with_erin: Engine, temporal_server: DevServer, tmp_path: Path
+) -> None:
+    config = config_file(with_erin, temporal_server.address, tmp_path)
+    await with_erin.acting("erin").submit(erins_trade("TR-erin-cli"))
+    await wait_for_status(with_erin, "TR-erin-cli", TradeStatus.AWAITING_AFFIRMATION)
+
+    status = await dvp(config, "status", "TR-erin-cli")
+    for _ in range(100):  # visibility is eventually consistent
+        listed = await dvp(config, "list", "--status", "AWAITING_AFFIRMATION", "--json")
+        if "TR-erin-cli" in [t["trade_id"] for t in json.loads(listed.stdout)]:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("TR-erin-cli never listed as AWAITING_AFFIRMATION")
+    affirmed = await dvp(config, "affirm", "TR-erin-cli", "--as", "alice", as_="alice")
+
+    assert "AWAITING_AFFIRMATION   waiting for alice" in status.stdout
+    assert "submitted erin" in status.stdout
+    assert "consent   from erin, alice   given by: erin" in status.stdout
+    assert affirmed.returncode == 0 and "affirmation by alice accepted" in affirmed.stdout
+    assert (await with_erin.client.wait("TR-erin-cli")).status is TradeStatus.SETTLED
+
+
 async def test_an_operators_submission_consents_for_every_account(with_erin: Engine) -> None:
     final = await with_erin.client.wait((await with_erin.client.submit(erins_trade("TR-venue"))).trade_id)
 
@@ -451,6 +479,65 @@ async def test_an_htlc_submitted_by_one_party_waits_for_the_others_affirmation(s
     await settlement.acting("bob").claim("TR-htlc", secret.hex())
 
     assert (await settlement.client.wait("TR-htlc", timeout=60)).status is TradeStatus.SETTLED
+
+
+# ------------------------------------------------------------ netting batches
+
+
+async def test_only_an_operator_submits_a_netting_batch(settlement: Engine, temporal_client: Client) -> None:
+    before = settlement.balances()
+    trades = [dvp_instruction(f"TR-b{i}", "bob", "alice", "1", "99.50") for i in range(3)]
+    for trade in trades:
+        del trade["settle_within"]
+
+    with pytest.raises(AuthError, match="no token"):
+        await BatchClient(temporal_client, settlement.config).submit(trades, batch_id="tr-anon")
+    async with BatchClient(temporal_client, settlement.config, token=token("alice")) as client:
+        refused = await client.submit(trades, batch_id="tr-alice", wait=True, timeout=60)
+    async with BatchClient(temporal_client, settlement.config, token=token("ops")) as client:
+        settled = await client.submit(trades, batch_id="tr-ops", wait=True, timeout=60)
+
+    assert refused.status is BatchStatus.REJECTED
+    assert refused.reason == "submitted by alice: only an operator submits batches"
+    assert settled.status is BatchStatus.SETTLED and settled.settled == 3
+    assert settlement.balance("cash", "bob-cash") == before[("cash", "bob-cash")] + Decimal("298.50")
+
+
+# ------------------------------------------------------------- bounded inputs
+
+
+async def test_every_string_a_caller_sends_is_bounded_and_refused_naming_the_field(
+    settlement: Engine,
+) -> None:
+    long = "x" * 129
+    trades = {
+        "trade_id": dvp_instruction("T" + long, "bob", "alice", "1", "99.50"),
+        "approvers": dvp_instruction(
+            "TR-many", "bob", "alice", "1", "99.50", approvers=[f"a{i}" for i in range(17)]
+        ),
+        "legs[0].from": dvp_instruction("TR-long", "bob", "alice", "1", "99.50"),
+        "legs": {
+            "trade_id": "TR-legs",
+            "legs": dvp_instruction("TR-legs", "bob", "alice", "1", "99.50")["legs"] * 33,
+        },
+    }
+    trades["legs[0].from"]["legs"][0]["from"] = long
+    for field, trade in trades.items():
+        with pytest.raises(InvalidInstruction) as refused:
+            await settlement.client.submit(trade)
+        assert refused.value.field == field, refused.value
+    await settlement.client.submit(approval_trade("TR-bounded"))
+    await wait_for_status(settlement, "TR-bounded", TradeStatus.AWAITING_APPROVAL)
+    with pytest.raises(InvalidInstruction, match="reason: String should have at most 500 characters"):
+        await settlement.acting("alice").cancel("TR-bounded", reason="r" * 501)
+    events = await history_length(settlement, "TR-bounded")
+    # sent raw, past the client: the workflow's message type refuses it as well, leaving no event
+    handle = settlement.client.client.get_workflow_handle(workflow_id_for("TR-bounded"))
+    reason = await update_refusal(handle, "cancel_update", {"token": token("alice"), "reason": "r" * 5000})
+    assert reason == "Failed decoding arguments"  # the SDK refuses what the message type does not accept
+    assert await history_length(settlement, "TR-bounded") == events
+    assert (await settlement.client.status("TR-bounded")).status is TradeStatus.AWAITING_APPROVAL
+    assert settlement.open_holds() == []
 
 
 # ------------------------------------------------------------------- routing

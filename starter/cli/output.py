@@ -99,9 +99,16 @@ def trade_text(view: TradeView) -> str:
         f"status    {view.status.value}" + (f"   {view.reason}" if view.reason else ""),
         f"deadline  {view.deadline.isoformat() if view.deadline else '-'}",
     ]
+    if view.submitted_by:
+        head.append(f"submitted {view.submitted_by}")
+    if view.consent_from:
+        consented = ", ".join(view.consented) or "nobody yet"
+        head.append(f"consent   from {', '.join(view.consent_from)}   given by: {consented}")
     if view.approvers:
         approved = ", ".join(view.approved_by) or "nobody yet"
         head.append(f"approvers {', '.join(view.approvers)}   approved by: {approved}")
+    if view.refused_signals:
+        head.append(f"refused   {view.refused_signals} signal(s) without a valid token or not allowed")
     legs = table(
         [
             (leg.index, leg.ledger, leg.from_, leg.to, leg.amount, leg.asset, leg.state.value, leg.detail)
