@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # the local EVM node come from npm); until then setup is the Python venv alone.
 NODE_MODULES := $(if $(wildcard package.json),node_modules)
 
-.PHONY: help setup demo test lint clean distclean bench
+.PHONY: help setup browser demo test lint clean distclean bench
 
 help: ## Show this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_.-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,11 +34,19 @@ node_modules: package.json $(wildcard package-lock.json)
 	      else npm install --no-audit --no-fund; fi; }; \
 	then touch node_modules; else touch -c -d @0 node_modules 2>/dev/null; exit 1; fi
 
+# The Web UI test (tests/test_encryption.py) opens the dev server's UI in headless
+# Chromium: Debian's chromium package, installed once if it is missing.
+browser: ## Install Debian's chromium (the Web UI test renders the UI headless) if missing
+	@command -v chromium >/dev/null || { \
+	  echo "==> apt-get install -y chromium"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
 demo: setup ## Run the end-to-end settlement demo
 	$(VENV)/bin/dvp demo
 
 # pytest exits 5 when it collected nothing; say so, since make reports every failure as 2.
-test: setup ## Run the test suite (pass options with PYTEST_ARGS="-k name -x")
+test: setup browser ## Run the test suite (pass options with PYTEST_ARGS="-k name -x")
 	@echo "$(VENV)/bin/pytest -q $(PYTEST_ARGS)"
 	@$(VENV)/bin/pytest -q $(PYTEST_ARGS) || { status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; fi; \

@@ -37,7 +37,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
-from connection import connect_client, exit_without_teardown
+from connection import connect_client, exit_without_teardown, party_tagger
 from domain import Config, DvpError, load_config
 from identity import Verifier, install_verifier, uninstall_verifier
 from stores import BatchStore
@@ -120,7 +120,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    *SettlementActivities(config, verifier).all(),
+                    *SettlementActivities(config, verifier, party_tagger(client)).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         await run_worker(
             config, client, ledgers=args.ledger, workflows=not args.no_workflows, stop=stop, verifier=verifier
         )

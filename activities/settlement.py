@@ -17,13 +17,23 @@ from identity import Verifier
 
 
 class SettlementActivities:
-    """Policy checks that read the worker's configuration (and its keys)."""
+    """Policy checks that read the worker's configuration (and its keys).
 
-    def __init__(self, config: Config, verifier: Verifier | None = None) -> None:
+    ``party_tag`` maps a party to what the ``DvpParties`` search attribute shows of it
+    (``connection.party_tagger``: a keyed hash); None shows the names.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier | None = None,
+        party_tag: Callable[[str], str] | None = None,
+    ) -> None:
         self._config = config
         self._verifier = verifier
         self._sanctioned = {p.casefold() for p in config.compliance.sanctioned}
         self._operators = list(config.roles.operators)
+        self._party_tag = party_tag
 
     @activity.defn(name="settlement.admit")
     async def admit(self, request: AdmitRequest) -> Admission:
@@ -67,7 +77,9 @@ class SettlementActivities:
     async def screen(self, request: ScreenRequest) -> ScreenResult:
         """Screen the trade's parties (accounts and owners) against the sanctions list."""
         hits = [p for p in request.parties if p.casefold() in self._sanctioned]
-        return ScreenResult(hits=hits, operators=self._operators)
+        tag = self._party_tag
+        tags = None if tag is None else {p: tag(p) for p in request.parties}
+        return ScreenResult(hits=hits, operators=self._operators, party_tags=tags)
 
 
 def chain_blocks(config: Config, ledgers: list[str]) -> dict[str, int]:

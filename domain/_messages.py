@@ -191,6 +191,9 @@ class ScreenRequest(_Model):
 class ScreenResult(_Model):
     hits: list[str]
     operators: list[str]
+    # party -> what DvpParties shows of it (a keyed hash, [codec] hash_parties); None: the
+    # names themselves (a worker configured so, or one from before the setting).
+    party_tags: dict[str, str] | None = None
 
 
 class AdmitRequest(_Model):

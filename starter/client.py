@@ -22,6 +22,7 @@ sent (``AuthError``). Reading (status, wait, list) needs none.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from connection import connect_client
+from connection import connect_client, party_tagger
 from domain import (
     AffirmMessage,
     ApprovalMessage,
@@ -112,7 +113,7 @@ class SettlementClient:
     @classmethod
     async def connect(cls, config: Config | None = None, token: str | None = None) -> SettlementClient:
         config = config or load_config()
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         return cls(client, config, token)
 
     def with_token(self, token: str) -> SettlementClient:
@@ -178,7 +179,7 @@ class SettlementClient:
             "task_queue": self.config.settlement_queue(),
             "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
             "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            "search_attributes": initial_search_attributes(instruction),
+            "search_attributes": initial_search_attributes(instruction, party_tagger(self.client)),
         }
         try:
             if wait_accepted:
@@ -313,13 +314,27 @@ class SettlementClient:
         return decision
 
     async def list(
-        self, status: TradeStatus | str | None = None, limit: int = 1000, closed_since: datetime | None = None
+        self,
+        status: TradeStatus | str | None = None,
+        limit: int = 1000,
+        *,
+        party: str | None = None,
+        closed_since: datetime | None = None,
     ) -> list[TradeView]:
-        """Trades, newest first, optionally only those in ``status`` or ended since ``closed_since``
-        (without timelines)."""
-        query = 'WorkflowType IN ("Settlement", "Htlc")'
+        """This deployment's trades (its settlement queue), newest first, optionally only those in
+        ``status``, of ``party``, or ended since ``closed_since`` (without timelines).
+
+        ``party`` is an account or an owner; DvpParties holds its keyed hash (``[codec]
+        hash_parties``), which this client computes, so the name never reaches the server.
+        """
+        # this deployment's trades: others may share the namespace under another queue
+        # prefix, and a trade whose workers are not ours would not answer our queries
+        query = f'WorkflowType IN ("Settlement", "Htlc") AND TaskQueue = "{self.config.settlement_queue()}"'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
+        if party is not None:
+            tag = party_tagger(self.client)
+            query += f" AND DvpParties = {json.dumps(tag(party) if tag else party)}"
         if closed_since is not None:
             query += f' AND CloseTime >= "{closed_since.astimezone(UTC).isoformat()}"'
         trade_ids: list[str] = []

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +42,7 @@ from web3 import Web3
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
 from domain import Config, ConfigError, Hold, LedgerConfig, TradeNotFound, TradeStatus, TradeView, load_config
 from processes.anvil import Anvil, AnvilError, dev_key, find_anvil
+from processes.ports import free_port
 from starter.instructions import dvp_instruction
 
 from ._fixtures_evm import need, token_balance
@@ -328,15 +328,9 @@ def test_confirmations_must_be_a_number_of_blocks_or_a_finality_tag() -> None:
         EvmLedger.from_config("chain", LedgerConfig.model_validate({**base, "confirmations": good}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _chain_up(config: Path, ledger: str) -> subprocess.Popen[str]:
     """``dvp chain up`` as a user runs it, returned once the chain is written into ``config``."""
-    args = ["--ledger", ledger, "--port", str(_free_port()), "--block-time", str(BLOCK_TIME)]
+    args = ["--ledger", ledger, "--port", str(free_port()), "--block-time", str(BLOCK_TIME)]
     process = subprocess.Popen(
         [sys.executable, "-m", "starter.cli", "chain", "up", "--config", str(config), *args,
          "--confirmations", str(CONFIRMATIONS)],

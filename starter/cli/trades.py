@@ -102,7 +102,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    views = await (await _client(args)).list(status=args.status)
+    views = await (await _client(args)).list(status=args.status, party=args.party)
     if args.json:
         emit_json([trade_json(v, timeline=False) for v in views])
     else:
@@ -159,8 +159,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("trade_id")
     p.add_argument("--json", action="store_true")
 
-    p = command(sub, "list", cmd_list, "trades, optionally those in one status")
+    p = command(sub, "list", cmd_list, "trades, optionally those in one status or of one party")
     p.add_argument("--status", choices=[s.value for s in TradeStatus])
+    p.add_argument("--party", help="only trades with this account or owner (searched by its keyed hash)")
     p.add_argument("--json", action="store_true")
 
     as_help = "the token's subject, checked (optional)"
