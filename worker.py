@@ -46,7 +46,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import BatchActivities, LedgerActivities, NettingLedgerActivities, SettlementActivities
 from adapters import Ledger, open_ledger
-from connection import connect_client, exit_without_teardown
+from connection import connect_client, exit_without_teardown, party_tagger
 from connection.telemetry import configure_tracing, metrics_runtime
 from domain import Config, DvpError, load_config
 from identity import Verifier, install_verifier, uninstall_verifier
@@ -195,7 +195,7 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    *SettlementActivities(config, verifier).all(),
+                    *SettlementActivities(config, verifier, party_tagger(client)).all(),
                     *BatchActivities(store).all(),
                     *LedgerActivities(*(opened[name] for name in local)).all(),
                 ],
@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"--metrics-port: cannot serve metrics on {args.metrics_port}: {exc}"
                 ) from None
             log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
-        client = await connect_client(config.temporal.address, config.temporal.namespace, **options)
+        client = await connect_client(
+            config.temporal.address, config.temporal.namespace, codec=config.codec, **options
+        )
         await run_worker(
             config,
             client,

@@ -257,8 +257,9 @@ class LedgerActivities:
     @activity.defn(name="ledger.commit")
     @_traced("commit")
     def commit(self, request: HoldRefs) -> HoldOutcomes:
-        """Commit each hold (transfer to its beneficiary)."""
-        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold)
+        """Commit each hold (transfer to its beneficiary). A hold the ledger no longer has (a
+        chain reorganisation dropped its lock) is reported, not raised: the workflow places it again."""
+        return _each(request.hold_ids, self._ledger(request.ledger).commit_hold, _unknown)
 
     @activity.defn(name="ledger.claim")
     @_traced("claim")
@@ -346,7 +347,11 @@ def _joined(results: list[HoldOutcomes]) -> HoldOutcomes:
 
 
 def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> HoldOutcomes:
-    """``call`` on every item, even after one has failed; then the first failure, if any."""
+    """``call`` on every item, even after one has failed; then the first failure, if any.
+
+    A ledger's refusal carries the outcomes of the items that succeeded (its details), so
+    the workflow records each of those legs as done although the activity failed.
+    """
     results: list[HoldOutcomes] = []
     failure: Exception | None = None
     for item in items:
@@ -354,6 +359,11 @@ def _every(items: list[HoldRefs], call: Callable[[HoldRefs], HoldOutcomes]) -> H
             results.append(call(item))
         except Exception as exc:  # raised below, once every item was tried
             failure = failure or exc
-    if failure is not None:
-        raise failure
-    return _joined(results)
+    if failure is None:
+        return _joined(results)
+    if not isinstance(failure, ApplicationError):
+        raise failure  # a cancellation, or no ledger's refusal: as it came
+    done = _joined(results).model_dump(mode="json")
+    raise ApplicationError(
+        failure.message, done, type=failure.type, non_retryable=failure.non_retryable
+    ) from failure

@@ -17,13 +17,23 @@ from identity import Verifier
 
 
 class SettlementActivities:
-    """Policy checks that read the worker's configuration (and its keys)."""
+    """Policy checks that read the worker's configuration (and its keys).
 
-    def __init__(self, config: Config, verifier: Verifier | None = None) -> None:
+    ``party_tag`` maps a party to what the ``DvpParties`` search attribute shows of it
+    (``connection.party_tagger``: a keyed hash); None shows the names.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier | None = None,
+        party_tag: Callable[[str], str] | None = None,
+    ) -> None:
         self._config = config
         self._verifier = verifier
         self._sanctioned = {p.casefold() for p in config.compliance.sanctioned}
         self._operators = list(config.roles.operators)
+        self._party_tag = party_tag
 
     @activity.defn(name="settlement.admit")
     async def admit(self, request: AdmitRequest) -> Admission:
@@ -56,6 +66,7 @@ class SettlementActivities:
             precisions={asset: config.precision(asset) for asset in request.assets},
             operators=self._operators,
             operator_roles=list(config.roles.operator_roles),
+            chain_blocks=chain_blocks(config, known),
         )
 
     def all(self) -> list[Callable[..., object]]:
@@ -66,4 +77,18 @@ class SettlementActivities:
     async def screen(self, request: ScreenRequest) -> ScreenResult:
         """Screen the trade's parties (accounts and owners) against the sanctions list."""
         hits = [p for p in request.parties if p.casefold() in self._sanctioned]
-        return ScreenResult(hits=hits, operators=self._operators)
+        tag = self._party_tag
+        tags = None if tag is None else {p: tag(p) for p in request.parties}
+        return ScreenResult(hits=hits, operators=self._operators, party_tags=tags)
+
+
+def chain_blocks(config: Config, ledgers: list[str]) -> dict[str, int]:
+    """Of ``ledgers``, those on a chain -> the blocks each takes to call a write final."""
+
+    def blocks(name: str) -> int:
+        confirmations = config.ledgers[name].options().get("confirmations", 1)
+        if isinstance(confirmations, str):  # a node's safe or finalized tag: deeper than any count
+            return 10**9 + (confirmations == "finalized")
+        return int(confirmations)
+
+    return {name: blocks(name) for name in ledgers if config.ledgers[name].kind == "evm"}

@@ -119,6 +119,11 @@ class Ledger(ABC):
     def get_hold(self, hold_id: str) -> Hold:
         """One hold by key; ``UnknownHold`` if the key was never used."""
 
+    def final_hold(self, hold_id: str) -> Hold:
+        """The hold as it stands for good: on a chain, at the ledger's finality depth (a
+        reorganisation can still replace newer blocks); elsewhere ``get_hold``."""
+        return self.get_hold(hold_id)
+
     @abstractmethod
     def open_holds(self) -> list[Hold]:
         """Every hold that is still open."""

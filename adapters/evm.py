@@ -40,9 +40,23 @@ Configuration (a ``[ledgers.<name>]`` section with ``kind = "evm"``)::
     from_block = 0                    # optional: where to start reading events
     mnemonic = "test test ... junk"   # optional: dev wallets
     issuer_account = "issuer:{asset}" # optional
-    timeout = 30                      # optional: seconds per RPC call and receipt
+    timeout = 30                      # optional: seconds per RPC call, and per wait for finality
+    confirmations = 1                 # optional: blocks deep a transaction must be, or "safe"/"finalized"
+    block_time = 0.3                  # optional: the chain's block interval (paces the waits)
     [ledgers.<name>.accounts]         # optional: wallets the operator has no key for
     "alice-bonds" = "0x..."
+
+Finality: ``confirmations`` says when a transaction counts. With N, a lock is
+reported placed, pinned, committed or released only once the transaction that did it
+is N blocks deep (its block and N - 1 on top), and the state reported is the lock's
+as of that depth (block ``latest - N + 1``); with ``"safe"`` or ``"finalized"``, as of
+the block the node tags so. While it waits, a transaction that a reorganisation
+dropped (or that reverted) is sent again: every call is idempotent on the lock id,
+so sending twice has the effect of once. N = 1 (the default) is a mined receipt, which
+suits a dev chain that never reorganises; N > 1 needs a chain that mines on its own
+(anvil ``--block-time``). A wait longer than ``timeout`` raises ``LedgerUnavailable``
+(retryable): the retry resumes it. Balances and ``get_hold`` read the latest block;
+``final_hold`` reads at the finality depth. See docs/finality.md.
 
 Preimages and hashlocks are 32 bytes in hex (``0x`` optional):
 ``hashlock = sha256(preimage)``.
@@ -56,24 +70,27 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Context, Decimal
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, Literal, ParamSpec, Self, TypeVar
 
 import requests
 from eth_abi import decode as abi_decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import (
     ContractLogicError,
     ProviderConnectionError,
     TimeExhausted,
+    TransactionNotFound,
     Web3RPCError,
 )
 
@@ -96,7 +113,7 @@ from domain import (
 
 from ._base import Ledger
 
-__all__ = ["ARTEFACTS", "DEFAULT_MNEMONIC", "EvmLedger", "deploy_contracts", "load_artefact"]
+__all__ = ["ARTEFACTS", "DEFAULT_MNEMONIC", "FINALITY_TAGS", "EvmLedger", "deploy_contracts", "load_artefact"]
 
 DEFAULT_MNEMONIC = "test test test test test test test test test test test junk"
 """anvil's default mnemonic: its dev accounts are m/44'/60'/0'/0/i of this phrase."""
@@ -110,6 +127,9 @@ _MAX_UINT = 2**256 - 1
 _GAS_FLOAT = 10**17  # wei a dev wallet gets for its own transactions (approve, release)
 _GAS_LOW = 10**16
 _WIDE = Context(prec=100)  # 18 decimals of a large amount exceed the default 28 digits
+
+# What a node answers when a nonce was used meanwhile (geth, anvil): take the next one.
+_NONCE_TAKEN = ("nonce too low", "already known", "already imported", "underpriced")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -143,6 +163,8 @@ class _State(IntEnum):
     COMMITTED = 2
     RELEASED = 3
 
+
+_ENDED = (_State.COMMITTED, _State.RELEASED)
 
 _STATUS = {
     _State.OPEN: HoldStatus.OPEN,
@@ -257,6 +279,11 @@ class _Chain:
         assert self._chain_id is not None
         return self._chain_id
 
+    def check(self) -> None:
+        """Refuse a node of another chain than the configured ``chain_id`` (asked once)."""
+        if not self._checked:
+            self.chain_id  # noqa: B018 - the property asks the node and compares
+
     def contract(self, name: str, address: str) -> Any:
         return self.w3.eth.contract(address=to_checksum_address(address), abi=load_artefact(name)["abi"])
 
@@ -264,10 +291,10 @@ class _Chain:
         with self._locks_guard:
             return self._send_locks.setdefault(address, threading.Lock())
 
-    def send(self, fn: Any, signer: LocalAccount) -> Any:
-        """Sign and send ``fn`` (a contract function or constructor), wait for its receipt.
+    def submit(self, fn: Any, signer: LocalAccount) -> HexBytes:
+        """Sign and send ``fn`` (a contract function or constructor); its hash, not waiting for it.
 
-        Raises ``_Revert`` if the simulation or the mined transaction reverts.
+        Raises ``_Revert`` if the simulation reverts.
         """
         chain_id = self.chain_id
         with self._lock_for(signer.address):
@@ -279,20 +306,41 @@ class _Chain:
                     raise _revert_from(exc) from None
                 signed = signer.sign_transaction(tx)
                 try:
-                    tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-                    break
+                    return HexBytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
                 except Web3RPCError as exc:
                     # Another process sent with this key meanwhile: take the next nonce.
-                    if attempt == 2 or not any(
-                        s in str(exc).lower() for s in ("nonce too low", "already known", "underpriced")
-                    ):
+                    if attempt == 2 or not any(s in str(exc).lower() for s in _NONCE_TAKEN):
                         raise
+        raise AssertionError("unreachable")
+
+    def send(self, fn: Any, signer: LocalAccount) -> Any:
+        """Sign and send ``fn``, wait for its receipt (mined once: for setup, not for holds).
+
+        Raises ``_Revert`` if the simulation or the mined transaction reverts.
+        """
+        tx_hash = self.submit(fn, signer)
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout, poll_latency=0.05)
         if receipt["status"] != 1:
             raise _Revert(
                 "", (), f"transaction {tx_hash.to_0x_hex()} reverted in block {receipt['blockNumber']}"
             )
         return receipt
+
+    def lost(self, tx_hash: HexBytes) -> bool:
+        """True if ``tx_hash`` is neither pending nor mined successfully: dropped, or reverted.
+
+        Either way sending the call again is right: a dropped transaction is gone with
+        the blocks a reorganisation replaced, and a reverted one's simulation says why.
+        """
+        try:
+            return int(self.w3.eth.get_transaction_receipt(tx_hash)["status"]) != 1
+        except TransactionNotFound:
+            pass
+        try:
+            self.w3.eth.get_transaction(tx_hash)
+        except TransactionNotFound:
+            return True
+        return False  # pending
 
     def send_value(self, to: str, value: int, signer: LocalAccount) -> None:
         with self._lock_for(signer.address):
@@ -354,6 +402,31 @@ def deploy_contracts(rpc: str, operator_key: str, assets: dict[str, int]) -> dic
     }
 
 
+FinalityTag = Literal["safe", "finalized"]
+FINALITY_TAGS: tuple[FinalityTag, ...] = ("safe", "finalized")
+"""Block tags a node may keep for the blocks it holds final; ``confirmations`` takes them too."""
+
+
+def _confirmations(value: Any, field: str) -> int | FinalityTag:
+    """``confirmations``: a whole number of blocks (1 or more), or a finality tag."""
+    if isinstance(value, str) and value in FINALITY_TAGS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(
+        f"{field}: expected a number of blocks (1 or more) or one of {', '.join(FINALITY_TAGS)}, "
+        f"got {value!r}"
+    )
+
+
+def _block_time(value: Any, field: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise ConfigError(f"{field}: expected a positive number of seconds, got {value!r}")
+
+
 class EvmLedger(Ledger):
     """A ledger whose balances are ERC-20 balances and whose holds are escrow locks."""
 
@@ -372,11 +445,16 @@ class EvmLedger(Ledger):
         timeout: float = 30.0,
         escrow: str | None = None,
         tokens: dict[str, str] | None = None,
+        confirmations: int | str = 1,
+        block_time: float | None = None,
     ) -> None:
         self.name = name
+        self._confirmations = _confirmations(confirmations, f"ledgers.{name}.confirmations")
+        # A quarter of a block: a confirmation is seen soon after it is mined.
+        self._poll = min(max(block_time / 4, 0.02), 0.5) if block_time else 0.05
         self._chain = _Chain(rpc, timeout, chain_id)
         self._operator = _operator(operator_key)
-        self._registry = self._chain.contract("AccountRegistry", registry)
+        self._registry_contract = self._chain.contract("AccountRegistry", registry)
         self._escrow_contract: Any = None
         self._from_block = from_block
         self._mnemonic = mnemonic
@@ -413,7 +491,8 @@ class EvmLedger(Ledger):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{where}.operator_key: an evm ledger needs the operator's private key")
         known = {"rpc", "registry", "operator_key", "operator_key_env", "chain_id", "from_block", "mnemonic",
-                 "accounts", "issuer_account", "timeout", "escrow", "tokens"}  # fmt: skip
+                 "accounts", "issuer_account", "timeout", "escrow", "tokens", "confirmations",
+                 "block_time"}  # fmt: skip
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
@@ -437,11 +516,20 @@ class EvmLedger(Ledger):
                 timeout=float(options.get("timeout", 30)),
                 escrow=options.get("escrow"),
                 tokens=options.get("tokens") or {},
+                confirmations=options.get("confirmations", 1),
+                block_time=_block_time(options.get("block_time"), f"{where}.block_time"),
             )
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
     # -- names --------------------------------------------------------------
+
+    @property
+    def _registry(self) -> Any:
+        # Every name, and so every read, starts here: the first one checks the chain id, so a
+        # ledger pointed at another chain (a second `dvp chain up` node) refuses to read it.
+        self._chain.check()
+        return self._registry_contract
 
     @property
     def _escrow(self) -> Any:
@@ -542,10 +630,54 @@ class EvmLedger(Ledger):
 
     # -- holds --------------------------------------------------------------
 
-    def _read_lock(self, lock_id: bytes) -> _Lock:
-        fields = self._escrow.functions.locks(lock_id).call()
+    def _read_lock(self, lock_id: bytes, block: int | Literal["latest"] = "latest") -> _Lock:
+        fields = self._escrow.functions.locks(lock_id).call(block_identifier=block)
         token, expiry, state, owner, beneficiary, amount, hashlock = fields
         return _Lock(token, int(expiry), _State(state), owner, beneficiary, int(amount), bytes(hashlock))
+
+    def _final_block(self) -> int:
+        """The newest block this ledger holds final: ``confirmations - 1`` below the latest, or tagged."""
+        if isinstance(self._confirmations, str):
+            return int(self._chain.w3.eth.get_block(self._confirmations)["number"])
+        return max(self._chain.w3.eth.block_number - (self._confirmations - 1), 0)
+
+    def _depth(self) -> str:
+        if isinstance(self._confirmations, str):
+            return f"in the {self._confirmations} block"
+        return f"{self._confirmations} block{'s' if self._confirmations > 1 else ''} deep"
+
+    def _until_final(
+        self, lock_id: bytes, what: str, final: Callable[[_Lock], bool], call: Callable[[_Lock], Any]
+    ) -> _Lock:
+        """Send ``call(latest)`` until ``final`` holds of the lock at the finality depth; that lock.
+
+        ``call`` gets the lock as the latest block has it and returns the contract call
+        that moves it on, or ``None`` when the latest block already has what is wanted
+        (then only depth is missing); it raises a domain error when the lock is in a
+        state the operation refuses. The transaction is sent again when it is lost (a
+        reorganisation dropped it, or it reverted): it is idempotent on the lock id.
+        Raises ``_Revert`` if a simulation reverts while the latest lock still needs it.
+        """
+        sent: HexBytes | None = None
+        deadline = time.monotonic() + self._chain.timeout
+        while True:
+            settled = self._read_lock(lock_id, self._final_block())
+            if final(settled):
+                return settled
+            fn = call(self._read_lock(lock_id))
+            if fn is not None and (sent is None or self._chain.lost(sent)):
+                try:
+                    sent = self._chain.submit(fn, self._operator)
+                except _Revert:
+                    if call(self._read_lock(lock_id)) is not None:
+                        raise
+                    # someone else's transaction got there first: wait for it to be final
+            if time.monotonic() >= deadline:
+                raise LedgerUnavailable(
+                    f"{what}: not {self._depth()} after {self._chain.timeout:g}s on ledger {self.name} "
+                    "(is the chain mining blocks? more than one confirmation needs a block time)"
+                )
+            time.sleep(self._poll)
 
     def _memo(self, lock_id: bytes) -> tuple[str, str] | None:
         """(hold_id, trade_id) of a lock, from its ``Locked`` event."""
@@ -565,7 +697,8 @@ class EvmLedger(Ledger):
                             )
                         except (ValueError, KeyError, TypeError):
                             continue  # a lock someone else made: no hold id of ours
-                    self._scanned_to = latest
+                    # Blocks not yet final may be replaced: read them again next time.
+                    self._scanned_to = min(latest, self._final_block())
         return self._memos.get(lock_id)
 
     def _hold(self, hold_id: str, lock_id: bytes, lock: _Lock) -> Hold:
@@ -628,12 +761,47 @@ class EvmLedger(Ledger):
         hashlock: str | None = None,
     ) -> Hold:
         lock_id = self._lock_id(hold_id)
+        terms = (account, to_account, asset, amount, trade_id, hashlock)
         existing = self._read_lock(lock_id)
         if existing.state is not _State.NONE:
             # A known key answers first: a replay must not fail on a check it passed before.
-            return self._same_terms(
-                hold_id, lock_id, existing, account, to_account, asset, amount, trade_id, hashlock
+            self._same_terms(hold_id, lock_id, existing, *terms)
+        built: list[Any] = []
+
+        def lock(latest: _Lock) -> Any:
+            if latest.state is not _State.NONE:
+                return None
+            if not built:  # checked only when there is something to send
+                built.append(self._lock_call(hold_id, lock_id, expires_at, *terms))
+            return built[0]
+
+        try:
+            final = self._until_final(
+                lock_id, f"hold {hold_id!r}", lambda lk: lk.state is not _State.NONE, lock
             )
+        except _Revert as revert:
+            token = self._asset(asset)
+            if revert.name == "ERC20InsufficientBalance":
+                raise InsufficientFunds(
+                    f"account {account!r} has {format(self._decimal(revert.args_[1], token), 'f')} {asset} "
+                    f"available; hold {hold_id!r} requested {format(amount, 'f')} {asset}"
+                ) from None
+            if revert.name == "ERC20InsufficientAllowance":
+                raise InsufficientFunds(
+                    f"account {account!r}: wallet {self._account(account).wallet} allows the escrow "
+                    f"{format(self._decimal(revert.args_[1], token), 'f')} {asset}; hold {hold_id!r} "
+                    f"requested {format(amount, 'f')} {asset} (the owner must approve the escrow)"
+                ) from None
+            raise self._fail(revert, f"hold {hold_id!r}") from None
+        if built:
+            self._memos[lock_id] = (hold_id, trade_id)
+        return self._same_terms(hold_id, lock_id, final, *terms)
+
+    def _lock_call(
+        self, hold_id: str, lock_id: bytes, expires_at: datetime | None, account: str, to_account: str,
+        asset: str, amount: Decimal, trade_id: str, hashlock: str | None,
+    ) -> Any:  # fmt: skip
+        """The escrow's ``lock`` for this hold, once its terms are checked."""
         token = self._asset(asset)
         source, target = self._account(account), self._account(to_account)
         for acct in (source, target):
@@ -648,31 +816,9 @@ class EvmLedger(Ledger):
         lock_hash = _hex32(hashlock, "hashlock") if hashlock else _ZERO32
         expiry = math.ceil(expires_at.timestamp()) if expires_at else 0
         memo = json.dumps({"hold_id": hold_id, "trade_id": trade_id}, separators=(",", ":"))
-        call = self._escrow.functions.lock(
+        return self._escrow.functions.lock(
             lock_id, token.address, source.wallet, target.wallet, units, expiry, lock_hash, memo
         )
-        try:
-            self._chain.send(call, self._operator)
-        except _Revert as revert:
-            existing = self._read_lock(lock_id)  # placed or tombstoned meanwhile?
-            if existing.state is not _State.NONE:
-                return self._same_terms(
-                    hold_id, lock_id, existing, account, to_account, asset, amount, trade_id, hashlock
-                )
-            if revert.name == "ERC20InsufficientBalance":
-                raise InsufficientFunds(
-                    f"account {account!r} has {format(self._decimal(revert.args_[1], token), 'f')} {asset} "
-                    f"available; hold {hold_id!r} requested {format(amount, 'f')} {asset}"
-                ) from None
-            if revert.name == "ERC20InsufficientAllowance":
-                raise InsufficientFunds(
-                    f"account {account!r}: wallet {source.wallet} allows the escrow "
-                    f"{format(self._decimal(revert.args_[1], token), 'f')} {asset}; hold {hold_id!r} "
-                    f"requested {format(amount, 'f')} {asset} (the owner must approve the escrow)"
-                ) from None
-            raise self._fail(revert, f"hold {hold_id!r}") from None
-        self._memos[lock_id] = (hold_id, trade_id)
-        return self._hold(hold_id, lock_id, self._read_lock(lock_id))
 
     def _same_terms(
         self, hold_id: str, lock_id: bytes, lock: _Lock, account: str, to_account: str, asset: str,
@@ -698,38 +844,52 @@ class EvmLedger(Ledger):
     @_available
     def pin_hold(self, hold_id: str) -> Hold:
         lock_id = self._lock_id(hold_id)
-        lock = self._read_lock(lock_id)
-        if lock.state is _State.NONE:
-            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
+
+        def pin(latest: _Lock) -> Any:
+            if latest.state is _State.NONE:
+                raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
+            if latest.state is _State.RELEASED:
+                raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be pinned")
+            if latest.state is _State.OPEN and latest.expiry != 0:
+                return self._escrow.functions.pin(lock_id)
+            return None
+
+        try:
+            lock = self._until_final(
+                lock_id,
+                f"pin hold {hold_id!r}",
+                lambda lk: lk.state in _ENDED or (lk.state is _State.OPEN and lk.expiry == 0),
+                pin,
+            )
+        except _Revert as revert:
+            raise self._fail(revert, f"pin hold {hold_id!r}") from None
         if lock.state is _State.RELEASED:
             raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be pinned")
-        if lock.state is _State.OPEN and lock.expiry != 0:
-            try:
-                self._chain.send(self._escrow.functions.pin(lock_id), self._operator)
-            except _Revert as revert:
-                raise self._fail(revert, f"pin hold {hold_id!r}") from None
-            lock = self._read_lock(lock_id)
         return self._hold(hold_id, lock_id, lock)
 
     @_available
     def commit_hold(self, hold_id: str, preimage: str | None = None) -> Hold:
         lock_id = self._lock_id(hold_id)
-        lock = self._read_lock(lock_id)
-        if lock.state is _State.NONE:
-            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
-        if lock.state is _State.OPEN:
-            if lock.hashlock == _ZERO32:
-                call = self._escrow.functions.commit(lock_id)
-            elif preimage is None:
+
+        def commit(latest: _Lock) -> Any:
+            if latest.state is _State.NONE:
+                raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
+            if latest.state is _State.RELEASED:
+                raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be committed")
+            if latest.state is _State.COMMITTED:
+                return None
+            if latest.hashlock == _ZERO32:
+                return self._escrow.functions.commit(lock_id)
+            if preimage is None:
                 raise LedgerError(f"hold {hold_id!r}: the preimage does not match the hashlock")
-            else:
-                call = self._escrow.functions.claim(lock_id, _hex32(preimage, "preimage"))
-            try:
-                self._chain.send(call, self._operator)
-            except _Revert as revert:
-                if self._read_lock(lock_id).state is not _State.COMMITTED:
-                    raise self._fail(revert, f"commit hold {hold_id!r}") from None
-            lock = self._read_lock(lock_id)
+            return self._escrow.functions.claim(lock_id, _hex32(preimage, "preimage"))
+
+        try:
+            lock = self._until_final(
+                lock_id, f"commit hold {hold_id!r}", lambda lk: lk.state in _ENDED, commit
+            )
+        except _Revert as revert:
+            raise self._fail(revert, f"commit hold {hold_id!r}") from None
         if lock.state is not _State.COMMITTED:
             raise HoldNotOpen(f"hold {hold_id!r} is already released; it cannot be committed")
         return self._hold(hold_id, lock_id, lock)
@@ -737,14 +897,18 @@ class EvmLedger(Ledger):
     @_available
     def release_hold(self, hold_id: str) -> Hold:
         lock_id = self._lock_id(hold_id)
-        lock = self._read_lock(lock_id)
-        if lock.state in (_State.NONE, _State.OPEN):
-            try:
-                self._chain.send(self._escrow.functions.release(lock_id), self._operator)
-            except _Revert as revert:
-                if self._read_lock(lock_id).state is not _State.RELEASED:
-                    raise self._fail(revert, f"release hold {hold_id!r}") from None
-            lock = self._read_lock(lock_id)
+
+        def release(latest: _Lock) -> Any:
+            if latest.state in (_State.NONE, _State.OPEN):
+                return self._escrow.functions.release(lock_id)
+            return None
+
+        try:
+            lock = self._until_final(
+                lock_id, f"release hold {hold_id!r}", lambda lk: lk.state in _ENDED, release
+            )
+        except _Revert as revert:
+            raise self._fail(revert, f"release hold {hold_id!r}") from None
         if lock.state is not _State.RELEASED:
             raise HoldNotOpen(f"hold {hold_id!r} is already committed; it cannot be released")
         return self._hold(hold_id, lock_id, lock)
@@ -755,6 +919,15 @@ class EvmLedger(Ledger):
         lock = self._read_lock(lock_id)
         if lock.state is _State.NONE:
             raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r}")
+        return self._hold(hold_id, lock_id, lock)
+
+    @_available
+    def final_hold(self, hold_id: str) -> Hold:
+        """The hold as of the finality depth; ``UnknownHold`` if no lock is there (yet, or any more)."""
+        lock_id = self._lock_id(hold_id)
+        lock = self._read_lock(lock_id, self._final_block())
+        if lock.state is _State.NONE:
+            raise UnknownHold(f"ledger {self.name!r} has no hold {hold_id!r} {self._depth()}")
         return self._hold(hold_id, lock_id, lock)
 
     def _open_locks(self) -> list[tuple[str, bytes, _Lock]]:

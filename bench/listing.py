@@ -2,10 +2,11 @@
 
     python -m bench.listing [--trades 10000] [--page 1000] [--json]
 
-Starts an in-memory dev server of its own and, on a task queue no worker polls, that
-many ``Settlement`` workflows carrying a trade's search attributes and memo as a real
-trade would (statuses spread over the terminal ones and the open ones); half of them are
-then terminated, so the listing reads closed workflows (whose reason it takes from the
+Starts an in-memory dev server of its own and that many ``Settlement`` workflows
+carrying a trade's search attributes and memo as a real trade would, on the settlement
+queue of its configuration, which no worker polls (statuses spread over the terminal
+ones and the open ones); half of them are then terminated, so the listing reads closed
+workflows (whose reason it takes from the
 memo) as well as open ones. Then it times ``dvp list`` as a user runs it: the first page
 (``--limit 100``), every page of ``--limit N`` in turn through ``--page-token``, the
 whole list at once (``--json``) and an empty listing (the process's own start), each a
@@ -34,7 +35,6 @@ from processes.devserver import DevServer
 from starter.client import SettlementClient
 
 REPO = Path(__file__).resolve().parents[1]
-QUEUE = "bench-listing-no-worker"
 STATUSES = [
     TradeStatus.SETTLED,
     TradeStatus.SETTLED,
@@ -51,7 +51,7 @@ _PARTIES = SearchAttributeKey.for_keyword_list("DvpParties")
 _ASSETS = SearchAttributeKey.for_keyword_list("DvpAssets")
 
 
-async def start_trades(client: Client, count: int, concurrency: int = 64) -> float:
+async def start_trades(client: Client, queue: str, count: int, concurrency: int = 64) -> float:
     """Start ``count`` never-running Settlement workflows; terminate every other one. Seconds taken."""
     began = time.perf_counter()
     semaphore = asyncio.Semaphore(concurrency)
@@ -71,7 +71,7 @@ async def start_trades(client: Client, count: int, concurrency: int = 64) -> flo
                 "Settlement",
                 {"bench": i},
                 id=f"trade-LB-{i:05d}",
-                task_queue=QUEUE,
+                task_queue=queue,
                 search_attributes=attributes,
                 memo={"reason": "" if status is TradeStatus.SETTLED else f"bench: {status.value.lower()}"},
             )
@@ -136,17 +136,19 @@ def measure(config: Path, count: int, page: int) -> dict[str, Any]:
 
 async def run(count: int, page: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dvp-bench-listing-") as tmp, DevServer(headless=True) as server:
-        client = await server.connect()
-        started = await start_trades(client, count)
-        await visible(client, count)
         config = Path(tmp) / "dvp.toml"
         config.write_text(
             f'[ledgers.cash]\nkind = "sql"\nurl = "sqlite:///{tmp}/cash.db"\n\n'
-            f'[temporal]\naddress = "{server.address}"\n'
+            f'[temporal]\naddress = "{server.address}"\ntask_queue_prefix = "bench-listing"\n'
         )
+        loaded = load_config(config)
+        client = await server.connect(codec=loaded.codec)
+        # dvp list shows the trades of its configuration's settlement queue, which no worker polls here
+        started = await start_trades(client, loaded.settlement_queue(), count)
+        await visible(client, count)
         results = await asyncio.to_thread(measure, config, count, page)
         # The same listing in this process: what the listing costs without a process's start.
-        dvp_client = SettlementClient(client, load_config(config))
+        dvp_client = SettlementClient(client, loaded)
         began = time.perf_counter()
         listed = await dvp_client.list()
         in_process = time.perf_counter() - began

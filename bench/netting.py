@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from connection import connect_client
+from connection.codec import KeyRing
 from domain import BatchStatus, Config, parse_config
 from identity import TokenIssuer
 from processes.workers import WorkerProcess
@@ -80,7 +81,8 @@ def _config_text(urls: dict[str, str], batches: str, address: str, namespace: st
         f'[batches]\nurl = "{batches}"\n\n'
         f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
         '[roles]\noperators = ["ops"]\n\n'
-        f'[auth]\nlocal_issuer = true\nlocal_keys = "{keys}"\n'
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{keys}"\n\n'
+        f'[codec]\nkey_file = "{keys.parent / "codec-keys.json"}"\n'
     )
 
 
@@ -91,6 +93,9 @@ async def run_netting(
     run = f"nb{uuid.uuid4().hex[:6]}"
     text = _config_text(urls, f"sqlite:///{base / 'netting-batches.db'}", address, namespace, f"bench-{run}")
     config = parse_config(tomllib.loads(text), "bench netting configuration")
+    keys = config.codec.key_path()
+    if not keys.exists():  # dvp bench made it for the whole run; alone, the batch makes its own
+        keys.write_text(KeyRing.generate().to_json())
     config_path = base / "dvp-netting.toml"
     config_path.write_text(text)
     with opened(config) as ledgers:
@@ -99,7 +104,8 @@ async def run_netting(
     worker = WorkerProcess(config_path, base / "worker-netting.log", stop_timeout=30).start()
     try:
         token = TokenIssuer.from_config(config.auth).issue("ops", ttl=timedelta(hours=12))  # an operator's
-        client = BatchClient(await connect_client(address, namespace), config, token=token)
+        connection = await connect_client(address, namespace, codec=config.codec)
+        client = BatchClient(connection, config, token=token)
         warm = random_trades(20, f"{run}w", SEED + 1)
         warm_view = await client.submit(warm, batch_id=f"{run}-warm", wait=True, timeout=timeout)
         trades = random_trades(n, f"{run}t")

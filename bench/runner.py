@@ -67,7 +67,9 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from bench.workflows import CeilingWorkflow, NaiveSagaWorkflow
 from connection import connect_client
+from connection.codec import EncryptionCodec, KeyRing, codec_cost, history_payloads
 from domain import (
+    CodecConfig,
     Config,
     DvpError,
     SettlementRequest,
@@ -93,6 +95,11 @@ LATENCY_MEASURE = (
     "submit call start (client clock) -> workflow close_time from describe() (server clock, same host)"
 )
 CLIENT_LATENCY_MEASURE = "submit call start -> awaited workflow result received (client clock)"
+CODEC_ROUNDS = 200
+CODEC_MEASURE = (
+    "thread CPU, in the bench process, of decoding then encoding once each encrypted payload of the "
+    f"first loaded workflow's history (AES-256-GCM, the run's key ring), averaged over {CODEC_ROUNDS} rounds"
+)
 SUBMIT_MODES = {
     "start": "client.start_workflow with the request SettlementClient builds (one RPC, like the references)",
     "nowait": "SettlementClient.submit(wait_accepted=False): start_workflow, then a status query",
@@ -305,6 +312,11 @@ def _fresh_ledgers(kind: str, base: Path, postgres: str, tag: str) -> Iterator[d
                 admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
+def codec_keys(base: Path) -> Path:
+    """The run's key ring: fresh for each run, shared by its client and workers."""
+    return base / "codec-keys.json"
+
+
 def _config_text(
     urls: dict[str, str],
     address: str,
@@ -312,6 +324,7 @@ def _config_text(
     prefix: str,
     ledger_calls: str = "local",
     auth_dir: Path | None = None,
+    codec_keys: Path | None = None,
 ) -> str:
     local = "true" if ledger_calls == "local" else "false"
     ledgers = "".join(
@@ -324,7 +337,9 @@ def _config_text(
         '[roles]\noperators = ["ops"]\n\n'
         f'[temporal]\naddress = "{address}"\nnamespace = "{namespace}"\ntask_queue_prefix = "{prefix}"\n\n'
         # the local development issuer: the bench's client acts with an operator's token
-        f'[auth]\nlocal_issuer = true\nlocal_keys = "{auth_dir or Path(".dvp") / "auth"}"\n'
+        f'[auth]\nlocal_issuer = true\nlocal_keys = "{auth_dir or Path(".dvp") / "auth"}"\n\n'
+        # every payload encrypted, for all three kinds alike (the ratios compare like with like)
+        + (f'[codec]\nkey_file = "{codec_keys}"\n' if codec_keys else "")
     )
 
 
@@ -556,6 +571,13 @@ class _Phase:
 
         return list(await asyncio.gather(*(one(h) for h in handles)))
 
+    async def codec_cost(self, handle: WorkflowHandle[Any, Any]) -> dict[str, Any]:
+        """The codec's CPU for one workflow: encode + decode, once each, of every payload of its history."""
+        history = await handle.fetch_history()
+        codec = self.client.data_converter.payload_codec
+        assert isinstance(codec, EncryptionCodec)
+        return codec_cost(codec, history_payloads(history), CODEC_ROUNDS)
+
     async def history_shape(self, handle: WorkflowHandle[Any, Any]) -> dict[str, int]:
         """Round trips of one workflow, counted from its history."""
         history = await handle.fetch_history()
@@ -613,14 +635,16 @@ async def _run_phase(
 ) -> dict[str, Any]:
     run = f"b{datetime.now(UTC):%H%M%S}-w{n_workers}-{uuid.uuid4().hex[:4]}"
     with _fresh_ledgers(options.ledger, base, options.postgres, f"w{n_workers}") as urls:
-        text = _config_text(urls, address, namespace, f"bench-{run}", options.ledger_calls, base / "auth")
+        text = _config_text(
+            urls, address, namespace, f"bench-{run}", options.ledger_calls, base / "auth", codec_keys(base)
+        )
         config = parse_config(tomllib.loads(text), "bench configuration")
         config_path = base / f"dvp-w{n_workers}.toml"
         config_path.write_text(text)
         with opened(config) as ledgers:
             seed(config, parse_seed({"accounts": _accounts()}, config), ledgers)
             before = all_balances(ledgers)
-        client = await connect_client(address, namespace)
+        client = await connect_client(address, namespace, codec=config.codec)
         phase = _Phase(client, config, options, run)
         workers = [
             _WorkerProcess(config_path, base / f"worker-w{n_workers}-{k}.log") for k in range(n_workers)
@@ -669,15 +693,17 @@ async def _run_phase(
                 "trades_per_ceiling": _round_ratios(batches["trades"], batches["ceiling"]),
                 "trades_per_naive": _round_ratios(batches["trades"], batches["naive"]),
             }
-            result["history_per_workflow"] = {
-                "trades": await phase.history_shape(
-                    client.get_workflow_handle(workflow_id_for(f"{run}-loadt0-0"))
-                ),
-                "ceiling": await phase.history_shape(
-                    client.get_workflow_handle(f"bench-ceiling-{run}-loadc0-0")
-                ),
-                "naive": await phase.history_shape(client.get_workflow_handle(f"bench-naive-{run}-loadn0-0")),
+            samples = {
+                "trades": client.get_workflow_handle(workflow_id_for(f"{run}-loadt0-0")),
+                "ceiling": client.get_workflow_handle(f"bench-ceiling-{run}-loadc0-0"),
+                "naive": client.get_workflow_handle(f"bench-naive-{run}-loadn0-0"),
             }
+            result["history_per_workflow"] = {k: await phase.history_shape(h) for k, h in samples.items()}
+            result["codec_per_workflow"] = {k: await phase.codec_cost(h) for k, h in samples.items()}
+            result["codec_per_workflow"]["measure"] = CODEC_MEASURE
+            result["ratios"]["codec_cpu_per_trade_cpu"] = _ratio(
+                result["codec_per_workflow"]["trades"]["cpu_ms"], trades["cpu_ms_per_item"]
+            )
             result["rss_peak_mb"] = {
                 "workers": [round(tree_peak_rss_mb(w.pid), 1) for w in workers],
                 "server": round(tree_peak_rss_mb(server_pid), 1) if server_pid else None,
@@ -752,8 +778,10 @@ def _version(binary: Path) -> str:
         return f"unknown ({exc})"
 
 
-async def _environment(options: BenchOptions, address: str, namespace: str, embedded: bool) -> dict[str, Any]:
-    client = await connect_client(address, namespace)
+async def _environment(
+    options: BenchOptions, address: str, namespace: str, embedded: bool, base: Path
+) -> dict[str, Any]:
+    client = await connect_client(address, namespace, codec=CodecConfig(key_file=str(codec_keys(base))))
     info = await client.workflow_service.get_system_info(GetSystemInfoRequest())
     env: dict[str, Any] = {
         "cores": os.cpu_count(),
@@ -817,6 +845,8 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     started_at = datetime.now(UTC)
     base = Path(tempfile.mkdtemp(prefix="dvp-bench-"))
+    codec_keys(base).write_text(KeyRing.generate().to_json())
+    codec_keys(base).chmod(0o600)
     external = os.environ.get("TEMPORAL_ADDRESS")
     namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
     server: DevServer | None = None
@@ -833,7 +863,7 @@ def run_bench(options: BenchOptions | argparse.Namespace) -> dict[str, Any]:
             address, server_pid = server.address, server.pid
 
         async def main() -> dict[str, Any]:
-            env = await _environment(options, address, namespace, server is not None)
+            env = await _environment(options, address, namespace, server is not None, base)
             runs = []
             for n_workers in options.workers:
                 runs.append(await _run_phase(options, n_workers, address, namespace, base, server_pid))
@@ -913,6 +943,11 @@ _TABLE: list[tuple[str, str, int]] = [
     ("  activity tasks", "history_per_workflow.trades.activity_tasks", 0),
     ("  local activities", "history_per_workflow.trades.local_activities", 0),
     ("  search attribute upserts", "history_per_workflow.trades.search_attribute_upserts", 0),
+    ("codec CPU ms per trade", "codec_per_workflow.trades.cpu_ms", 3),
+    ("  payloads encrypted / in its history", "codec_per_workflow.trades.encrypted", 0),
+    ("  codec CPU ÷ trade CPU", "ratios.codec_cpu_per_trade_cpu", 3),
+    ("codec CPU ms per ceiling workflow", "codec_per_workflow.ceiling.cpu_ms", 3),
+    ("codec CPU ms per naive saga", "codec_per_workflow.naive.cpu_ms", 3),
     ("workflow tasks per ceiling", "history_per_workflow.ceiling.workflow_tasks", 0),
     ("workflow tasks per naive saga", "history_per_workflow.naive.workflow_tasks", 0),
     ("correctness", "correctness.passed", 0),

@@ -174,7 +174,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    client = await connect_client(config.temporal.address, config.temporal.namespace)
+    client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
     await asyncio.gather(run_worker(config, client, stop=stop), run_bench_workers(config, client, stop))
 
 

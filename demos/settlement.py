@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from connection import connect_client
+from connection.codec import codec_for
+from connection.codec_server import serve_ui
 from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
 from identity import TokenIssuer
 from processes.devserver import DevServer
-from processes.ports import port_in_use
+from processes.ports import free_port, port_in_use
 from processes.workers import WorkerProcess
 from starter.cli.output import balances_table, table
 from starter.client import SettlementClient
@@ -296,7 +298,7 @@ async def _netting(config: Config, run: str, tokens: _Tokens) -> tuple[bool, lis
     for trade in trades:
         del trade["settle_within"]  # a batch has its own time limit
     print(f"\nSettling {len(trades)} trades as one netting batch...", flush=True)
-    connection = await connect_client(config.temporal.address)
+    connection = await connect_client(config.temporal.address, codec=config.codec)
     async with BatchClient(connection, config, token=tokens("ops")) as client:  # batches: operators only
         view = await client.submit(trades, batch_id=f"{run}-batch", wait=True, timeout=120)
     print(batch_text(view))
@@ -362,9 +364,17 @@ def run_demo(keep: bool = False) -> int:
     config_path = base / "dvp.toml"
     config_path.write_text(text)
 
+    # The codec server first, so the Web UI decodes the trades from its first page.
+    host, _, codec_port = config.codec.server.rpartition(":")
+    codec_address = config.codec.server if not port_in_use(int(codec_port)) else f"{host}:{free_port()}"
+    codec, server.ui_codec_endpoint, _ = serve_ui(config, server.ui_url or "", codec_address)
     print(f"Starting the Temporal dev server (state in {base / 'temporal.db'})...", flush=True)
     started = time.monotonic()
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        codec.stop()
+        raise
     worker = WorkerProcess(config_path, base / "worker.log").start()
     try:
         with opened(config) as ledgers:
@@ -410,8 +420,11 @@ def run_demo(keep: bool = False) -> int:
         print(f"\nDone in {time.monotonic() - started:.1f} s.")
         if server.ui_url:
             print(f"\nWeb UI: {server.ui_url}/namespaces/default/workflows")
-            print('  search, e.g.:  DvpStatus = "SETTLED"     DvpParties = "alice"     DvpStatus = "EXPIRED"')
-            print('                 DvpStatus = "SETTLED_PARTIAL"')
+            print(f"  payloads encrypted in Temporal, decoded for the UI by the codec server at {codec.url}")
+            alice = codec_for(config.codec).party_tag
+            parties = f'DvpParties = "{alice("alice") if alice else "alice"}"'
+            print(f'  search, e.g.:  DvpStatus = "SETTLED"     {parties}  (alice, hashed)')
+            print('                 DvpStatus = "EXPIRED"     DvpStatus = "SETTLED_PARTIAL"')
         print(
             f"Configuration: {config_path}  (use it with: DVP_CONFIG={config_path} dvp status {run}-simple)"
         )
@@ -424,6 +437,7 @@ def run_demo(keep: bool = False) -> int:
     finally:
         worker.stop()
         server.stop(keep_log=True)
+        codec.stop()
 
 
 if __name__ == "__main__":

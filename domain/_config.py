@@ -8,6 +8,7 @@ The embedded default keeps two SQLite ledgers (``cash`` and ``securities``) unde
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -204,6 +205,73 @@ class BatchesConfig(_Section):
     default_settle_within: timedelta = timedelta(minutes=10)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
+
+
+class CodecConfig(_Section):
+    """``[codec]``: the payload encryption every client and worker applies (``connection/codec.py``).
+
+    The key ring is JSON (``{"active": ID, "keys": {ID: base64 key}, "party_key": base64}``)
+    read from ``key_file`` or from the environment variable ``key_env``; with neither,
+    from ``.dvp/codec-keys.json``, made on first use.
+    """
+
+    key_file: str | None = None
+    key_env: str | None = None
+    # DvpParties (a search attribute, which Temporal stores in the clear) holds keyed
+    # hashes (HMAC-SHA256 under the ring's party_key) of the parties, not their names.
+    hash_parties: bool = True
+    # Decode payloads that carry no encryption: only while trades started before the
+    # codec was turned on finish. Anything else unencrypted is refused.
+    accept_plaintext: bool = False
+    # `dvp codec-server`: where it listens, the browser origins it answers (the Web
+    # UI's), and the token roles it decodes for besides the operators.
+    server: str = "127.0.0.1:8081"
+    ui_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"])
+    viewer_roles: list[str] = Field(default_factory=lambda: ["codec-viewer"])
+
+    @field_validator("key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _file_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    @field_validator("server")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        return value
+
+    @field_validator("ui_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CodecConfig:
+        if self.key_file and self.key_env:
+            raise ValueError("key_file and key_env: give one source of keys, not both")
+        return self
+
+    def key_path(self) -> Path:
+        """The key ring file: ``key_file``, else the generated default under .dvp/."""
+        return Path(self.key_file) if self.key_file else DEFAULT_DIR / "codec-keys.json"
+
+
 class Config(_Section):
     ledgers: dict[str, LedgerConfig]
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
@@ -213,6 +281,7 @@ class Config(_Section):
     settlement: SettlementConfig = Field(default_factory=SettlementConfig)
     batches: BatchesConfig = Field(default_factory=BatchesConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
 
     def batches_url(self) -> str:
         """``[batches] url``, else ``batches.db`` beside the first SQLite ledger, else under .dvp/."""

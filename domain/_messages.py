@@ -51,6 +51,11 @@ class SettlementRequest(_Model):
     # the history, so that a replay takes the path its trade took. Why not workflow.patched:
     # docs/decisions/0002-local-steps-in-the-request.md.
     local_steps: bool = False
+    # The trade's ledgers whose writes a chain reorganisation can undo (kind evm), the
+    # slowest to final first: after the decision their legs commit first, one ledger at a
+    # time and each until final, then the others (workflows/_trade.py, _commit_chains).
+    # Empty (absent) in trades started before, which commit every leg at once.
+    chain_ledgers: list[str] = Field(default_factory=list)
     # True: the trade puts its reason in its memo when it ends (workflows/_saga.py,
     # TradeSagaBase._ended), so that `dvp list` reads it from visibility; the client asks
     # for it since that change. A flag in the input rather than workflow.patched for the
@@ -191,6 +196,9 @@ class ScreenRequest(_Model):
 class ScreenResult(_Model):
     hits: list[str]
     operators: list[str]
+    # party -> what DvpParties shows of it (a keyed hash, [codec] hash_parties); None: the
+    # names themselves (a worker configured so, or one from before the setting).
+    party_tags: dict[str, str] | None = None
 
 
 class AdmitRequest(_Model):
@@ -213,6 +221,17 @@ class Routing(_Model):
     precisions: dict[str, int] = Field(default_factory=dict)
     operators: list[str] = Field(default_factory=list)
     operator_roles: list[str] = Field(default_factory=list)
+    # The trade's ledgers on chains -> how many blocks each takes to call a write final:
+    # they commit first, the slowest first, one at a time (workflows/_trade.py).
+    chain_blocks: dict[str, int] = Field(default_factory=dict)
+
+    def chain_order(self, instruction: Instruction) -> list[str]:
+        """The trade's chain ledgers in commit order: most blocks first, ties in the order of the legs."""
+        first: dict[str, int] = {}
+        for i, leg in enumerate(instruction.legs):
+            first.setdefault(leg.ledger, i)
+        chains = [name for name in first if name in self.chain_blocks]
+        return sorted(chains, key=lambda name: (-self.chain_blocks[name], first[name]))
 
 
 class Admission(_Model):

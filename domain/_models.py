@@ -282,17 +282,32 @@ def normalise_sha256(value: str, what: str) -> str:
 
 
 class TradeStatus(StrEnum):
+    """Where a trade stands; the ``DvpStatus`` search attribute carries it.
+
+    ``REJECTED``: refused before anything was reserved (an invalid account, a sanctioned
+    party, or a ledger that refused the trade before any hold of it was placed).
+    ``RELEASED``: a ledger refused a step after holds were placed (a reservation or a
+    pin); every hold the trade placed was released, nothing moved.
+    ``AWAITING_OPERATOR``: after the commit decision a leg's hold vanished at its ledger
+    (a chain reorganisation deeper than its confirmations) and cannot be placed again,
+    because the payer's funds are gone; the legs not yet committed stay held, and the
+    trade keeps trying to place the hold again (an operator restores the funds, see
+    docs/finality.md). Not terminal.
+    """
+
     PENDING = "PENDING"
     AWAITING_AFFIRMATION = "AWAITING_AFFIRMATION"  # a debited account's owner has not consented yet
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     RESERVING = "RESERVING"
     AWAITING_CLAIM = "AWAITING_CLAIM"  # htlc: both legs locked, waiting for the preimage
     COMMITTING = "COMMITTING"
+    AWAITING_OPERATOR = "AWAITING_OPERATOR"  # decided, but a vanished hold cannot be placed again
     PARTIALLY_SETTLED = "PARTIALLY_SETTLED"  # some fills settled; the rest is open and recycling
     SETTLED = "SETTLED"
     SETTLED_PARTIAL = "SETTLED_PARTIAL"  # ended with some fills settled and the rest released
     CANCELLED = "CANCELLED"
-    REJECTED = "REJECTED"
+    REJECTED = "REJECTED"  # refused before anything was reserved
+    RELEASED = "RELEASED"  # a ledger refused after holds were placed; every hold released
     EXPIRED = "EXPIRED"
     ONE_SIDED = "ONE_SIDED"  # htlc only: one leg claimed, the other refunded at its timelock
 
@@ -306,6 +321,7 @@ _TERMINAL = {
     TradeStatus.SETTLED_PARTIAL,
     TradeStatus.CANCELLED,
     TradeStatus.REJECTED,
+    TradeStatus.RELEASED,
     TradeStatus.EXPIRED,
     TradeStatus.ONE_SIDED,
 }

@@ -35,7 +35,6 @@ from urllib.parse import quote
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
-from connection import connect_client
 from domain import DvpError
 from workflows import SEARCH_ATTRIBUTES
 
@@ -238,6 +237,8 @@ class DevServer:
     file that is deleted after a clean stop. ``binary`` overrides the ``temporal``
     executable found by ``find_temporal_binary``. ``dynamic_config`` adds to or
     overrides ``DYNAMIC_CONFIG`` (values in YAML, e.g. ``'"10ms"'`` or ``1000``).
+    ``ui_codec_endpoint`` is the codec server the Web UI decodes payloads through
+    (``dvp codec-server``); without one the UI shows them encrypted.
     """
 
     def __init__(
@@ -252,6 +253,7 @@ class DevServer:
         binary: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
         dynamic_config: dict[str, str] | None = None,
+        ui_codec_endpoint: str | None = None,
     ) -> None:
         self.port = port if port is not None else free_port()
         if headless:
@@ -270,6 +272,7 @@ class DevServer:
         self.startup_timeout = startup_timeout
         # DYNAMIC_CONFIG, with ``dynamic_config`` added or overriding (KEY -> YAML value).
         self.dynamic_config = {**DYNAMIC_CONFIG, **(dynamic_config or {})}
+        self.ui_codec_endpoint = ui_codec_endpoint
         self._child: Child | None = None
         self._log_path: Path | None = None  # kept after a stop, for the error that names it
         self._lock: _DatabaseLock | None = None
@@ -311,6 +314,8 @@ class DevServer:
             args.append("--headless")
         else:
             args += ["--ui-port", str(self.ui_port)]
+            if self.ui_codec_endpoint:
+                args += ["--ui-codec-endpoint", self.ui_codec_endpoint]
         if self.namespace != "default":
             args += ["--namespace", self.namespace]
         if self.db_file is not None:
@@ -388,7 +393,11 @@ class DevServer:
         self.stop()
 
     async def connect(self, **options: Any) -> Client:
-        """A client for this server's namespace, with the pydantic data converter."""
+        """A client for this server's namespace from ``connect_client`` (``codec=`` among ``options``)."""
+        # Imported here: the codec's native crypto library must not be imported again in a
+        # workflow sandbox, which re-imports the modules of a workflow defined beside this.
+        from connection import connect_client
+
         return await connect_client(self.address, self.namespace, **options)
 
     def run_forever(self) -> None:
@@ -455,7 +464,9 @@ class DevServer:
 
     async def _probe(self) -> None:
         """Ready means: the frontend answers and the namespace has our search attributes."""
-        client = await connect_client(self.address, self.namespace)
+        # A probe reads the server's metadata only: no payload crosses it, so it needs no
+        # codec (and makes no key ring where none is wanted yet).
+        client = await Client.connect(self.address, namespace=self.namespace)
         response = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=self.namespace)
         )

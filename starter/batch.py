@@ -238,7 +238,7 @@ class BatchClient:
     @classmethod
     async def connect(cls, config: Config | None = None, token: str | None = None) -> BatchClient:
         config = config or load_config()
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         return cls(client, config, token=token)
 
     async def __aenter__(self) -> BatchClient:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ from temporalio.common import SearchAttributeKey, WorkflowIDConflictPolicy, Work
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from connection import connect_client
+from connection import connect_client, party_tagger
 from domain import (
     AffirmMessage,
     ApprovalMessage,
@@ -125,7 +126,7 @@ class SettlementClient:
     @classmethod
     async def connect(cls, config: Config | None = None, token: str | None = None) -> SettlementClient:
         config = config or load_config()
-        client = await connect_client(config.temporal.address, config.temporal.namespace)
+        client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
         return cls(client, config, token)
 
     def with_token(self, token: str) -> SettlementClient:
@@ -192,7 +193,7 @@ class SettlementClient:
             "task_queue": self.config.settlement_queue(),
             "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
             "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            "search_attributes": initial_search_attributes(instruction),
+            "search_attributes": initial_search_attributes(instruction, party_tagger(self.client)),
         }
         try:
             if wait_accepted:
@@ -336,9 +337,15 @@ class SettlementClient:
         return decision
 
     async def list(
-        self, status: TradeStatus | str | None = None, limit: int | None = None
+        self,
+        status: TradeStatus | str | None = None,
+        limit: int | None = None,
+        *,
+        party: str | None = None,
+        closed_since: datetime | None = None,
     ) -> list[TradeSummary]:
-        """Trades, newest first, optionally only those in ``status``; every page up to ``limit``.
+        """This deployment's trades, newest first, optionally only those in ``status``, of
+        ``party``, or ended since ``closed_since``; every page up to ``limit``.
 
         From Temporal's visibility alone (``list_page``): no worker is asked.
         """
@@ -346,7 +353,9 @@ class SettlementClient:
         token: str | None = None
         while limit is None or len(trades) < limit:
             size = LIST_PAGE_SIZE if limit is None else min(LIST_PAGE_SIZE, limit - len(trades))
-            page = await self.list_page(status, page_size=size, page_token=token)
+            page = await self.list_page(
+                status, party=party, closed_since=closed_since, page_size=size, page_token=token
+            )
             trades += page.trades
             token = page.next_page_token
             if token is None:
@@ -357,21 +366,32 @@ class SettlementClient:
         self,
         status: TradeStatus | str | None = None,
         *,
+        party: str | None = None,
+        closed_since: datetime | None = None,
         page_size: int = LIST_PAGE_SIZE,
         page_token: str | None = None,
     ) -> TradePage:
-        """One page of trades, newest first, from Temporal's visibility alone (no worker asked).
+        """One page of this deployment's trades (its settlement queue), newest first, from
+        Temporal's visibility alone (no worker asked).
 
         Each trade's status, parties, assets and deadline are its search attributes, its
-        reason is in its memo once it has ended, its times are its workflow's.
+        reason is in its memo once it has ended, its times are its workflow's. ``party``
+        is an account or an owner; DvpParties holds its keyed hash (``[codec]
+        hash_parties``), which this client computes, so the name never reaches the server.
         ``page_token`` is a previous page's ``next_page_token``; ``InvalidInstruction``
         names it if it is not one.
         """
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidInstruction("limit", f"must be from 1 to {MAX_PAGE_SIZE}, got {page_size}")
-        query = 'WorkflowType IN ("Settlement", "Htlc")'
+        # this deployment's trades: others may share the namespace under another queue prefix
+        query = f'WorkflowType IN ("Settlement", "Htlc") AND TaskQueue = "{self.config.settlement_queue()}"'
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
+        if party is not None:
+            tag = party_tagger(self.client)
+            query += f" AND DvpParties = {json.dumps(tag(party) if tag else party)}"
+        if closed_since is not None:
+            query += f' AND CloseTime >= "{closed_since.astimezone(UTC).isoformat()}"'
         token = _decode_token(page_token) if page_token else None
         executions = self.client.list_workflows(query, page_size=page_size, next_page_token=token)
         try:

@@ -72,6 +72,6 @@ async def reconcile_ledgers(
     grace: timedelta = DEFAULT_GRACE,
 ) -> Reconciliation:
     """Every configured ledger's open holds against their trades (``operations.reconcile``)."""
-    client = await connect_client(config.temporal.address, config.temporal.namespace)
+    client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
     with opened(config) as ledgers:
         return await reconcile(client, ledgers, stuck_after=stuck_after, release=release, grace=grace)

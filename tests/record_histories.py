@@ -10,6 +10,10 @@ folder of their own: a replay failure on them is exactly what a running trade wo
 hit on upgrade. The trades act with the test issuer's tokens (the venue ``ops``
 submits, except where a party does); none of the histories holds an accepted signal,
 so replaying them needs no key.
+
+The histories are written as the server stores them: encrypted, under the fixture
+key ring ``tests/codec-fixture-keys.json`` (a key for these fixtures only, public on
+purpose), which the replay tests decrypt them with.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
 
-from domain import Config, RequestRejected, TradeStatus
+from domain import CodecConfig, Config, RequestRejected, TradeStatus
 from processes.devserver import DevServer
 from starter.instructions import dvp_instruction
 from workflows import workflow_id_for
@@ -34,6 +39,8 @@ from workflows import workflow_id_for
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
+FIXTURE_KEYS = Path(__file__).resolve().parent / "codec-fixture-keys.json"
+FIXTURE_CODEC = CodecConfig(key_file=str(FIXTURE_KEYS))
 
 
 def dvp(trade_id: str, bonds: str = "100", cash: str = "9950.00", **extra: Any) -> dict[str, Any]:
@@ -115,6 +122,16 @@ async def sanctioned(engine: Engine) -> str:
     return "R-sanctioned"
 
 
+async def released(engine: Engine) -> str:
+    """The securities ledger already has a hold under the bond leg's key, with other terms: it
+    refuses the reservation after the cash leg was held, and the cash hold is released."""
+    engine.ledgers["securities"].place_hold(
+        "R-released#0", "carol-sec", "alice-sec", "BOND-2030", Decimal(1), None, "placed-by-hand"
+    )
+    await engine.client.submit(dvp("R-released"))
+    return "R-released"
+
+
 async def settled_queued(engine: Engine) -> str:
     """A plain DvP whose ledger calls go through the ledgers' task queues."""
     await engine.client.submit(dvp("R-settled-queued"))
@@ -185,6 +202,7 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "approval": (approval, TradeStatus.SETTLED),
     "affirmed": (affirmed, TradeStatus.SETTLED),
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
+    "released": (released, TradeStatus.RELEASED),
     "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
     "htlc_settled": (htlc_settled, TradeStatus.SETTLED),
     "htlc_expired": (htlc_expired, TradeStatus.EXPIRED),
@@ -207,7 +225,7 @@ MIXED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus
 async def record(out: Path, only: list[str] | None = None) -> list[Path]:
     written: list[Path] = []
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
-        client = await server.connect()
+        client = await server.connect(codec=FIXTURE_CODEC)
         layouts: list[tuple[str, bool | set[str], dict[str, Any]]] = [
             ("local", True, SCENARIOS),
             ("queued", False, QUEUED_SCENARIOS),

@@ -46,6 +46,8 @@ FIGURES = [
     ("history_per_workflow", "trades", "workflow_tasks"),
     # the default: ledger calls as local activities (their activity_tasks count is 0)
     ("history_per_workflow", "trades", "local_activities"),
+    *(("codec_per_workflow", kind, "cpu_ms") for kind in ("trades", "ceiling", "naive")),
+    ("ratios", "codec_cpu_per_trade_cpu"),
 ]
 
 
@@ -91,6 +93,16 @@ def test_bench_reports_every_figure(result: dict[str, Any]) -> None:
     assert "close_time" in env["latency_measure"]
     assert "1 worker" in render(result)
     assert json.loads(json.dumps(result)) == result  # what --json prints and --output writes
+
+
+def test_bench_encrypts_every_payload_of_all_three_kinds(result: dict[str, Any]) -> None:
+    (run,) = result["runs"]
+    codec = run["codec_per_workflow"]
+    for kind in KINDS:
+        assert codec[kind]["payloads"] > 0, kind
+        assert codec[kind]["encrypted"] == codec[kind]["payloads"], (kind, codec[kind])
+    assert "AES-256-GCM" in codec["measure"]
+    assert "codec CPU ms per trade" in render(result)
 
 
 def test_bench_correctness_check_passed(result: dict[str, Any]) -> None:

@@ -157,3 +157,27 @@ def test_chain_up_without_anvil_or_a_config_file_says_what_is_missing(
     config.write_text("[ledgers.chain]\nkind = 'sql'\nurl = 'sqlite:///x.db'\n")
     assert cli.main(["--config", str(config), "chain", "up"]) == 2
     assert "ledgers.chain is a sql ledger" in capsys.readouterr().err
+
+
+def test_chain_up_refuses_confirmations_an_idle_chain_never_gives_and_a_taken_chain_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before anything starts: exit 2, the configuration unchanged."""
+    config = tmp_path / "dvp.toml"
+    config.write_text(
+        BEFORE.format(tmp=tmp_path).replace(
+            'operator_key = "0x01"', 'operator_key = "0x01"\nchain_id = 31337'
+        )
+    )
+    before = config.read_text()
+    up = ["chain", "up", "--config", str(config), "--ledger", "other", "--port", str(free_port())]
+
+    assert cli.main([*up, "--confirmations", "3"]) == 2
+    assert "--confirmations: 3 needs --block-time" in capsys.readouterr().err
+    assert cli.main([*up, "--confirmations", "0", "--block-time", "1"]) == 2
+    assert "--confirmations: 0 is not a number of blocks" in capsys.readouterr().err
+    assert cli.main([*up, "--block-time", "0"]) == 2
+    assert "--block-time: 0 is not a block time" in capsys.readouterr().err
+    assert cli.main([*up, "--chain-id", "31337"]) == 2
+    assert "--chain-id: 31337 is already the chain id of ledgers.chain" in capsys.readouterr().err
+    assert config.read_text() == before

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from adapters.sql import SqlLedger
+from connection import party_tagger
+from connection.codec import history_payloads
 from domain import (
     Hold,
     HoldStatus,
@@ -70,10 +72,13 @@ def event_at(view: TradeView, event: str) -> datetime:
 
 
 async def history_bytes(engine: Engine, trade_id: str) -> bytes:
-    """The workflow's whole history as the server stores it (payloads undecoded)."""
+    """The workflow's whole history as the server stores it, and each of its payloads decrypted."""
     handle = engine.client.client.get_workflow_handle(workflow_id_for(trade_id))
     history = await handle.fetch_history()
-    return b"".join(event.SerializeToString() for event in history.events)
+    codec = engine.client.client.data_converter.payload_codec
+    assert codec is not None
+    decoded = await codec.decode(history_payloads(history))
+    return b"".join(item.SerializeToString() for item in [*history.events, *decoded])
 
 
 def secret_in(raw: bytes, preimage: str) -> bool:
@@ -336,7 +341,9 @@ async def test_dvp_claim_command_exit_codes(settlement: Engine, temporal_server:
     attributes = {pair.key.name: pair.value for pair in started.typed_search_attributes}
     assert attributes["DvpTradeId"] == "H-cli"
     assert attributes["DvpAssets"] == ["BOND-2030", "EUR"]
-    assert {"alice-cash", "bob-sec"} <= set(attributes["DvpParties"])
+    tag = party_tagger(settlement.client.client)  # keyed hashes, not names ([codec] hash_parties)
+    assert tag is not None
+    assert {tag("alice-cash"), tag("bob-sec")} <= set(attributes["DvpParties"])
     await wait_for_status(settlement, "H-cli", TradeStatus.AWAITING_CLAIM)
 
     for _ in range(300):  # visibility is eventually consistent

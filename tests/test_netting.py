@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from activities.netting import net_trades, parse_legs
 from adapters.sql import SqlLedger
+from connection import HEADER_CODEC, data_converter
 from domain import (
     BatchNotFound,
     BatchStatus,
@@ -96,7 +96,9 @@ def assert_whole(engine: Engine) -> None:
 
 async def assert_replays(history: WorkflowHistory) -> None:
     """The workflow code replays its own history: it is deterministic."""
-    replayer = Replayer(workflows=[NettingBatchWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[NettingBatchWorkflow], data_converter=data_converter(), header_codec_behavior=HEADER_CODEC
+    )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, repr(result.replay_failure)
 

@@ -12,6 +12,15 @@ which must still replay on today's code.
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
 call there that a workflow must not make (the system clock, I/O) fails here.
+
+It decodes with the data converter every client and worker uses
+(``connection.data_converter``: payloads encrypted, failures too), under the fixture
+key ring the histories were recorded with (``tests/codec-fixture-keys.json``). The
+histories recorded before payloads were encrypted hold plaintext only; they are
+replayed with ``accept_plaintext``, the setting (``[codec] accept_plaintext``) a
+worker runs with while such trades finish, and with nothing else: a history is
+either wholly encrypted or wholly from before the codec, and the codec alone refuses
+the plaintext ones.
 """
 
 from __future__ import annotations
@@ -19,16 +28,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from connection import HEADER_CODEC, data_converter
+from connection.codec import ENCRYPTED, EncryptionCodec, KeyRing, history_payloads
 from domain import SettlementRequest, TradeStatus, TradeView
 from workflows import HtlcWorkflow, SettlementWorkflow
 
+from .record_histories import FIXTURE_KEYS
+
 HERE = Path(__file__).resolve().parent / "histories"
 HISTORIES = sorted(HERE.glob("**/*.json"))
+RING = KeyRing.parse(FIXTURE_KEYS.read_text(), str(FIXTURE_KEYS))
 
 
 def load(path: Path) -> WorkflowHistory:
@@ -36,12 +50,29 @@ def load(path: Path) -> WorkflowHistory:
     return WorkflowHistory.from_json(path.stem, path.read_text())
 
 
+def recorded_before_the_codec(history: WorkflowHistory) -> bool:
+    return not any(p.metadata.get("encoding") == ENCRYPTED for p in history_payloads(history))
+
+
+def codec_for(history: WorkflowHistory) -> EncryptionCodec:
+    """The fixture ring's codec; plaintext let through for a history recorded before the codec only."""
+    return EncryptionCodec(RING, accept_plaintext=recorded_before_the_codec(history))
+
+
+def value(history: WorkflowHistory, payload: Payload, kind: type) -> object:
+    converted: object = data_converter(codec_for(history)).payload_converter.from_payload(
+        codec_for(history).open(payload), kind
+    )
+    assert isinstance(converted, kind)
+    return converted
+
+
 def final_view(history: WorkflowHistory) -> TradeView:
     """The TradeView the workflow returned, from its completion event."""
     last = history.events[-1]
     assert last.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, history.workflow_id
     (payload,) = last.workflow_execution_completed_event_attributes.result.payloads
-    view = pydantic_data_converter.payload_converter.from_payload(payload, TradeView)
+    view = value(history, payload, TradeView)
     assert isinstance(view, TradeView)
     return view
 
@@ -52,11 +83,40 @@ def test_histories_are_present() -> None:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[str(p.relative_to(HERE).with_suffix("")) for p in HISTORIES])
 async def test_history_replays_without_nondeterminism(path: Path) -> None:
-    replayer = Replayer(workflows=[SettlementWorkflow, HtlcWorkflow], data_converter=pydantic_data_converter)
+    history = load(path)
+    replayer = Replayer(
+        workflows=[SettlementWorkflow, HtlcWorkflow],
+        data_converter=data_converter(codec_for(history)),
+        header_codec_behavior=HEADER_CODEC,
+    )
 
-    result = await replayer.replay_workflow(load(path), raise_on_replay_failure=False)
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure!r}"
+
+
+def test_a_history_is_wholly_encrypted_or_wholly_from_before_the_codec() -> None:
+    encrypted = {}
+    for path in HISTORIES:
+        kinds = {p.metadata.get("encoding") == ENCRYPTED for p in history_payloads(load(path))}
+        assert len(kinds) == 1, f"{path.name} mixes encrypted and plaintext payloads"
+        encrypted[path.relative_to(HERE)] = kinds.pop()
+
+    assert any(encrypted.values()) and not all(encrypted.values())
+    assert all(encrypted[p] for p in encrypted if p.parts[0] == "encrypted")
+
+
+async def test_the_codec_alone_refuses_the_histories_from_before_it() -> None:
+    history = load(HERE / "trade-R-settled.json")
+    replayer = Replayer(
+        workflows=[SettlementWorkflow, HtlcWorkflow],
+        data_converter=data_converter(EncryptionCodec(RING)),
+        header_codec_behavior=HEADER_CODEC,
+    )
+
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+
+    assert result.replay_failure is not None
 
 
 def test_recorded_histories_cover_every_terminal_status() -> None:
@@ -68,7 +128,7 @@ def test_recorded_histories_cover_every_terminal_status() -> None:
 def request(history: WorkflowHistory) -> SettlementRequest:
     """The workflow's input, from its start event."""
     (payload,) = history.events[0].workflow_execution_started_event_attributes.input.payloads
-    converted = pydantic_data_converter.payload_converter.from_payload(payload, SettlementRequest)
+    converted = value(history, payload, SettlementRequest)
     assert isinstance(converted, SettlementRequest)
     return converted
 

@@ -374,7 +374,7 @@ async def test_htlc_trade_reset_keeps_its_claim(
     opening = settlement.balances()
     await settlement.client.submit(instruction)
     await wait_for_status(settlement, trade_id, TradeStatus.AWAITING_CLAIM)
-    await settlement.client.claim(trade_id, preimage)
+    await settlement.acting("bob").claim(trade_id, preimage)
     first = await settlement.client.wait(trade_id, timeout=60)
     assert (first.status, [leg.state for leg in first.legs]) == expected
     ended = settlement.balances()
@@ -401,13 +401,13 @@ async def test_htlc_trade_reset_between_its_claims_keeps_the_first_and_takes_the
     opening = settlement.balances()
     await settlement.client.submit(htlc("R-htlc-between", hashlock, auto_claim=False))
     await wait_for_status(settlement, "R-htlc-between", TradeStatus.AWAITING_CLAIM)
-    await settlement.client.claim("R-htlc-between", preimage)
+    await settlement.acting("bob").claim("R-htlc-between", preimage)
 
     await reset(temporal_server, "R-htlc-between", "--type", "FirstWorkflowTask")
     view = await wait_for_status(settlement, "R-htlc-between", TradeStatus.AWAITING_CLAIM)
     assert [leg.state for leg in view.legs] == [LegState.HELD, LegState.COMMITTED]
     assert "leg 1 found claimed at the ledger" in events(view)
-    await settlement.client.claim("R-htlc-between", preimage)  # alice, with the public preimage
+    await settlement.acting("alice").claim("R-htlc-between", preimage)  # with the public preimage
     final = await settlement.client.wait("R-htlc-between", timeout=60)
 
     assert final.status is TradeStatus.SETTLED, final.reason

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +28,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Replayer, Worker
 
+from connection import HEADER_CODEC, data_converter
+from connection.codec_server import CodecServer, CodecServerThread
 from domain import (
     AuthError,
     BatchStatus,
@@ -45,12 +47,13 @@ from domain import (
 )
 from identity import TokenIssuer, Verifier, install_verifier, uninstall_verifier
 from processes.devserver import DevServer, find_temporal_binary
+from processes.ports import free_port
 from starter.batch import BatchClient
 from starter.instructions import dvp_instruction
 from starter.ledgers import parse_seed, seed
 from workflows import HtlcWorkflow, SettlementWorkflow, initial_search_attributes, workflow_id_for
 
-from ._fixtures_auth import TEST_ISSUER, TEST_KID, token, write_key_pair
+from ._fixtures_auth import TEST_ISSUER, TEST_KID, auth_section, token, write_key_pair
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 from .test_cli import config_file, dvp
 
@@ -67,6 +70,21 @@ async def history_length(engine: Engine, trade_id: str) -> int:
     return len((await handle.fetch_history()).events)
 
 
+# The raw CLI's payloads go through a codec server (the operator's, with its token):
+# without one, the worker's codec refuses them before any token check could
+# (tests/test_encryption.py shows that); with it, they reach the workflow's checks.
+CLI_CODEC: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cli_codec() -> Iterator[None]:
+    server = CodecServer.from_config(parse_config({"ledgers": {}, "auth": auth_section()}))
+    with CodecServerThread(server, "127.0.0.1", free_port()) as running:
+        CLI_CODEC[:] = ["--codec-endpoint", running.url, "--codec-auth", f"Bearer {token('ops')}"]
+        yield
+        CLI_CODEC.clear()
+
+
 async def temporal_cli(server: DevServer, *args: str) -> subprocess.CompletedProcess[str]:
     """The ``temporal`` CLI against the test server, as anyone with access to its API runs it."""
     command = [
@@ -76,6 +94,7 @@ async def temporal_cli(server: DevServer, *args: str) -> subprocess.CompletedPro
         server.address,
         "--namespace",
         server.namespace,
+        *CLI_CODEC,
     ]
     return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
 
@@ -663,7 +682,8 @@ async def test_rotating_keys_the_trade_finishes_with_the_new_key_and_replays(
         try:
             replayer = Replayer(
                 workflows=[SettlementWorkflow, HtlcWorkflow],
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter(),
+                header_codec_behavior=HEADER_CODEC,
                 build_id="rotation",
             )
             result = await replayer.replay_workflow(history, raise_on_replay_failure=False)

@@ -93,27 +93,38 @@ def search_attributes(
     instruction: Instruction,
     *,
     status: TradeStatus,
-    parties: list[str],
+    parties: list[str] | None,
     deadline: datetime | None,
 ) -> list[SearchAttributeUpdate[Any]]:
-    """The search attributes of a trade: what the Web UI and ``dvp list`` filter on."""
+    """The search attributes of a trade: what the Web UI and ``dvp list`` filter on.
+
+    Temporal stores them in the clear (no codec sees them): ``docs/encryption.md``
+    lists what each one reveals. ``parties`` None leaves DvpParties as it is.
+    """
     updates: list[SearchAttributeUpdate[Any]] = [
         STATUS.value_set(status.value),
         TRADE_ID.value_set(instruction.trade_id),
-        PARTIES.value_set(parties),
-        ASSETS.value_set(sorted({leg.asset for leg in instruction.legs})),
     ]
+    if parties is not None:
+        updates.append(PARTIES.value_set(parties))
+    updates.append(ASSETS.value_set(sorted({leg.asset for leg in instruction.legs})))
     if deadline is not None:
         updates.append(DEADLINE.value_set(deadline))
     return updates
 
 
-def initial_search_attributes(instruction: Instruction) -> TypedSearchAttributes:
-    """What a client sets when it starts a trade, so the workflow need not upsert them."""
+def initial_search_attributes(
+    instruction: Instruction, party_tag: Callable[[str], str] | None = None
+) -> TypedSearchAttributes:
+    """What a client sets when it starts a trade, so the workflow need not upsert them.
+
+    ``party_tag`` (``connection.party_tagger``) puts keyed hashes in DvpParties, not names.
+    """
+    parties = instruction.parties()
     updates = search_attributes(
         instruction,
         status=TradeStatus.PENDING,
-        parties=sorted(instruction.parties()),
+        parties=sorted(parties if party_tag is None else {party_tag(p) for p in parties}),
         deadline=instruction.deadline,
     )
     return TypedSearchAttributes([SearchAttributePair(u.key, u.value) for u in updates])
@@ -263,6 +274,10 @@ def routing_problems(request: SettlementRequest, routing: Routing) -> list[Field
     if request.settlement is not None and request.settlement != routing.settlement:
         message = "differs from the settlement worker's [settlement] configuration"
         problems.append(FieldError(field="settlement", message=message))
+    chains = routing.chain_order(request.instruction)
+    if request.chain_ledgers and request.chain_ledgers != chains:
+        message = f"{request.chain_ledgers} are not the worker's chain ledgers in commit order {chains}"
+        problems.append(FieldError(field="chain_ledgers", message=message))
     for asset, places in sorted((request.precisions or {}).items()):
         if routing.precisions.get(asset) != places:
             message = f"{places} is not the precision the worker's configuration gives {asset}"
@@ -341,6 +356,7 @@ class TradeSagaBase:
         self._owners: dict[str, str] = {}
         self._operators: list[str] = []
         self._policy_known = False
+        self._party_tags: dict[str, str] | None = None
         # search attribute name -> value as last set (at start by the client, then by us)
         self._published: dict[str, Any] = {
             pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
@@ -386,6 +402,7 @@ class TradeSagaBase:
                 "local_ledgers": routing.local_ledgers,
                 "settlement": routing.settlement,
                 "precisions": routing.precisions,
+                "chain_ledgers": routing.chain_order(self._request.instruction),
             }
         )
         self._deadline = self._deadline_under(routing.settlement)
@@ -518,6 +535,7 @@ class TradeSagaBase:
             start_to_close_timeout=CALL_TIMEOUT,
         )
         self._operators = result.operators
+        self._party_tags = result.party_tags
         self._policy_known = True
         if result.hits:
             raise _Abort(TradeStatus.REJECTED, f"sanctioned party: {', '.join(result.hits)}")
@@ -578,9 +596,25 @@ class TradeSagaBase:
         visible to no one, and each upsert is a history event and a visibility write.
         """
         wanted = search_attributes(
-            self._instruction, status=self._status, parties=self._parties(), deadline=self._deadline
+            self._instruction,
+            status=self._status,
+            parties=self._searchable_parties(),
+            deadline=self._deadline,
         )
         upsert_changed(self._published, wanted)
+
+    def _searchable_parties(self) -> list[str] | None:
+        """What DvpParties shows: the tags the screen gave for the parties, or their names.
+
+        Until the screen answers, the worker's choice is not known, and DvpParties keeps
+        what the client set (None): the names are never published in place of tags.
+        """
+        if not self._policy_known:
+            return None
+        if self._party_tags is None:
+            return self._parties()
+        # a party the screen gave no tag for stays out: unlisted rather than named
+        return sorted({self._party_tags[p] for p in self._parties() if p in self._party_tags})
 
     def _view(
         self, hold_ids: list[str], states: list[LegState], details: list[str], **more: Any

@@ -7,6 +7,12 @@ Every ending but SETTLED releases what was reserved. The guarantees (why a hold 
 expire between the commit decision and the commits, cancellation, compensation,
 partial fills) and the full state diagram are in docs/design.md.
 
+After the decision the legs on chains commit first, one chain at a time, each until
+final (``SettlementRequest.chain_ledgers``); a chain lock that a reorganisation removed
+is placed again, and the trade waits in AWAITING_OPERATOR while it cannot be. A ledger
+that refuses a step after holds were placed ends the trade RELEASED, not REJECTED
+(nothing reserved). See docs/finality.md.
+
 After ``temporal workflow reset`` (the Web UI's Reset) a trade re-runs from an earlier
 point of its history and meets, under its idempotent hold keys, what its earlier run
 did at the ledgers. A hold found committed, by a reservation, a pin or a refused
@@ -33,7 +39,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import FailureError
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
@@ -59,6 +65,7 @@ with workflow.unsafe.imports_passed_through():
         SettlementRequest,
         TradeStatus,
         TradeView,
+        UnknownHold,
     )
 
 # Not passed through here, so that the replay tests check it in the sandbox with this
@@ -84,6 +91,7 @@ T = TypeVar("T")
 _LOCAL = "*local"  # (trades without local_steps) the key of the commits on all local ledgers
 _STUCK_RETRY = timedelta(seconds=5)
 _STUCK_RETRY_MAX = timedelta(minutes=10)
+_OPERATOR_RETRY_MAX = timedelta(minutes=1)  # an operator who restored the funds waits at most this
 # workflow.patched id: an abort after every pin looks the holds up before releasing them
 # (TradeSaga._unwind); trades that aborted there before it replay without. See
 # docs/decisions/0010-reset-reads-the-ledgers.md.
@@ -127,6 +135,7 @@ class TradeSaga(TradeSagaBase):
         self._decided = False
         self._pinned = False  # every hold of this attempt pinned, no decision yet (see _unwind)
         self._compensations: list[int] = []  # leg indexes to release, LIFO
+        self._released_held = False  # a compensation released a hold that was placed
         # One call per step for all the local ledgers (_step), or, for a trade whose
         # client predates that, one per local ledger (_per_ledger).
         self._batched = request.local_steps
@@ -328,6 +337,7 @@ class TradeSaga(TradeSagaBase):
         self._set_status(TradeStatus.COMMITTING)
 
     async def _commit_all(self) -> None:
+        await self._commit_chains()
         remaining = [i for i, state in enumerate(self._leg_states) if state is not LegState.COMMITTED]
         pause = _STUCK_RETRY
         while remaining:
@@ -336,13 +346,111 @@ class TradeSaga(TradeSagaBase):
                     remaining, LedgerActivities.commit, self._refs, forever=True
                 )
             except FailureError as err:
+                self._record_commits(self._done_before(err))
                 pause = await self._stuck("commit failed, retrying", err, pause)
                 continue
-            for i, outcome in outcomes.items():
-                if outcome.ok:
-                    self._leg_states[i] = LegState.COMMITTED
-                    self._event(f"leg {i} committed", self._describe_leg(i))
+            self._record_commits(outcomes)
             remaining = [i for i in remaining if self._leg_states[i] is not LegState.COMMITTED]
+            if refused := [outcomes[i] for i in remaining if i in outcomes]:
+                pause = await self._stuck("commit refused, retrying", refused[0].detail, pause)
+
+    async def _commit_chains(self) -> None:
+        """Commit the legs on the trade's chain ledgers, one ledger at a time, each until final.
+
+        A lock that vanished (a reorganisation deeper than its ledger's confirmations) is
+        placed again before anything else is committed (``_place_again``).
+        """
+        if not self._batched:
+            return
+        for ledger in self._request.chain_ledgers:
+            legs = [i for i, leg in enumerate(self._instruction.legs) if leg.ledger == ledger]
+            pause = _STUCK_RETRY
+            while legs:
+                try:
+                    outcomes = await self._holds_call(legs, LedgerActivities.commit, self._refs, forever=True)
+                except FailureError as err:
+                    self._record_commits(self._done_before(err))
+                    pause = await self._stuck("commit failed, retrying", err, pause)
+                    continue
+                self._record_commits(outcomes)
+                legs = [i for i in legs if self._leg_states[i] is not LegState.COMMITTED]
+                vanished = [i for i in legs if outcomes[i].code == UnknownHold.code]
+                if vanished:
+                    await self._place_again(vanished)
+                elif legs:
+                    pause = await self._stuck("commit refused, retrying", outcomes[legs[0]].detail, pause)
+
+    async def _place_again(self, legs: list[int]) -> None:
+        """Place the vanished holds of ``legs`` again under their ids, without expiry; wait until it can."""
+        for i in legs:
+            self._leg_states[i] = LegState.PENDING
+            self._leg_details[i] = "its hold vanished at the ledger after the commit decision"
+            self._event(
+                f"leg {i} hold vanished",
+                f"{self._instruction.legs[i].ledger} no longer has hold {self._hold_ids[i]} "
+                "(a reorganisation deeper than its confirmations?); placing it again under the same id",
+            )
+        pause = _STUCK_RETRY
+        while legs:
+            try:
+                outcomes = await self._holds_call(
+                    legs,
+                    LedgerActivities.reserve,
+                    lambda ledger, items: ReserveRequest(
+                        holds=[self._hold_request(i, None) for i in items], ledger=ledger
+                    ),
+                    forever=True,
+                )
+            except FailureError as err:
+                pause = await self._stuck("placing a vanished hold again failed, retrying", err, pause)
+                continue
+            for i, outcome in outcomes.items():
+                if outcome.ok and outcome.status is not HoldStatus.RELEASED:
+                    self._leg_states[i] = LegState.HELD
+                    self._leg_details[i] = ""
+                    self._event(f"leg {i} held again", self._describe_leg(i))
+                else:
+                    self._leg_details[i] = outcome.detail or "the hold's key was released at the ledger"
+            legs = [i for i in legs if self._leg_states[i] is not LegState.HELD]
+            if not legs:
+                if self._status is TradeStatus.AWAITING_OPERATOR:
+                    self._set_status(TradeStatus.COMMITTING, "every vanished hold was placed again")
+                return
+            reason = self._operator_reason(legs)
+            if self._status is not TradeStatus.AWAITING_OPERATOR or self._reason != reason:
+                self._set_status(TradeStatus.AWAITING_OPERATOR, reason)
+            self._publish()  # an operator looking for trades that need one finds this one
+            await workflow.sleep(pause)
+            pause = min(pause * 2, _OPERATOR_RETRY_MAX)
+
+    def _operator_reason(self, missing: list[int]) -> str:
+        lost = "; ".join(f"leg {i} ({self._leg_details[i]})" for i in missing)
+        committed = [str(i) for i, state in enumerate(self._leg_states) if state is LegState.COMMITTED]
+        held = [str(i) for i, state in enumerate(self._leg_states) if state is LegState.HELD]
+        return (
+            f"after the commit decision the hold of {lost} vanished and cannot be placed again; "
+            f"held: {', '.join(held) or 'none'}; committed: {', '.join(committed) or 'none'}; "
+            "retrying until the payer's funds are back (see docs/finality.md)"
+        )
+
+    def _done_before(self, err: FailureError) -> dict[int, HoldOutcome]:
+        """The holds a failed batch call did complete, from the failure's details (see ``_every``)."""
+        failure = err.cause if isinstance(err, ActivityError) else err
+        details = failure.details if isinstance(failure, ApplicationError) else ()
+        try:
+            done = HoldOutcomes.model_validate(details[0]) if details else HoldOutcomes(outcomes=[])
+        except ValueError:  # not ours: a failure without the batch's outcomes
+            return {}
+        index = {hold_id: i for i, hold_id in enumerate(self._hold_ids)}
+        return {index[o.hold_id]: o for o in done.outcomes if o.hold_id in index}
+
+    def _record_commits(self, outcomes: dict[int, HoldOutcome]) -> None:
+        """Each leg whose commit succeeded is COMMITTED, whatever happened to the others."""
+        for i, outcome in outcomes.items():
+            if outcome.ok and self._leg_states[i] is not LegState.COMMITTED:
+                self._leg_states[i] = LegState.COMMITTED
+                self._leg_details[i] = ""
+                self._event(f"leg {i} committed", self._describe_leg(i))
 
     async def _look_up_committed(self) -> None:
         """Record each leg whose hold its ledger reports committed; retried until every ledger answers."""
@@ -374,6 +482,7 @@ class TradeSaga(TradeSagaBase):
                 if outcome.ok:
                     self._leg_states[i] = LegState.RELEASED
                     placed = outcome.placed
+                    self._released_held = self._released_held or placed
                     count(
                         "dvp_compensations",
                         "Legs released by a compensation, by ledger and whether a hold was there",
@@ -514,6 +623,9 @@ class TradeSaga(TradeSagaBase):
 
     def _end_unsettled(self, status: TradeStatus, reason: str) -> None:
         """End without settling (the rest of) the trade; one that filled some ends SETTLED_PARTIAL."""
+        if status is TradeStatus.REJECTED and self._released_held:
+            # REJECTED says nothing was reserved; this trade's holds were placed, then released.
+            status, reason = TradeStatus.RELEASED, f"{reason}; every hold placed was released"
         if self._fills:
             status, reason = TradeStatus.SETTLED_PARTIAL, f"{self._filled()}, the rest released: {reason}"
         self._set_status(status, reason)
@@ -654,9 +766,9 @@ class TradeSaga(TradeSagaBase):
 
     # ------------------------------------------------------------- helpers
 
-    async def _stuck(self, what: str, err: FailureError, pause: timedelta) -> timedelta:
+    async def _stuck(self, what: str, err: FailureError | str, pause: timedelta) -> timedelta:
         """A call that must succeed has failed for a while: say so, wait, return the next pause."""
-        self._event(what, cause(err))
+        self._event(what, err if isinstance(err, str) else cause(err))
         self._publish()  # an operator looking for stuck trades sees this one's status
         await workflow.sleep(pause)
         return min(pause * 2, _STUCK_RETRY_MAX)
@@ -781,7 +893,7 @@ class TradeSaga(TradeSagaBase):
         per_ledger = await self._per_ledger({**by_ledger, **batch}, one, abort_on_error=not forever)
         return {index[o.hold_id]: o for result in per_ledger.values() for o in result.outcomes}
 
-    def _hold_request(self, i: int, expires_at: datetime) -> HoldRequest:
+    def _hold_request(self, i: int, expires_at: datetime | None) -> HoldRequest:
         leg = self._instruction.legs[i]
         return HoldRequest(
             hold_id=self._hold_ids[i],

@@ -28,7 +28,7 @@ from domain import (
     TradeNotFound,
 )
 
-from . import auth, batch, chain, ledger, server, trades
+from . import auth, batch, chain, codec, ledger, server, trades
 from .output import EXIT_BAD_INPUT, EXIT_FAILED, CliError
 
 __all__ = ["build_parser", "main", "run"]
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML configuration (default: $DVP_CONFIG, else the embedded default)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (server, ledger, trades, batch, chain, auth):
+    for group in (server, codec, ledger, trades, batch, chain, auth):
         group.add_parser(sub)
     for plugin in sorted(entry_points(group=PLUGINS), key=lambda e: e.name):
         add: Callable[[Any], Any] = plugin.load()

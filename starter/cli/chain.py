@@ -1,6 +1,7 @@
 """``dvp chain up``: a local EVM chain with the dvp contracts, wired into the configuration.
 
     dvp chain up --config dvp.toml [--port 8545] [--ledger chain] [--asset BOND-2030]
+                 [--chain-id ID] [--block-time SECONDS] [--confirmations N]
 
 Starts anvil (npm ``@foundry-rs/anvil``), deploys the escrow, the account registry and
 a token per ``--asset`` (more are deployed as ``dvp ledger seed`` meets them), and
@@ -9,6 +10,14 @@ writes the ledger's section into the configuration file: ``[ledgers.chain]`` wit
 key (anvil's dev account 0: this is for development). Every other line of the file is
 kept as it was; a previous ``[ledgers.chain]`` is replaced. Then it stays in the
 foreground until Ctrl-C (or SIGTERM) and stops the node.
+
+Each chain in one configuration gets its own chain id (``--chain-id``, else the first
+from 31337 up that no other evm ledger there has), so that the ledgers' ``chain_id``
+check tells the chains apart and a transaction signed for one is refused by another.
+``--block-time`` mines a block every SECONDS even when idle (anvil's interval mining),
+which ``--confirmations N`` needs: the adapter then reports a hold placed, pinned or
+committed only once its transaction is N blocks deep (see docs/finality.md). The
+section records ``chain_id``, ``confirmations`` and ``block_time``.
 
 The chain lives in the node's memory: once stopped, its contracts and balances are
 gone; ``chain up`` again writes the new addresses, and ``dvp ledger seed`` refills it.
@@ -25,7 +34,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from domain import ConfigError, LedgerError, load_config, parse_config
+from domain import Config, ConfigError, LedgerError, parse_config
 from processes.anvil import Anvil, AnvilError, find_anvil
 from processes.ports import listener, port_in_use
 
@@ -44,8 +53,8 @@ def _key_path(header: str) -> list[str]:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)  # a finite float's repr is a TOML float
     if isinstance(value, dict):
         if not value:
             return "{}"
@@ -104,7 +113,69 @@ def write_section(path: Path, name: str, section: dict[str, Any]) -> str:
     return new
 
 
-def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> int:
+FIRST_CHAIN_ID = 31337  # anvil's own default
+
+
+def _current_config(path: Path) -> Config:
+    """The configuration as it is; one without a ``[ledgers]`` table yet is fine (this adds one)."""
+    if not path.exists():
+        return parse_config({"ledgers": {}})
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config({"ledgers": {}, **data}, str(path))
+
+
+def _chain_id(config: Config, ledger: str, wanted: int | None) -> int:
+    """``wanted``, else the first id from 31337 up that no other evm ledger of ``config`` has."""
+    taken = {
+        int(options["chain_id"]): name
+        for name, section in config.ledgers.items()
+        if section.kind == "evm" and name != ledger and "chain_id" in (options := section.options())
+    }
+    if wanted is None:
+        wanted = FIRST_CHAIN_ID
+        while wanted in taken:
+            wanted += 1
+    elif not 1 <= wanted < 2**63:
+        raise CliError(f"--chain-id: {wanted} is not a chain id (1 to 2**63 - 1)", EXIT_BAD_INPUT)
+    elif wanted in taken:
+        raise CliError(
+            f"--chain-id: {wanted} is already the chain id of ledgers.{taken[wanted]}; each chain needs "
+            "its own, so that a ledger's chain_id check can tell them apart",
+            EXIT_BAD_INPUT,
+        )
+    return wanted
+
+
+def _finality(block_time: float | None, confirmations: int) -> None:
+    if block_time is not None and not 0 < block_time <= 3600:
+        raise CliError(
+            f"--block-time: {block_time:g} is not a block time (above 0, at most 3600 s)", EXIT_BAD_INPUT
+        )
+    if confirmations < 1:
+        raise CliError(
+            f"--confirmations: {confirmations} is not a number of blocks (1 or more)", EXIT_BAD_INPUT
+        )
+    if confirmations > 1 and block_time is None:
+        raise CliError(
+            f"--confirmations: {confirmations} needs --block-time: without it anvil mines a block only "
+            "when a transaction arrives, so an idle chain never confirms the last one",
+            EXIT_BAD_INPUT,
+        )
+
+
+def chain_up(
+    config_path: Path,
+    port: int,
+    ledger: str,
+    assets: list[str],
+    *,
+    chain_id: int | None = None,
+    block_time: float | None = None,
+    confirmations: int = 1,
+) -> int:
     """Start anvil, deploy, write the configuration, then wait for a signal (see module doc)."""
     from adapters.evm import deploy_contracts
 
@@ -114,14 +185,16 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
         raise CliError(
             f"--ledger: {ledger!r} is not a ledger name (letters, digits, - and _)", EXIT_BAD_INPUT
         )
+    _finality(block_time, confirmations)
     # A broken configuration is reported before anything starts.
-    config = load_config(config_path) if config_path.exists() else parse_config({"ledgers": {}})
+    config = _current_config(config_path)
     existing = config.ledgers.get(ledger)
     if existing is not None and existing.kind != "evm":
         raise CliError(
             f"{config_path}: ledgers.{ledger} is a {existing.kind} ledger; give --ledger another name",
             EXIT_BAD_INPUT,
         )
+    chain_id = _chain_id(config, ledger, chain_id)
     try:
         find_anvil()
     except AnvilError as exc:
@@ -133,7 +206,8 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
         by = f" by pid {held[0]} ({held[1]})" if held else ""
         raise CliError(f"--port: {host}:{port} is taken{by}; {stop} or give another --port")
 
-    node = Anvil(host=host, port=port)
+    mining = ["--block-time", f"{block_time:g}"] if block_time is not None else []
+    node = Anvil(host=host, port=port, chain_id=chain_id, extra_args=mining)
     signals = {signal.SIGINT, signal.SIGTERM}
     try:
         try:
@@ -144,6 +218,9 @@ def chain_up(config_path: Path, port: int, ledger: str, assets: list[str]) -> in
             section = deploy_contracts(node.url, node.key(0), {a: config.precision(a) for a in assets})
         except LedgerError as exc:
             raise CliError(f"deploying the contracts failed: {exc}") from None
+        section["confirmations"] = confirmations
+        if block_time is not None:
+            section["block_time"] = block_time
         config_path.parent.mkdir(parents=True, exist_ok=True)
         write_section(config_path, ledger, section)
         print(
@@ -177,7 +254,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             "(created if missing) or set DVP_CONFIG",
             EXIT_BAD_INPUT,
         )
-    return chain_up(Path(path), args.port, args.ledger, args.asset or [])
+    return chain_up(
+        Path(path),
+        args.port,
+        args.ledger,
+        args.asset or [],
+        chain_id=args.chain_id,
+        block_time=args.block_time,
+        confirmations=args.confirmations,
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -206,6 +291,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--asset", action="append", metavar="SYMBOL",
         help="deploy this asset's token now (repeatable; precision from [assets], else 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chain-id", type=int, metavar="ID",
+        help="the chain's id (default: the first from 31337 up that no other evm ledger of the file has)",
+    )  # fmt: skip
+    p.add_argument(
+        "--block-time", type=float, metavar="SECONDS",
+        help="mine a block every SECONDS, idle or not (default: a block per transaction)",
+    )  # fmt: skip
+    p.add_argument(
+        "--confirmations", type=int, default=1, metavar="N",
+        help="blocks deep a transaction must be before the ledger reports it done (default 1; "
+        "more needs --block-time)",
     )  # fmt: skip
     p.set_defaults(handler=cmd_up)
     return chain

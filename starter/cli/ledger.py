@@ -1,15 +1,23 @@
-"""``dvp ledger seed``, ``balances``, ``holds`` and ``reconcile``: the configured ledgers, directly."""
+"""``dvp ledger seed``, ``balances``, ``holds``, ``reconcile`` and ``verify-trades``: the configured ledgers.
+
+``reconcile`` and ``verify-trades`` also ask Temporal about the trades: the first about
+each open hold's trade (``operations.reconcile``), the second for the settled trades,
+reading each one's chain commits at the chain's finality depth (``starter.finality``).
+"""
 
 from __future__ import annotations
 
 import argparse
-from datetime import timedelta
+from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from domain import load_config
 from operations import DEFAULT_GRACE, DEFAULT_STUCK_AFTER, Reconciliation
+from starter.client import SettlementClient
+from starter.finality import chain_ledgers, verify_trades
 from starter.ledgers import all_balances, all_open_holds, opened, parse_seed, reconcile_ledgers, seed
 
 from .output import (
@@ -123,8 +131,49 @@ def reconciliation_text(found: Reconciliation) -> str:
     return "\n\n".join(parts)
 
 
+def _instant(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time with a UTC offset")
+    return when
+
+
+async def cmd_ledger_verify_trades(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    chains = chain_ledgers(config)
+    if not chains:
+        raise CliError("no ledger of kind evm is configured: no chain commit to verify", EXIT_BAD_INPUT)
+    try:
+        client = await SettlementClient.connect(config)
+    except RuntimeError as exc:
+        raise CliError(f"cannot reach Temporal at {config.temporal.address}: {exc}") from None
+    with opened(config, chains) as ledgers:
+        verified = await verify_trades(client, ledgers, since=args.since)
+    problems = verified.problems
+    if args.json:
+        emit_json(
+            {
+                "trades": verified.trades,
+                "commits": len(verified.commits),
+                "not_final": [asdict(p) for p in problems],
+            }
+        )
+    else:
+        print(
+            f"{len(verified.commits)} commits of {verified.trades} settled trades on {', '.join(chains)}: "
+            + (f"{len(problems)} NOT final on the chain" if problems else "every one final on its chain")
+        )
+        if problems:
+            rows = [(p.trade_id, p.leg, p.ledger, p.hold_id, p.found) for p in problems]
+            print(table(rows, ["trade", "leg", "ledger", "hold", "at finality"]))
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def add_parser(sub: Any) -> None:
-    """``dvp ledger seed``, ``balances``, ``holds`` and ``reconcile``."""
+    """``dvp ledger seed``, ``balances``, ``holds``, ``reconcile`` and ``verify-trades``."""
     ledger = sub.add_parser("ledger", help="administer the configured ledgers directly")
     lsub = ledger.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
     p = lsub.add_parser("seed", help="open accounts with opening balances from a JSON file (safe to re-run)")
@@ -163,3 +212,14 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_ledger_reconcile)
+    p = lsub.add_parser(
+        "verify-trades",
+        help="check every settled trade's chain commits are still on their chain at finality "
+        "(exit 1 if one is not)",
+    )
+    p.add_argument(
+        "--since", type=_instant, metavar="TIME",
+        help="only trades that ended at or after TIME (ISO 8601 with an offset: 2030-01-31T00:00:00Z)",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_ledger_verify_trades)

@@ -1,4 +1,8 @@
-"""``dvp server`` and ``dvp worker``: the processes a settlement runs on."""
+"""``dvp server`` and ``dvp worker``: the processes a settlement runs on.
+
+``dvp server`` starts the codec server (``dvp codec-server``) in its own process
+first and gives the dev server's Web UI its endpoint, so the UI shows trades decoded.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,27 @@ from .output import EXIT_OK, command
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import logging
+
+    from domain import load_config
     from processes.devserver import DevServer
+
+    from .codec import start_codec_server
 
     if args.db:
         Path(args.db).parent.mkdir(parents=True, exist_ok=True)
-    DevServer(port=args.port, ui_port=args.ui_port, db_file=args.db).run_forever()
+    server = DevServer(port=args.port, ui_port=args.ui_port, db_file=args.db)
+    codec = None
+    if server.ui_url and not args.no_codec_server:
+        # the codec server first: the UI asks it to decode as soon as a page opens
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        codec, server.ui_codec_endpoint, note = start_codec_server(load_config(args.config), server.ui_url)
+        print(note, flush=True)
+    try:
+        server.run_forever()
+    finally:
+        if codec is not None:
+            codec.stop()
     return EXIT_OK
 
 
@@ -40,6 +60,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--port", type=int, default=7233, help="frontend gRPC port (default 7233)")
     p.add_argument("--ui-port", type=int, default=None, help="Web UI port (default: port + 1000)")
+    p.add_argument(
+        "--no-codec-server",
+        action="store_true",
+        help="no codec server: the Web UI shows payloads encrypted (default: one on [codec] server)",
+    )
 
     p = command(sub, "worker", cmd_worker, "run a worker: settlement workflows and ledger activities")
     p.add_argument("--ledger", action="append", help="run only this ledger's activities (repeatable)")

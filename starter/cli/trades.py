@@ -106,13 +106,15 @@ async def cmd_status(args: argparse.Namespace) -> int:
 async def cmd_list(args: argparse.Namespace) -> int:
     client = await _client(args)
     if args.limit is None and args.page_token is None:
-        trades = await client.list(status=args.status)
+        trades = await client.list(status=args.status, party=args.party)
         if args.json:
             emit_json([summary_json(t) for t in trades])
         else:
             print(summaries_table(trades) if trades else "no trades")
         return EXIT_OK
-    page = await client.list_page(status=args.status, page_size=args.limit or 100, page_token=args.page_token)
+    page = await client.list_page(
+        status=args.status, party=args.party, page_size=args.limit or 100, page_token=args.page_token
+    )
     if args.json:
         emit_json({"trades": [summary_json(t) for t in page.trades], "next_page_token": page.next_page_token})
         return EXIT_OK
@@ -175,7 +177,8 @@ def add_parser(sub: Any) -> None:
         sub,
         "list",
         cmd_list,
-        "trades, newest first, optionally those in one status; from Temporal's visibility (no worker needed)",
+        "trades, newest first, optionally those in one status or of one party; from Temporal's visibility "
+        "(no worker needed)",
     )
     p.add_argument("--status", choices=[s.value for s in TradeStatus])
     p.add_argument(
@@ -186,6 +189,7 @@ def add_parser(sub: Any) -> None:
         '{"trades": [...], "next_page_token": ...}',
     )
     p.add_argument("--page-token", metavar="TOKEN", help="the page after the one that gave this token")
+    p.add_argument("--party", help="only trades with this account or owner (searched by its keyed hash)")
     p.add_argument("--json", action="store_true")
 
     as_help = "the token's subject, checked (optional)"
