@@ -114,7 +114,12 @@ async def _sweep(ledger: Ledger, config: Config, stop: asyncio.Event, gauges: Ho
 
 
 async def _reconcile(
-    client: Client, ledgers: dict[str, Ledger], every: timedelta, stop: asyncio.Event, meter: MetricMeter
+    client: Client,
+    ledgers: dict[str, Ledger],
+    queue: str,
+    every: timedelta,
+    stop: asyncio.Event,
+    meter: MetricMeter,
 ) -> None:
     """``dvp ledger reconcile`` on a schedule, reporting only: what it finds is logged and measured."""
     findings = meter.create_gauge("dvp_reconcile_findings", "What the last reconciliation found, by kind")
@@ -125,7 +130,7 @@ async def _reconcile(
         if stop.is_set():
             return
         try:
-            found = await reconcile(client, ledgers)
+            found = await reconcile(client, ledgers, settlement_queue=queue)
         except Exception as exc:  # Temporal or a ledger down: the next run tries again
             log.warning("reconcile failed: %s", exc)
             runs.add(1, {"result": "failed"})
@@ -226,7 +231,11 @@ async def run_worker(
         for name, ledger in opened.items()
     ]
     if reconcile_every and workflows:
-        sweepers.append(asyncio.create_task(_reconcile(client, opened, reconcile_every, stop, meter)))
+        sweepers.append(
+            asyncio.create_task(
+                _reconcile(client, opened, config.settlement_queue(), reconcile_every, stop, meter)
+            )
+        )
     if verifier is not None:
         install_verifier(config.settlement_queue(), verifier)
     try:

@@ -207,10 +207,13 @@ async def reconcile(
     release: bool = False,
     grace: timedelta = DEFAULT_GRACE,
     now: datetime | None = None,
+    settlement_queue: str | None = None,
 ) -> Reconciliation:
     """Compare every open hold of ``ledgers`` with its trade; release the safe orphans if asked.
 
-    The ledgers' calls run on threads: the worker runs this beside its workflows.
+    Stuck trades are looked for among those of ``settlement_queue`` (this deployment's),
+    or every trade of the namespace. The ledgers' calls run on threads: the worker runs
+    this beside its workflows.
     """
     now = now or datetime.now(UTC)
     problems = [
@@ -254,14 +257,18 @@ async def reconcile(
                 released=released,
             )
         )
-    return Reconciliation(orphans=orphans, stuck=await _stuck(client, now - stuck_after), problems=problems)
+    stuck = await _stuck(client, now - stuck_after, settlement_queue)
+    return Reconciliation(orphans=orphans, stuck=stuck, problems=problems)
 
 
-async def _stuck(client: Client, started_before: datetime) -> list[StuckTrade]:
+async def _stuck(client: Client, started_before: datetime, queue: str | None) -> list[StuckTrade]:
     query = (
         'WorkflowType IN ("Settlement", "Htlc") AND ExecutionStatus = "Running" AND DvpStatus = "COMMITTING" '
         f'AND StartTime < "{started_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}"'
     )
+    if queue is not None:
+        query += f' AND TaskQueue = "{queue}"'
+
     stuck = []
     async for execution in client.list_workflows(query):
         stuck.append(

@@ -74,4 +74,11 @@ async def reconcile_ledgers(
     """Every configured ledger's open holds against their trades (``operations.reconcile``)."""
     client = await connect_client(config.temporal.address, config.temporal.namespace, codec=config.codec)
     with opened(config) as ledgers:
-        return await reconcile(client, ledgers, stuck_after=stuck_after, release=release, grace=grace)
+        return await reconcile(
+            client,
+            ledgers,
+            stuck_after=stuck_after,
+            release=release,
+            grace=grace,
+            settlement_queue=config.settlement_queue(),
+        )
