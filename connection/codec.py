@@ -193,8 +193,12 @@ def _write_private(path: Path, text: str) -> Path:
     return temporary
 
 
-def _create_default(path: Path) -> None:
-    """Make the default ring at ``path`` unless another process made it first (then keep theirs)."""
+def create_key_file(path: Path) -> None:
+    """Make a new ring at ``path`` unless one is there (or another process made it first: theirs stays).
+
+    For a ring that several processes of one setup share from the start (the demos'),
+    before any of them loads it; a deployment makes its ring with ``dvp codec-keys new``.
+    """
     temporary = _write_private(path, KeyRing.generate().to_json())
     try:
         os.link(temporary, path)  # fails if the file exists: the first writer wins, atomically
@@ -218,7 +222,7 @@ def load_key_ring(config: CodecConfig) -> KeyRing:
     else:
         path = config.key_path()
         if not config.key_file and not path.exists():
-            _create_default(path)
+            create_key_file(path)
         try:
             text = path.read_text()
         except FileNotFoundError:

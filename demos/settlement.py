@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from connection import connect_client
-from connection.codec import codec_for
+from connection.codec import codec_for, create_key_file
 from connection.codec_server import serve_ui
 from domain import AccountBalance, BatchStatus, Config, RequestRejected, TradeStatus, TradeView, parse_config
 from identity import TokenIssuer
@@ -233,6 +233,7 @@ def scenarios(run: str) -> list[Scenario]:
 
 
 def demo_config(base: Path, address: str) -> tuple[Config, str]:
+    create_key_file(base / "codec-keys.json")
     text = f"""# written by `dvp demo`
 [ledgers.cash]
 kind = "sql"
@@ -251,6 +252,9 @@ operators = ["ops"]
 [auth]
 local_issuer = true
 local_keys = "{base / "auth"}"
+
+[codec]                 # the worker, this process and the Web UI's codec server share one ring
+key_file = "{base / "codec-keys.json"}"
 
 [temporal]
 address = "{address}"

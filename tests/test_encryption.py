@@ -48,7 +48,7 @@ from starter.instructions import dvp_instruction
 from workflows import HtlcWorkflow, SettlementWorkflow, workflow_id_for
 
 from ._fixtures_auth import token
-from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
+from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status, write_config
 from .test_cli import config_file, dvp
 
 BONDS, CASH = "437", "9950.37"
@@ -531,8 +531,9 @@ def test_a_bad_key_ring_is_refused_naming_the_field(
 async def test_dvp_with_a_missing_key_file_exits_2_naming_it(
     settlement: Engine, temporal_server: DevServer, tmp_path: Path
 ) -> None:
-    config = config_file(settlement, temporal_server.address, tmp_path)
-    config.write_text(config.read_text() + f'\n[codec]\nkey_file = "{tmp_path / "nope.json"}"\n')
+    missing = settlement.config.codec.model_copy(update={"key_file": str(tmp_path / "nope.json")})
+    engine_config = settlement.config.model_copy(update={"codec": missing})
+    config = write_config(tmp_path / "dvp.toml", engine_config, address=temporal_server.address)
 
     listed = await dvp(config, "list")
     submitted = await dvp(config, "submit", "-", stdin=json.dumps(trade("E-nokey")))

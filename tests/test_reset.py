@@ -22,11 +22,11 @@ import pytest_asyncio
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from adapters import Ledger
 from adapters.sql import SqlLedger
+from connection import HEADER_CODEC
 from domain import Hold, HoldStatus, LedgerUnavailable, LegState, TradeStatus, TradeView
 from processes.devserver import DevServer, find_temporal_binary
 from starter.instructions import dvp_instruction
@@ -143,7 +143,11 @@ async def assert_replays(engine: Engine, trade_id: str) -> None:
     """The reset run's history (the earlier run's up to the reset point, then its own) replays
     without non-determinism, as it must when a worker picks the trade up again."""
     handle = engine.client.client.get_workflow_handle(workflow_id_for(trade_id))
-    replayer = Replayer(workflows=[SettlementWorkflow, HtlcWorkflow], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[SettlementWorkflow, HtlcWorkflow],
+        data_converter=engine.client.client.data_converter,  # the engine's codec: its payloads are encrypted
+        header_codec_behavior=HEADER_CODEC,
+    )
     result = await replayer.replay_workflow(await handle.fetch_history(), raise_on_replay_failure=False)
     assert result.replay_failure is None, repr(result.replay_failure)
 

@@ -13,7 +13,7 @@ from domain import Config, ConfigError, load_config
 from .output import EXIT_BAD_INPUT, EXIT_OK, CliError, command
 
 
-def start_codec_server(config: Config, ui_url: str) -> tuple[Any, str, str]:
+def start_codec_server(config: Config, ui_url: str, address: str | None = None) -> tuple[Any, str, str]:
     """Start the codec server in this process for the Web UI at ``ui_url``.
 
     Returns the running server, the endpoint to give the dev server's UI (with its
@@ -22,7 +22,7 @@ def start_codec_server(config: Config, ui_url: str) -> tuple[Any, str, str]:
     from connection.codec_server import serve_ui
 
     try:
-        running, endpoint, expires = serve_ui(config, ui_url)
+        running, endpoint, expires = serve_ui(config, ui_url, address)
     except ConfigError as exc:
         raise CliError(f"codec server: {exc}", EXIT_BAD_INPUT) from None
     except OSError as exc:

@@ -18,17 +18,24 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     from domain import load_config
     from processes.devserver import DevServer
+    from processes.ports import free_port, port_in_use
 
     from .codec import start_codec_server
 
     if args.db:
         Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     server = DevServer(port=args.port, ui_port=args.ui_port, db_file=args.db)
+    server.claim_database()  # a database another server uses is refused before anything starts
     codec = None
     if server.ui_url and not args.no_codec_server:
         # the codec server first: the UI asks it to decode as soon as a page opens
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        codec, server.ui_codec_endpoint, note = start_codec_server(load_config(args.config), server.ui_url)
+        config = load_config(args.config)
+        address = config.codec.server
+        host, _, port = address.rpartition(":")
+        if "server" not in config.codec.model_fields_set and port_in_use(int(port), host):
+            address = f"{host}:{free_port()}"  # the default is taken (another dvp server): any free port
+        codec, server.ui_codec_endpoint, note = start_codec_server(config, server.ui_url, address)
         print(note, flush=True)
     try:
         server.run_forever()
