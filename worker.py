@@ -146,7 +146,10 @@ async def _reconcile(
             )
         for trade in found.stuck:
             log.warning(
-                "reconcile: trade %s is stuck in COMMITTING since %s", trade.trade_id, trade.started_at
+                "reconcile: trade %s is stuck in %s (started %s)",
+                trade.trade_id,
+                trade.status,
+                trade.started_at,
             )
         for problem in found.problems:
             log.warning("reconcile: ledger %s: %s", problem.ledger, problem.problem)

@@ -7,7 +7,8 @@ will end the hold but the ledger's backstop expiry, hours later. ``reconcile`` f
 * **orphans**: open holds whose trade's workflow is closed (completed, terminated,
   timed out...) or unknown;
 * **stuck** trades: listed ``COMMITTING`` and started longer ago than ``stuck_after``
-  (a trade publishes COMMITTING only once its commits have failed for a while);
+  (a trade publishes COMMITTING only once its commits have failed for a while), and
+  every trade in ``AWAITING_OPERATOR`` (a chain lost a lock after the decision);
 * each ledger's **problems**: what its own ``verify()`` reports (balances per asset
   sum to zero, no negative available, held equals the open holds...).
 
@@ -262,9 +263,10 @@ async def reconcile(
 
 
 async def _stuck(client: Client, started_before: datetime, queue: str | None) -> list[StuckTrade]:
+    before = started_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     query = (
-        'WorkflowType IN ("Settlement", "Htlc") AND ExecutionStatus = "Running" AND DvpStatus = "COMMITTING" '
-        f'AND StartTime < "{started_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}"'
+        'WorkflowType IN ("Settlement", "Htlc") AND ExecutionStatus = "Running" AND '
+        f'((DvpStatus = "COMMITTING" AND StartTime < "{before}") OR DvpStatus = "AWAITING_OPERATOR")'
     )
     if queue is not None:
         query += f' AND TaskQueue = "{queue}"'
@@ -275,7 +277,7 @@ async def _stuck(client: Client, started_before: datetime, queue: str | None) ->
             StuckTrade(
                 trade_id=execution.id.removeprefix("trade-"),
                 workflow_id=execution.id,
-                status="COMMITTING",
+                status=str(execution.typed_search_attributes.get(_DVP_STATUS) or ""),
                 started_at=execution.start_time,
             )
         )

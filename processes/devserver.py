@@ -76,9 +76,9 @@ DYNAMIC_CONFIG: dict[str, str] = {
 # keeps its columns per browser ("Configure columns", in localStorage): these are the
 # ones the README has an operator pick, the UI's defaults with DvpStatus beside Status.
 UI_LIST_COLUMNS = ("Status", "DvpStatus", "Workflow ID", "Type", "Start", "End")
-# Open trades that wait for a person (an approval, an affirmation) or for a ledger that
-# refuses its commits.
-ATTENTION_STATUSES = ("AWAITING_APPROVAL", "AWAITING_AFFIRMATION", "COMMITTING")
+# Open trades that wait for a person (an approval, an affirmation, an operator after a
+# chain lost a lock) or for a ledger that refuses its commits.
+ATTENTION_STATUSES = ("AWAITING_APPROVAL", "AWAITING_AFFIRMATION", "AWAITING_OPERATOR", "COMMITTING")
 
 
 def attention_query() -> str:

@@ -123,7 +123,7 @@ def reconciliation_text(found: Reconciliation) -> str:
         )
     if found.stuck:
         rows2 = [(t.trade_id, t.status, t.started_at.isoformat()) for t in found.stuck]
-        parts.append(f"{len(found.stuck)} trade(s) stuck in COMMITTING")
+        parts.append(f"{len(found.stuck)} trade(s) stuck (COMMITTING too long, or AWAITING_OPERATOR)")
         parts.append(table(rows2, ["trade", "status", "started"]))
     if found.problems:
         parts.append(f"{len(found.problems)} ledger problem(s)")
