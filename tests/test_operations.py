@@ -721,3 +721,31 @@ async def test_the_bank_service_serves_its_requests_and_holds_as_metrics(tmp_pat
     assert total(samples, "dvp_held_amount", ledger="bank", asset="EUR") == 100.0
     labels = {value for (_, ls) in samples for _, value in ls}
     assert not labels & {"alice-cash", "bob-cash", "nobody", "T-1#1", "T-2#1"}
+
+
+async def test_reconcile_never_releases_the_rest_of_a_trade_with_a_committed_leg(
+    temporal_client: Client, temporal_server: Any, task_queue_prefix: str, tmp_path: Path
+) -> None:
+    """Given a trade terminated after one of its legs was committed at its ledger (as when a
+    commit ran just before the terminate): ``--release-orphans`` releases none of its other
+    holds, since a trade moves all its legs or none, and says why; nothing changes."""
+    config = make_config(sqlite_urls(tmp_path), task_queue_prefix)
+    path = write_config(tmp_path / "dvp.toml", config, address=temporal_server.address)
+    trade = f"{task_queue_prefix}-half"
+    async with run_engine(temporal_client, config) as engine:
+        await engine.client.submit(three_legs(trade, "carol", "6000.00"))
+        await until(
+            lambda: len([h for h in engine.open_holds() if h.trade_id == trade]) == 2, "two legs held"
+        )
+        await temporal_client.get_workflow_handle(f"trade-{trade}").terminate(reason="ops test")
+        engine.ledgers["securities"].commit_hold(f"{trade}#0")
+        balances = engine.balances()
+
+        result = await dvp(path, "ledger", "reconcile", "--release-orphans", "--json", "--stuck-after", "P1D")
+
+        assert result.returncode == 1, result.stderr
+        (orphan,) = json.loads(result.stdout)["orphans"]
+        assert (orphan["hold_id"], orphan["releasable"], orphan["released"]) == (f"{trade}#1", False, False)
+        assert f"hold {trade}#0 of the same trade is committed" in orphan["why"]
+        assert engine.ledgers["cash"].get_hold(f"{trade}#1").status is HoldStatus.OPEN
+        assert engine.balances() == balances

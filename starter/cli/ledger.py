@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
+from temporalio.service import RPCError
 
 from domain import load_config
 from operations import DEFAULT_GRACE, DEFAULT_STUCK_AFTER, Reconciliation
@@ -88,6 +89,8 @@ async def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
         found = await reconcile_ledgers(
             config, release=args.release_orphans, stuck_after=stuck_after, grace=grace
         )
+    except RPCError as exc:  # Temporal answered, but not about a hold's trade
+        raise CliError(f"Temporal at {config.temporal.address} did not answer: {exc.message}") from None
     except RuntimeError as exc:
         raise CliError(f"cannot reach Temporal at {config.temporal.address}: {exc}") from None
     if args.json:
