@@ -30,8 +30,7 @@ from typing import Any
 
 from adapters import open_ledger
 from adapters.evm import EvmLedger, deploy_contracts, load_artefact
-from connection.codec import create_key_file
-from demos.settlement import _expected_balances, _sums
+from demos.settlement import _expected_balances, _sums, policy_sections
 from domain import Config, LedgerError, TradeStatus, TradeView, parse_config
 from identity import TokenIssuer
 from processes.anvil import Anvil, AnvilError
@@ -85,7 +84,6 @@ class _Bank(BankService):
 
 
 def demo_config(base: Path, chain: dict[str, Any], bank: _Bank, address: str) -> tuple[Config, str]:
-    create_key_file(base / "codec-keys.json")
     text = f"""# written by `dvp demo --cross-system`
 {render_section("chain", chain)}
 [ledgers.bank]
@@ -93,19 +91,7 @@ kind = "http"
 url = "{bank.url}"
 token = "{bank.token}"
 
-[compliance]
-sanctioned = ["mallory"]
-
-[roles]
-operators = ["ops"]
-
-[auth]
-local_issuer = true
-local_keys = "{base / "auth"}"
-
-[codec]                 # the worker, this process and the Web UI's codec server share one ring
-key_file = "{base / "codec-keys.json"}"
-
+{policy_sections(base)}
 [assets."{BOND}"]
 precision = 0
 

@@ -232,18 +232,13 @@ def scenarios(run: str) -> list[Scenario]:
     ]
 
 
-def demo_config(base: Path, address: str) -> tuple[Config, str]:
+def policy_sections(base: Path) -> str:
+    """The demos' sanctions, operators, local token issuer and key ring (under ``base``), as TOML.
+
+    Makes the key ring first: the worker, the demo and the Web UI's codec server share it.
+    """
     create_key_file(base / "codec-keys.json")
-    text = f"""# written by `dvp demo`
-[ledgers.cash]
-kind = "sql"
-url = "sqlite:///{base / "cash.db"}"
-
-[ledgers.securities]
-kind = "sql"
-url = "sqlite:///{base / "securities.db"}"
-
-[compliance]
+    return f'''[compliance]
 sanctioned = ["mallory"]
 
 [roles]
@@ -255,7 +250,20 @@ local_keys = "{base / "auth"}"
 
 [codec]                 # the worker, this process and the Web UI's codec server share one ring
 key_file = "{base / "codec-keys.json"}"
+'''
 
+
+def demo_config(base: Path, address: str) -> tuple[Config, str]:
+    text = f"""# written by `dvp demo`
+[ledgers.cash]
+kind = "sql"
+url = "sqlite:///{base / "cash.db"}"
+
+[ledgers.securities]
+kind = "sql"
+url = "sqlite:///{base / "securities.db"}"
+
+{policy_sections(base)}
 [temporal]
 address = "{address}"
 task_queue_prefix = "dvp-demo"
