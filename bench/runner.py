@@ -77,7 +77,7 @@ from domain import (
     TradeView,
     parse_config,
 )
-from identity import TokenIssuer
+from identity import TokenIssuer, Verifier
 from processes.devserver import DYNAMIC_CONFIG, DevServer, find_temporal_binary
 from processes.workers import WorkerProcess
 from starter.client import SettlementClient, parse_instruction
@@ -95,6 +95,12 @@ LATENCY_MEASURE = (
     "submit call start (client clock) -> workflow close_time from describe() (server clock, same host)"
 )
 CLIENT_LATENCY_MEASURE = "submit call start -> awaited workflow result received (client clock)"
+TOKEN_ROUNDS = 500
+TOKEN_MEASURE = (
+    "thread CPU, in the bench process, of one token check as the worker runs it when a trade is "
+    "admitted (signature, issuer, audience, expiry: identity.Verifier.verify of the bench's "
+    f"operator token), averaged over {TOKEN_ROUNDS} checks; a bench trade is checked once"
+)
 CODEC_ROUNDS = 200
 CODEC_MEASURE = (
     "thread CPU, in the bench process, of decoding then encoding once each encrypted payload of the "
@@ -578,6 +584,17 @@ class _Phase:
         assert isinstance(codec, EncryptionCodec)
         return codec_cost(codec, history_payloads(history), CODEC_ROUNDS)
 
+    def token_cost(self) -> dict[str, Any]:
+        """The token check's CPU for one trade: one verification of its submitter's token."""
+        verifier, token = Verifier.from_config(self.config.auth), self.dvp.token or ""
+        now = datetime.now(UTC)
+        verifier.verify(token, now)  # the first check loads what the rest reuse
+        started = time.thread_time()
+        for _ in range(TOKEN_ROUNDS):
+            verifier.verify(token, now)
+        cpu_ms = (time.thread_time() - started) / TOKEN_ROUNDS * 1000
+        return {"checks": 1, "cpu_ms": round(cpu_ms, 3), "measure": TOKEN_MEASURE}
+
     async def history_shape(self, handle: WorkflowHandle[Any, Any]) -> dict[str, int]:
         """Round trips of one workflow, counted from its history."""
         history = await handle.fetch_history()
@@ -703,6 +720,10 @@ async def _run_phase(
             result["codec_per_workflow"]["measure"] = CODEC_MEASURE
             result["ratios"]["codec_cpu_per_trade_cpu"] = _ratio(
                 result["codec_per_workflow"]["trades"]["cpu_ms"], trades["cpu_ms_per_item"]
+            )
+            result["token_check_per_trade"] = phase.token_cost()
+            result["ratios"]["token_cpu_per_trade_cpu"] = _ratio(
+                result["token_check_per_trade"]["cpu_ms"], trades["cpu_ms_per_item"]
             )
             result["rss_peak_mb"] = {
                 "workers": [round(tree_peak_rss_mb(w.pid), 1) for w in workers],
@@ -946,6 +967,8 @@ _TABLE: list[tuple[str, str, int]] = [
     ("codec CPU ms per trade", "codec_per_workflow.trades.cpu_ms", 3),
     ("  payloads encrypted / in its history", "codec_per_workflow.trades.encrypted", 0),
     ("  codec CPU ÷ trade CPU", "ratios.codec_cpu_per_trade_cpu", 3),
+    ("token check CPU ms per trade", "token_check_per_trade.cpu_ms", 3),
+    ("  token check CPU ÷ trade CPU", "ratios.token_cpu_per_trade_cpu", 3),
     ("codec CPU ms per ceiling workflow", "codec_per_workflow.ceiling.cpu_ms", 3),
     ("codec CPU ms per naive saga", "codec_per_workflow.naive.cpu_ms", 3),
     ("workflow tasks per ceiling", "history_per_workflow.ceiling.workflow_tasks", 0),
