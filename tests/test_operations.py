@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -561,6 +562,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its renderers and crash handler too: killed as one group
         )
         self._next = 0
         self._socket: Any = None
@@ -583,7 +585,10 @@ class Browser:
     async def __aexit__(self, *exc: object) -> None:
         if self._socket is not None:
             await self._socket.close()
-        self.process.kill()
+        # Every chromium process, not only the first: the others go on writing to the
+        # profile, which the caller is about to delete.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
     async def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -631,7 +636,7 @@ async def test_the_web_ui_lists_a_cancelled_trade_as_cancelled(
 
         assert server.ui_url is not None
         workflows = f"{server.ui_url}/namespaces/default/workflows"
-        with tempfile.TemporaryDirectory(prefix="dvp-chromium-") as profile:
+        with tempfile.TemporaryDirectory(prefix="dvp-chromium-", ignore_cleanup_errors=True) as profile:
             async with Browser(profile) as browser:
                 await browser.call("Page.enable")
                 await browser.call("Page.navigate", url=workflows)
