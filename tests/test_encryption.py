@@ -323,7 +323,7 @@ def chromium() -> str:
 
 def dump_dom(url: str) -> str:
     """The page at ``url`` as headless Chromium renders it, scripts run for 15 s of virtual time."""
-    with tempfile.TemporaryDirectory(prefix="dvp-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="dvp-chromium-", ignore_cleanup_errors=True) as profile:
         rendered = subprocess.run(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
             + ["--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]
