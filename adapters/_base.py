@@ -36,10 +36,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from datetime import datetime
-from decimal import Decimal
-from typing import NamedTuple
+from decimal import Decimal, InvalidOperation
+from typing import Any, NamedTuple
 
-from domain import AccountBalance, Hold, UnknownAccount
+from domain import AccountBalance, Hold, InvalidAmount, UnknownAccount
 
 
 class AccountFacts(NamedTuple):
@@ -143,3 +143,16 @@ class Ledger(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for adapters without resources
         """Release connections and other resources."""
+
+
+def as_decimal(value: Any, what: str) -> Decimal:
+    """``value`` as a finite ``Decimal``; ``InvalidAmount`` naming ``what`` if it is not one (or a float)."""
+    if isinstance(value, (bool, float)):
+        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__} {value!r}")
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except InvalidOperation:
+        raise InvalidAmount(f"{what} {value!r} is not a decimal number") from None
+    if not amount.is_finite():
+        raise InvalidAmount(f"{what} {value!r} is not a finite number")
+    return amount

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -29,6 +29,8 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 from domain import AssetMismatch, Hold, HoldStatus, InvalidAmount, LedgerError, UnknownAccount
+
+from ._base import as_decimal
 
 MAX_MINOR = 2**63 - 1  # BIGINT
 
@@ -156,19 +158,6 @@ class JournalRow(_Table, table=True):
 METADATA = _Table.metadata
 
 # ------------------------------------------------------------------------ amounts
-
-
-def as_decimal(value: Any, what: str) -> Decimal:
-    """``value`` as a finite ``Decimal``; ``InvalidAmount`` naming ``what`` if it is not one (or a float)."""
-    if isinstance(value, (bool, float)):
-        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__} {value!r}")
-    try:
-        amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidAmount(f"{what} {value!r} is not a decimal number") from None
-    if not amount.is_finite():
-        raise InvalidAmount(f"{what} {value!r} is not a finite number")
-    return amount
 
 
 def to_minor(amount: Decimal, asset: str, precision: int, what: str = "amount") -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import time
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -52,7 +52,7 @@ from domain import (
     LedgerUnavailable,
 )
 
-from ._base import Ledger
+from ._base import Ledger, as_decimal
 
 __all__ = ["HttpLedger", "redacted_path"]
 
@@ -65,18 +65,6 @@ KNOWN_OPTIONS = ("token", "timeout", "retries", "deadline")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Fields of the service's request bodies whose refusal is an amount problem.
 AMOUNT_FIELDS = frozenset({"amount", "balance", "precision"})
-
-
-def _as_decimal(value: Any, what: str) -> Decimal:
-    if isinstance(value, (bool, float)):
-        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__} {value!r}")
-    try:
-        amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    except InvalidOperation:
-        raise InvalidAmount(f"{what} {value!r} is not a decimal number") from None
-    if not amount.is_finite():
-        raise InvalidAmount(f"{what} {value!r} is not a finite number")
-    return amount
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -277,7 +265,7 @@ class HttpLedger(Ledger):
     def open_account(
         self, account: str, asset: str, owner: str, balance: Decimal = Decimal(0), precision: int = 0
     ) -> AccountBalance:
-        opening = _as_decimal(balance, "opening balance")
+        opening = as_decimal(balance, "opening balance")
         body = {
             "account": account,
             "asset": asset,
@@ -315,7 +303,7 @@ class HttpLedger(Ledger):
             "account": account,
             "to_account": to_account,
             "asset": asset,
-            "amount": format(_as_decimal(amount, "amount"), "f"),
+            "amount": format(as_decimal(amount, "amount"), "f"),
             "expires_at": _iso(expires_at),
             "trade_id": trade_id,
             "hashlock": hashlock,

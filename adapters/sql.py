@@ -83,7 +83,7 @@ from domain import (
     UnknownHold,
 )
 
-from ._base import AccountFacts, Ledger
+from ._base import AccountFacts, Ledger, as_decimal
 from ._sql_model import (
     METADATA,
     AccountRow,
@@ -92,7 +92,6 @@ from ._sql_model import (
     HoldRow,
     JournalRow,
     PlaceRequest,
-    as_decimal,
     normalise_hashlock,
     to_decimal,
     to_minor,
