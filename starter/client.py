@@ -164,6 +164,7 @@ class SettlementClient:
             token=token,
             local_steps=True,
             outcome_memo=True,
+            token_rules=True,
         )
 
     async def submit(
