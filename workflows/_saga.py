@@ -88,6 +88,11 @@ MEMO_STARTED = "started"
 # and its last; the entries between are folded into one line per kind (``Repeat``).
 TIMELINE_HEAD = 12
 TIMELINE_TAIL = 60
+HISTORY_HEADROOM = 500
+"""How far past ``continue_as_new_after`` a run grows at most: the steps between two wait
+points (a reservation attempt, a fill) add under 100 events, and the signals the server
+records while the run's last workflow task is in flight come on top (a flood of 50 to 100
+concurrent signals added up to about 150). docs/decisions/0011-continue-as-new.md."""
 RECYCLED = "recycled"
 """The ``Repeat`` that counts a trade's reservation attempts that found a leg short."""
 
