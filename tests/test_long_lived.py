@@ -42,7 +42,11 @@ from workflows._saga import HISTORY_HEADROOM
 from ._fixtures_settlement import Engine, make_config, run_engine, sqlite_urls, wait_for_status
 
 BOUND = 100
-FAST = {"continue_as_new_after": BOUND, "recycle_interval": "PT0.05S", "max_recycle_interval": "PT0.1S"}
+FAST: dict[str, Any] = {
+    "continue_as_new_after": BOUND,
+    "recycle_interval": "PT0.05S",
+    "max_recycle_interval": "PT0.1S",
+}
 
 
 @pytest.fixture
