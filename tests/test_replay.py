@@ -7,7 +7,8 @@ non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
 versioned change, and keep the old ones: those under ``before-local-steps/`` are
 trades whose request had no ``local_steps`` (one call per local ledger in each step),
-which must still replay on today's code.
+which must still replay on today's code. Those under ``continued/<n>/`` are the runs,
+one file each, of a trade that continued as new twice before it settled.
 
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
@@ -119,8 +120,13 @@ async def test_the_codec_alone_refuses_the_histories_from_before_it() -> None:
     assert result.replay_failure is not None
 
 
+def completed(history: WorkflowHistory) -> bool:
+    """A run that ended the trade (not one that continued as new)."""
+    return history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+
+
 def test_recorded_histories_cover_every_terminal_status() -> None:
-    statuses = {final_view(load(path)).status for path in HISTORIES}
+    statuses = {final_view(load(path)).status for path in HISTORIES if completed(load(path))}
 
     assert statuses == {s for s in TradeStatus if s.terminal}
 
@@ -143,3 +149,23 @@ def test_trades_from_before_and_after_local_steps_are_both_replayed() -> None:
     assert all(request(load(p)).local_steps for p in after)
     # One of each layout of ledger calls: all local, all queued, mixed.
     assert {"trade-R-settled", "trade-R-settled-queued", "trade-R-settled-mixed"} <= {p.stem for p in after}
+
+
+def test_a_trade_that_continued_as_new_is_replayed_run_by_run() -> None:
+    """Its first run started afresh and continued as new; each later run took up the carried
+    state (the server gave it its predecessor's run id) and the last one settled."""
+    paths = sorted(HERE.glob("continued/*/trade-R-continued.json"), key=lambda p: int(p.parent.name))
+    runs = [load(p) for p in paths]
+
+    assert len(runs) >= 3
+    continued_as_new = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    assert all(run.events[-1].event_type == continued_as_new for run in runs[:-1])
+    assert final_view(runs[-1]).status is TradeStatus.SETTLED
+    assert request(runs[0]).carried is None
+    for before, run in zip(runs, runs[1:], strict=False):
+        started = run.events[0].workflow_execution_started_event_attributes
+        assert started.continued_execution_run_id
+        carried = request(run).carried
+        assert carried is not None and carried.phase == "reserve" and carried.escrow is not None
+        assert carried.escrow.hold_ids == ["R-continued#0", "R-continued#1"]
+        assert before.events[-1].workflow_execution_continued_as_new_event_attributes.new_execution_run_id
