@@ -28,6 +28,7 @@ from domain import (
     Carried,
     CarriedBatch,
     CarriedEscrow,
+    ConfigError,
     HoldStatus,
     Instruction,
     LegState,
@@ -351,3 +352,25 @@ async def test_a_batch_start_that_carries_state_is_rejected_and_records_nothing(
     assert final.reason.startswith("carried:")
     history = await handle.fetch_history()
     assert not any(e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED for e in history.events)
+
+
+def test_a_trade_short_for_sixty_days_recycles_a_bounded_number_of_times_a_day() -> None:
+    settlement = SettlementConfig()  # 1 s doubling to 10 s, then 1 % of the wait, at most 15 min
+    pause, waited, per_day = settlement.recycle_interval, timedelta(0), [0] * 60
+    while waited < timedelta(days=60):
+        per_day[waited.days] += 1
+        assert pause <= settlement.longest_recycle_interval  # funds arriving are found within it
+        waited += pause
+        pause = settlement.recycle_after(pause, waited)
+
+    assert per_day[0] < 600  # the first day: every 10 s for 17 minutes, then slower
+    assert max(per_day[2:]) <= 97  # then every 15 minutes
+    assert sum(per_day) * 6 < 60 * 1000  # 6 history events an attempt: under 1,000 a day
+    early = [settlement.recycle_after(timedelta(seconds=s), timedelta(seconds=s)) for s in (1, 2, 4, 8)]
+    assert early == [timedelta(seconds=s) for s in (2, 4, 8, 10)]  # the doubling is unchanged
+
+
+def test_a_bound_outside_its_range_is_refused_naming_the_key(tmp_path: Path) -> None:
+    for value in (99, 8001):
+        with pytest.raises(ConfigError, match=r"settlement\.continue_as_new_after"):
+            make_config(sqlite_urls(tmp_path), "t", continue_as_new_after=value)
