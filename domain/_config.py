@@ -68,6 +68,10 @@ ISO_4217_TWO_DECIMALS = frozenset(
 
 DEFAULT_DIR = Path(".dvp")
 
+MAX_CONTINUE_AS_NEW_AFTER = 8000
+"""The largest ``[settlement] continue_as_new_after``: a run's bound stays below Temporal's
+warning at 10,240 events with room for the steps between two wait points."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -189,13 +193,37 @@ class SettlementConfig(_Section):
     # for an orchestrator that vanished, never the normal way a hold ends.
     hold_backstop: timedelta = timedelta(hours=1)
     sweep_interval: timedelta = timedelta(seconds=30)
+    # A trade short for long recycles less often (docs/design.md, "Recycling"): past the
+    # doubling to max_recycle_interval, the interval is this fraction of the time the trade
+    # has waited, up to longest_recycle_interval; funds that arrive are found within it.
+    recycle_growth: float = Field(default=0.01, ge=0, le=1)
+    longest_recycle_interval: timedelta = timedelta(minutes=15)
+    # A trade (or batch) continues as new at its first wait point once its run's history
+    # holds this many events (docs/decisions/0011-continue-as-new.md), far below
+    # Temporal's warning at 10,240 events and its limit at 51,200.
+    continue_as_new_after: int = Field(default=2000, ge=100, le=MAX_CONTINUE_AS_NEW_AFTER)
 
-    @field_validator("recycle_interval", "max_recycle_interval", "default_settle_within")
+    @field_validator(
+        "recycle_interval", "max_recycle_interval", "default_settle_within", "longest_recycle_interval"
+    )
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):
             raise ValueError("must be a positive duration")
         return value
+
+    def recycle_after(self, interval: timedelta, waited: timedelta) -> timedelta:
+        """The pause before the next reservation attempt of a trade short since ``waited``.
+
+        ``interval`` is the last pause: it doubles from ``recycle_interval`` up to
+        ``max_recycle_interval``; past that, it is ``recycle_growth`` of the time waited,
+        up to ``longest_recycle_interval`` (never below ``max_recycle_interval``).
+        """
+        doubled = min(interval * 2, self.max_recycle_interval)
+        if doubled < self.max_recycle_interval:
+            return doubled
+        longest = max(self.longest_recycle_interval, self.max_recycle_interval)
+        return min(max(waited * self.recycle_growth, self.max_recycle_interval), longest)
 
 
 class BatchesConfig(_Section):

@@ -6,7 +6,7 @@ signal, update and query.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -19,9 +19,13 @@ from ._models import (
     MAX_TOKEN,
     Amount,
     FieldError,
+    FillView,
     Hold,
     HoldStatus,
     Instruction,
+    LegState,
+    TimelineEvent,
+    TradeStatus,
     _Model,
 )
 
@@ -69,6 +73,10 @@ class SettlementRequest(_Model):
     # there); only the replay of a trade started before those rules, whose history has
     # no marker, takes the old path. See docs/decisions/0012-trust-rules-in-the-request.md.
     token_rules: bool = False
+    # What a trade knew when its last run continued as new (workflows/_saga.py): set only
+    # by the workflow itself. A run accepts it only as a continued run (the server says
+    # so, no client can); a start that carries it is REJECTED with nothing reserved.
+    carried: Carried | None = None
 
     # The routing a saga calls with: the worker's, once the trade is admitted (or, for a
     # trade started before admission existed, the request's own). Absent is a bug.
@@ -310,3 +318,88 @@ class Decision(_Model):
 
 class SubmitCheck(_Model):
     fingerprint: str
+
+
+# --------------------------------------------------- carried across continue-as-new
+
+
+class Repeat(_Model):
+    """Timeline entries folded when a trade continued as new: how many, and the last one."""
+
+    event: str
+    count: int
+    last_at: datetime
+    last_detail: str = ""
+
+
+class CarriedEscrow(_Model):
+    """The escrow saga's own state (workflows/_trade.py, ``TradeSaga``)."""
+
+    attempt: int
+    amounts: list[Amount]
+    settled: list[Amount]
+    fills: list[FillView]
+    hold_ids: list[str]
+    leg_states: list[LegState]
+    leg_details: list[str]
+    approved: list[str]
+    cancel: CancelMessage | None = None
+    cancelled_by: str = ""
+    decided: bool = False
+    pinned: bool = False
+    compensations: list[int] = Field(default_factory=list)
+    released_held: bool = False
+
+
+class CarriedHtlc(_Model):
+    """The HTLC saga's own state (workflows/_htlc.py, ``HtlcSaga``)."""
+
+    states: list[LegState]
+    details: list[str]
+    locking: list[int]
+    preimage: str | None = None
+    requested: list[int] = Field(default_factory=list)
+    lock_leg: int = 0  # the leg being locked (phase "lock")
+
+
+class Carried(_Model):
+    """Everything a trade knew when its run continued as new, and where it resumes (``phase``).
+
+    The new run skips admission, validation and screening and resumes at ``phase``:
+    ``affirmation``, ``approval``, ``reserve``, ``commit`` or ``unwind`` (escrow);
+    ``affirmation``, ``lock``, ``claim`` or ``unlock`` (HTLC). ``unwind``/``unlock`` carry
+    the ending they release for (``abort_status``, ``abort_reason``).
+    """
+
+    phase: str
+    runs: int  # runs before this one
+    started: datetime  # the trade's start: its deadline is counted from it
+    deadline: datetime
+    trusted: bool
+    routing: Routing | None = None
+    submitter: str = ""
+    submitter_roles: list[str] = Field(default_factory=list)
+    consent_known: bool = False
+    consent_from: list[str] = Field(default_factory=list)
+    consented: list[str] = Field(default_factory=list)
+    refused_signals: int = 0
+    status: TradeStatus
+    reason: str = ""
+    errors: list[FieldError] = Field(default_factory=list)
+    timeline_head: list[TimelineEvent] = Field(default_factory=list)
+    repeats: list[Repeat] = Field(default_factory=list)
+    timeline: list[TimelineEvent] = Field(default_factory=list)
+    owners: dict[str, str] = Field(default_factory=dict)
+    operators: list[str] = Field(default_factory=list)
+    policy_known: bool = False
+    party_tags: dict[str, str] | None = None
+    interval: timedelta | None = None  # the recycle pause in force
+    waiting_since: datetime | None = None  # since when the current attempt recycles
+    recycles: int = 0
+    abort_status: TradeStatus | None = None
+    abort_reason: str = ""
+    escrow: CarriedEscrow | None = None
+    htlc: CarriedHtlc | None = None
+
+
+SettlementRequest.model_rebuild()

@@ -61,6 +61,10 @@ class BatchRequest(_Model):
     settlement_queue: str | None = None
     ledger_queues: dict[str, str] | None = None
     settlement: SettlementConfig | None = None
+    # What the batch knew when its last run continued as new (workflows/netting.py): set
+    # only by the workflow itself, accepted only by a continued run; a start carrying it
+    # is REJECTED before anything is read or reserved.
+    carried: CarriedBatch | None = None
 
 
 class AccountRef(_Model):
@@ -180,4 +184,30 @@ class BatchView(_Model):
     fingerprint: str = ""
 
 
+class CarriedBatch(_Model):
+    """Everything a batch knew when its run continued as new, and where it resumes.
+
+    ``phase``: ``commit`` (after the decision), ``compensate`` (releasing, to end with
+    ``abort_status``) or ``end`` (recording ``abort_status`` in the batch store).
+    """
+
+    phase: str
+    runs: int
+    deadline: datetime
+    trusted: bool
+    status: BatchStatus
+    reason: str = ""
+    timeline: list[TimelineEvent] = Field(default_factory=list)
+    folded: int = 0  # timeline entries left out (the first ones are kept, then the last)
+    plan: NetPlan | None = None
+    rounds: int = 0
+    settled: int = 0
+    decided: bool = False
+    holds: dict[str, list[str]] = Field(default_factory=dict)
+    compensations: list[tuple[str, list[str]]] = Field(default_factory=list)
+    abort_status: BatchStatus | None = None
+    abort_reason: str = ""
+
+
 RecordRequest.model_rebuild()
+BatchRequest.model_rebuild()

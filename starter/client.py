@@ -68,6 +68,7 @@ from domain import (
 from identity import unverified_claims
 from workflows import (
     MEMO_REASON,
+    MEMO_STARTED,
     HtlcWorkflow,
     SettlementWorkflow,
     initial_search_attributes,
@@ -384,8 +385,13 @@ class SettlementClient:
         """
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidInstruction("limit", f"must be from 1 to {MAX_PAGE_SIZE}, got {page_size}")
-        # this deployment's trades: others may share the namespace under another queue prefix
-        query = f'WorkflowType IN ("Settlement", "Htlc") AND TaskQueue = "{self.config.settlement_queue()}"'
+        # this deployment's trades (others may share the namespace under another queue
+        # prefix), each once: a trade that continued as new has a closed ContinuedAsNew run
+        # for each of its earlier runs, and only its latest run counts
+        query = (
+            f'WorkflowType IN ("Settlement", "Htlc") AND TaskQueue = "{self.config.settlement_queue()}"'
+            ' AND ExecutionStatus != "ContinuedAsNew"'
+        )
         if status is not None:
             query += f' AND DvpStatus = "{TradeStatus(status).value}"'
         if party is not None:
@@ -425,6 +431,9 @@ async def _summary(execution: WorkflowExecution) -> TradeSummary:
     reason = ""
     if execution.close_time is not None:
         reason = str(await execution.memo_value(MEMO_REASON, "", type_hint=str))
+    started_at = execution.start_time  # the run's start: a continued run's memo has the trade's
+    if MEMO_STARTED in execution.raw_info.memo.fields:
+        started_at = datetime.fromisoformat(await execution.memo_value(MEMO_STARTED, type_hint=str))
     return TradeSummary(
         trade_id=execution.id.removeprefix("trade-"),
         workflow_id=execution.id,
@@ -432,7 +441,7 @@ async def _summary(execution: WorkflowExecution) -> TradeSummary:
         status=TradeStatus(status) if status is not None and status in TradeStatus.__members__ else None,
         reason=reason,
         workflow_status=execution.status.name if execution.status else "",
-        started_at=execution.start_time,
+        started_at=started_at,
         closed_at=execution.close_time,
         deadline=attributes.get(_DEADLINE),
         parties=list(attributes.get(_PARTIES) or []),

@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 
 from domain import CodecConfig, Config, RequestRejected, TradeStatus
 from processes.devserver import DevServer
@@ -194,6 +194,34 @@ async def htlc_one_sided(engine: Engine) -> str:
     return "R-htlc-one-sided"
 
 
+async def _runs(engine: Engine, trade_id: str) -> list[WorkflowHistory]:
+    """Every run of the trade's workflow, first to latest."""
+    client, workflow_id = engine.client.client, workflow_id_for(trade_id)
+    run_id = (await client.get_workflow_handle(workflow_id).describe()).run_id
+    histories: list[WorkflowHistory] = []
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        histories.append(history)
+        run_id = history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id
+    return histories[::-1]
+
+
+async def continued(engine: Engine) -> str:
+    """Bob is short of bonds: the cash leg is held in the first run, the bond leg recycles
+    through two more (continue-as-new past 100 events), then carol's bonds arrive and it settles."""
+    await engine.client.submit(dvp("R-continued", bonds="1200", cash="1.00", settle_within="PT60S"))
+    for _ in range(600):
+        if len(await _runs(engine, "R-continued")) >= 3:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("R-continued: never reached its third run")
+    securities = engine.ledgers["securities"]
+    securities.place_hold("fund-bob", "carol-sec", "bob-sec", "BOND-2030", Decimal(200), None, "funding")
+    securities.commit_hold("fund-bob")
+    return "R-continued"
+
+
 SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "settled": (settled, TradeStatus.SETTLED),
     "expired": (expired, TradeStatus.EXPIRED),
@@ -222,24 +250,40 @@ MIXED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus
 }
 
 
+# Recorded with a bound of 100 events and fast recycling: every run of the trade is
+# written, to continued/<run>/<workflow id>.json.
+CONTINUED_SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
+    "continued": (continued, TradeStatus.SETTLED),
+}
+CONTINUED_SETTLEMENT = {
+    "continue_as_new_after": 100,
+    "recycle_interval": "PT0.05S",
+    "max_recycle_interval": "PT0.1S",
+}
+
+
 async def record(out: Path, only: list[str] | None = None) -> list[Path]:
     written: list[Path] = []
     with DevServer(headless=True) as server, tempfile.TemporaryDirectory(prefix="dvp-record-") as tmp:
         client = await server.connect(codec=FIXTURE_CODEC)
-        layouts: list[tuple[str, bool | set[str], dict[str, Any]]] = [
-            ("local", True, SCENARIOS),
-            ("queued", False, QUEUED_SCENARIOS),
-            ("mixed", {"cash"}, MIXED_SCENARIOS),
+        layouts: list[tuple[str, bool | set[str], dict[str, Any], dict[str, Any]]] = [
+            ("local", True, SCENARIOS, {}),
+            ("queued", False, QUEUED_SCENARIOS, {}),
+            ("mixed", {"cash"}, MIXED_SCENARIOS, {}),
+            ("continued", True, CONTINUED_SCENARIOS, CONTINUED_SETTLEMENT),
         ]
-        for label, local_activities, scenarios in layouts:
+        for label, local_activities, scenarios, settlement in layouts:
             base = Path(tmp) / label
             base.mkdir()
             config = make_config(
-                sqlite_urls(base), f"rec-{uuid.uuid4().hex[:8]}", local_activities=local_activities
+                sqlite_urls(base),
+                f"rec-{uuid.uuid4().hex[:8]}",
+                local_activities=local_activities,
+                **settlement,
             )
             chosen = {name: s for name, s in scenarios.items() if not only or name in only}
             if chosen:
-                written += await _record(client, config, chosen, out)
+                written += await _record(client, config, chosen, out, every_run=label == "continued")
     return written
 
 
@@ -248,6 +292,7 @@ async def _record(
     config: Config,
     scenarios: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]],
     out: Path,
+    every_run: bool = False,
 ) -> list[Path]:
     written: list[Path] = []
     async with run_engine(client, config) as engine:
@@ -259,6 +304,14 @@ async def _record(
                     f"{name}: {trade_id} ended {final.status} ({final.reason}), not {expected}"
                 )
             workflow_id = workflow_id_for(trade_id)
+            if every_run:
+                for n, history in enumerate(await _runs(engine, trade_id), 1):
+                    path = out / "continued" / str(n) / f"{workflow_id}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(history.to_json() + "\n")
+                    written.append(path)
+                    print(f"  {name}: {trade_id} run {n}, {len(history.events)} events -> {path}")
+                continue
             history = await client.get_workflow_handle(workflow_id).fetch_history()
             path = out / f"{workflow_id}.json"
             path.write_text(history.to_json() + "\n")
@@ -278,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=sorted({**SCENARIOS, **QUEUED_SCENARIOS, **MIXED_SCENARIOS}),
+        choices=sorted({**SCENARIOS, **QUEUED_SCENARIOS, **MIXED_SCENARIOS, **CONTINUED_SCENARIOS}),
         help="record only this scenario (repeatable)",
     )
     args = parser.parse_args(argv)

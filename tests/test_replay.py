@@ -10,7 +10,8 @@ trades whose request had no ``local_steps`` (one call per local ledger in each s
 those under ``before-trust/`` trades from before verified tokens, and those under
 ``before-token-rules/`` trades that took the trust rules by the ``dvp-trust`` patch
 marker (docs/decisions/0012-trust-rules-in-the-request.md); all must still replay on
-today's code.
+today's code. Those under ``continued/<n>/`` are the runs,
+one file each, of a trade that continued as new twice before it settled.
 
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
@@ -125,8 +126,13 @@ async def test_the_codec_alone_refuses_the_histories_from_before_it() -> None:
     assert result.replay_failure is not None
 
 
+def completed(history: WorkflowHistory) -> bool:
+    """A run that ended the trade (not one that continued as new)."""
+    return history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+
+
 def test_recorded_histories_cover_every_terminal_status() -> None:
-    statuses = {final_view(load(path)).status for path in HISTORIES}
+    statuses = {final_view(load(path)).status for path in HISTORIES if completed(load(path))}
 
     assert statuses == {s for s in TradeStatus if s.terminal}
 
@@ -171,3 +177,23 @@ def test_trades_from_before_and_after_token_rules_in_the_request_are_both_replay
     assert not any(request(load(p)).token_rules for p in before)
     assert any(TRUST_PATCH in patch_markers(load(p)) for p in before)
     assert all(TRUST_PATCH not in patch_markers(load(p)) and request(load(p)).token_rules for p in after)
+
+
+def test_a_trade_that_continued_as_new_is_replayed_run_by_run() -> None:
+    """Its first run started afresh and continued as new; each later run took up the carried
+    state (the server gave it its predecessor's run id) and the last one settled."""
+    paths = sorted(HERE.glob("continued/*/trade-R-continued.json"), key=lambda p: int(p.parent.name))
+    runs = [load(p) for p in paths]
+
+    assert len(runs) >= 3
+    continued_as_new = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+    assert all(run.events[-1].event_type == continued_as_new for run in runs[:-1])
+    assert final_view(runs[-1]).status is TradeStatus.SETTLED
+    assert request(runs[0]).carried is None
+    for before, run in zip(runs, runs[1:], strict=False):
+        started = run.events[0].workflow_execution_started_event_attributes
+        assert started.continued_execution_run_id
+        carried = request(run).carried
+        assert carried is not None and carried.phase == "reserve" and carried.escrow is not None
+        assert carried.escrow.hold_ids == ["R-continued#0", "R-continued#1"]
+        assert before.events[-1].workflow_execution_continued_as_new_event_attributes.new_execution_run_id

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._saga import (
         MEMO_REASON,
+        MEMO_STARTED,
         SEARCH_ATTRIBUTES,
         account_checks,
         initial_search_attributes,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "HtlcWorkflow": ".htlc",
     "MEMO_REASON": "._saga",
+    "MEMO_STARTED": "._saga",
     "SEARCH_ATTRIBUTES": "._saga",
     "SettlementWorkflow": ".settlement",
     "account_checks": "._saga",
@@ -40,6 +42,7 @@ _HOMES = {
 
 __all__ = [
     "MEMO_REASON",
+    "MEMO_STARTED",
     "SEARCH_ATTRIBUTES",
     "HtlcWorkflow",
     "NettingBatchWorkflow",

@@ -75,6 +75,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalMessage,
         AuthError,
         CancelMessage,
+        CarriedHtlc,
         CheckAccountsRequest,
         ClaimMessage,
         ClaimRequest,
@@ -136,6 +137,24 @@ class HtlcSaga(TradeSagaBase):
         self._locking: list[int] = []  # legs whose lock may have been placed: release on abort
         self._preimage: str | None = None
         self._requested: list[int] = []  # legs to claim with the preimage, in order
+        self._lock_leg = SECRET_HOLDER_LEG  # the leg being locked
+        if self._resume is not None and self._resume.htlc is not None:
+            carried = self._resume.htlc
+            self._states, self._details = list(carried.states), list(carried.details)
+            self._locking, self._requested = list(carried.locking), list(carried.requested)
+            self._preimage, self._lock_leg = carried.preimage, carried.lock_leg
+
+    def _carry_own(self) -> dict[str, Any]:
+        return {
+            "htlc": CarriedHtlc(
+                states=self._states,
+                details=self._details,
+                locking=self._locking,
+                preimage=self._preimage,
+                requested=self._requested,
+                lock_leg=self._lock_leg,
+            )
+        }
 
     def _routed(self) -> None:
         self._remote = self._request.model_copy(update={"local_ledgers": []})
@@ -145,19 +164,28 @@ class HtlcSaga(TradeSagaBase):
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
+        # A continued run resumes at the phase its last run continued at (the wait points:
+        # affirmation, lock, claim; unlock while releasing after an abort).
+        phase = self._resume.phase if self._resume is not None else None
         try:
-            if self._trusted:
-                await self._admit()
-            when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
-            self._event("submitted", f"protocol htlc; timelocks: {when}")
-            await self._validate()
-            if self._trusted:
-                self._authorize_submission()
-            await self._screen()
-            if self._trusted:
+            if phase is None:
+                self._refuse_forged()
+                if self._trusted:
+                    await self._admit()
+                when = ", ".join(f"leg {i} at {t.isoformat()}" for i, t in enumerate(self._timelocks))
+                self._event("submitted", f"protocol htlc; timelocks: {when}")
+                await self._validate()
+                if self._trusted:
+                    self._authorize_submission()
+                await self._screen()
+            elif self._abort is not None:
+                raise self._abort
+            if phase in (None, "affirmation") and self._trusted:
                 await self._await_consent()
-            await self._lock_all()
+            if phase != "claim":
+                await self._lock_all(resumed=phase == "lock")
         except _Abort as abort:
+            self._stage, self._abort = "unlock", abort
             await self._shielded(self._release_locked())
             if self._ended_by_earlier_run():
                 self._finish()
@@ -166,11 +194,13 @@ class HtlcSaga(TradeSagaBase):
         except asyncio.CancelledError:
             # nothing can have been claimed yet: the locks go back at once
             self._event("cancel requested through Temporal")
+            self._stage = "unlock"
+            self._abort = _Abort(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
             await self._shielded(self._release_locked())
             self._set_status(TradeStatus.CANCELLED, "workflow cancelled through Temporal")
         else:
             # From here the hashlock and the timelocks decide; a cancel request is ignored.
-            await self._shielded(self._claim_or_refund())
+            await self._shielded(self._claim_or_refund(resumed=phase == "claim"))
             self._finish()
         self._publish()
         self._ended()
@@ -212,12 +242,21 @@ class HtlcSaga(TradeSagaBase):
             return [FieldError(field="legs[1]", message=message)]
         return []
 
-    async def _lock_all(self) -> None:
-        """Lock the secret holder's delivery first, then the payment, as the parties would."""
-        self._set_status(TradeStatus.RESERVING)
-        interval = self._request.policy().recycle_interval
+    async def _lock_all(self, resumed: bool = False) -> None:
+        """Lock the secret holder's delivery first, then the payment, as the parties would.
+
+        ``resumed``: in a continued run, from the leg its last run was locking.
+        """
+        policy = self._request.policy()
+        if not resumed:
+            self._set_status(TradeStatus.RESERVING)
+            self._interval, self._waiting_since = policy.recycle_interval, workflow.now()
         for i in (SECRET_HOLDER_LEG, PAYMENT_LEG):
-            self._locking.append(i)  # registered before the lock it undoes
+            if i < self._lock_leg:
+                continue  # locked in an earlier run
+            self._lock_leg = i
+            if i not in self._locking:
+                self._locking.append(i)  # registered before the lock it undoes
             while True:
                 try:
                     outcomes: HoldOutcomes = await self._call(
@@ -255,11 +294,16 @@ class HtlcSaga(TradeSagaBase):
                 if workflow.now() >= self._deadline:
                     raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: leg {i} ({outcome.detail})")
                 self._publish()
-                await workflow.sleep(min(interval, self._deadline - workflow.now()))
-                interval = min(interval * 2, self._request.policy().max_recycle_interval)
+                self._recycled(f"leg {i} ({outcome.detail})")
+                if self._history_due():
+                    await self._continue_as_new("lock")
+                await workflow.sleep(min(self._interval, self._deadline - workflow.now()))
+                self._interval = policy.recycle_after(self._interval, workflow.now() - self._waiting_since)
 
-    async def _claim_or_refund(self) -> None:
-        self._set_status(TradeStatus.AWAITING_CLAIM)
+    async def _claim_or_refund(self, resumed: bool = False) -> None:
+        if not resumed:
+            self._set_status(TradeStatus.AWAITING_CLAIM)
+        self._stage = "claim"
         while open_legs := self._open_legs():
             due = [i for i in open_legs if workflow.now() >= self._timelocks[i]]
             if due:
@@ -271,7 +315,7 @@ class HtlcSaga(TradeSagaBase):
                 await self._claim(pending[0])
                 continue
             next_timelock = min(self._timelocks[i] for i in open_legs)
-            await self._wait_until(lambda: bool(self._pending_claims()), next_timelock)
+            await self._wait_until(lambda: bool(self._pending_claims()), next_timelock, phase="claim")
 
     async def _claim(self, i: int) -> None:
         preimage = self._preimage
@@ -332,6 +376,8 @@ class HtlcSaga(TradeSagaBase):
             except FailureError as err:
                 self._event(f"release of leg {i} failed, retrying", cause(err))
                 self._publish()
+                if self._stage is not None and self._history_due():
+                    await self._continue_as_new(self._stage)
                 await workflow.sleep(timedelta(seconds=60))
 
     async def _release_locked(self) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import (
@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         AdmitRequest,
         AffirmMessage,
         AuthError,
+        Carried,
         CheckAccountsResult,
         Decision,
         FieldError,
@@ -51,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         Leg,
         LegState,
         LegView,
+        Repeat,
         Routing,
         ScreenRequest,
         ScreenResult,
@@ -78,6 +80,21 @@ DEADLINE = SearchAttributeKey.for_datetime("DvpDeadline")
 
 # The memo key of a trade's reason, set when it ends (``SettlementRequest.outcome_memo``).
 MEMO_REASON = "reason"
+# The memo key of a trade's start, set by each run it continued as new into (visibility
+# gives a run's own start only).
+MEMO_STARTED = "started"
+
+# What a continued run's timeline keeps in full: its first entries (the trade's start)
+# and its last; the entries between are folded into one line per kind (``Repeat``).
+TIMELINE_HEAD = 12
+TIMELINE_TAIL = 60
+HISTORY_HEADROOM = 500
+"""How far past ``continue_as_new_after`` a run grows at most: the steps between two wait
+points (a reservation attempt, a fill) add under 100 events, and the signals the server
+records while the run's last workflow task is in flight come on top (a flood of 50 to 100
+concurrent signals added up to about 150). docs/decisions/0011-continue-as-new.md."""
+RECYCLED = "recycled"
+"""The ``Repeat`` that counts a trade's reservation attempts that found a leg short."""
 
 SEARCH_ATTRIBUTES = {
     "DvpStatus": "Keyword",
@@ -147,6 +164,34 @@ def count_refusal(request: str, reason: str) -> None:
 def count(name: str, description: str, value: int = 1, **labels: str) -> None:
     """Add ``value`` to the workflow counter ``name`` (nothing while replaying)."""
     workflow.metric_meter().create_counter(name, description).add(value, labels)
+
+
+_KEYS: dict[str, SearchAttributeKey[Any]] = {
+    key.name: key for key in (STATUS, TRADE_ID, PARTIES, ASSETS, DEADLINE)
+}
+
+
+def continued_run() -> bool:
+    """Whether this run is one the server started by a continue-as-new of the trade's own.
+
+    ``continued_run_id`` is set by the server, never by a client; a cron run or a retry
+    (which a client could ask for, with any input) has it too, but not as attempt 1
+    without a cron schedule. Only such a run accepts carried state.
+    """
+    info = workflow.info()
+    return bool(info.continued_run_id) and not info.cron_schedule and info.attempt == 1
+
+
+def history_due(settlement: SettlementConfig | None) -> bool:
+    """Whether this run's history reached its bound (``continue_as_new_after``), or the
+    server suggests continuing as new. No command: free for a trade that never reaches it."""
+    if settlement is None:
+        return False
+    info = workflow.info()
+    return (
+        info.get_current_history_length() >= settlement.continue_as_new_after
+        or info.is_continue_as_new_suggested()
+    )
 
 
 def workflow_id_for(trade_id: str) -> str:
@@ -354,9 +399,17 @@ class TradeSagaBase:
         self._deadline: datetime = self._deadline_under(request.settlement or SettlementConfig())
         # True for every trade started since verified tokens, consent and the worker's
         # routing: by its request (``token_rules``, no marker), or else by the patch,
-        # which is true in any new run. False only when replaying one started before,
-        # which keeps the rules it ran with: routing from its input, parties by name.
-        self._trusted = request.token_rules or workflow.patched(TRUST_PATCH)
+        # which is true in any new run; a continued run, as its first run was. False only
+        # when replaying one started before, which keeps the rules it ran with: routing
+        # from its input, parties by name.
+        carried = request.carried
+        self._resume: Carried | None = carried if carried is not None and continued_run() else None
+        # Why the request's carried state was refused (a start, not a continued run): it
+        # ends REJECTED before anything else (_refuse_forged).
+        self._forged = carried is not None and self._resume is None
+        self._trusted = (
+            self._resume.trusted if self._resume else request.token_rules or workflow.patched(TRUST_PATCH)
+        )
         self._routing: Routing | None = None
         self._checked: Admission | None = None  # the admission, with the account checks it ran
         self._submitter = ""
@@ -377,6 +430,39 @@ class TradeSagaBase:
         self._published: dict[str, Any] = {
             pair.key.name: pair.value for pair in workflow.info().typed_search_attributes
         }
+        # Across runs (continue-as-new, docs/decisions/0011-continue-as-new.md): how many
+        # runs came before, the timeline's first entries and its folded repeats, the
+        # recycle pause in force and since when the current attempt recycles, and the
+        # ending an unwind releases for.
+        self._runs = 0
+        self._timeline_head: list[TimelineEvent] = []
+        self._repeats: dict[str, Repeat] = {}
+        self._interval = timedelta(0)
+        self._waiting_since = self._started
+        self._stage: str | None = None  # where a retry's pause may continue as new
+        self._abort: _Abort | None = None
+        if self._resume is not None:
+            self._restore(self._resume)
+
+    def _restore(self, carried: Carried) -> None:
+        """Take up what the last run knew (a continued run only)."""
+        self._runs = carried.runs
+        self._started, self._deadline = carried.started, carried.deadline
+        self._routing = carried.routing
+        self._submitter, self._submitter_roles = carried.submitter, list(carried.submitter_roles)
+        self._consent_known = carried.consent_known
+        self._consent_from, self._consented = list(carried.consent_from), list(carried.consented)
+        self._refused_signals = carried.refused_signals
+        self._status, self._reason = carried.status, carried.reason
+        self._errors = list(carried.errors)
+        self._timeline_head, self._timeline = list(carried.timeline_head), list(carried.timeline)
+        self._repeats = {r.event: r for r in carried.repeats}
+        self._owners, self._operators = dict(carried.owners), list(carried.operators)
+        self._policy_known, self._party_tags = carried.policy_known, carried.party_tags
+        self._interval = carried.interval or timedelta(0)
+        self._waiting_since = carried.waiting_since or self._started
+        if carried.abort_status is not None:
+            self._abort = _Abort(carried.abort_status, carried.abort_reason)
 
     def _deadline_under(self, settlement: SettlementConfig) -> datetime:
         instruction = self._instruction
@@ -476,10 +562,13 @@ class TradeSagaBase:
         """Wait until every debited account's owner consented (AWAITING_AFFIRMATION); else EXPIRED."""
         if not self._missing_consent():
             return
-        self._set_status(
-            TradeStatus.AWAITING_AFFIRMATION, f"waiting for {', '.join(self._missing_consent())}"
+        if self._status is not TradeStatus.AWAITING_AFFIRMATION:  # else resumed by a continued run
+            self._set_status(
+                TradeStatus.AWAITING_AFFIRMATION, f"waiting for {', '.join(self._missing_consent())}"
+            )
+        await self._wait_until(
+            lambda: not self._missing_consent() or stop(), self._deadline, phase="affirmation"
         )
-        await self._wait_until(lambda: not self._missing_consent() or stop(), self._deadline)
         if stop():
             return
         if missing := self._missing_consent():
@@ -589,18 +678,147 @@ class TradeSagaBase:
         meter = workflow.metric_meter()
         labels = {"status": self._status.value}
         meter.create_counter("dvp_trades_ended", "Trades ended, by final status").add(1, labels)
-        elapsed = (workflow.now() - workflow.info().start_time).total_seconds()
+        elapsed = (workflow.now() - self._started).total_seconds()
         meter.create_histogram_float(
             "dvp_settlement_latency", "Time from a trade's start to its end, by final status", "s"
         ).record(max(elapsed, 0.0), labels)
 
-    async def _wait_until(self, condition: Callable[[], bool], until: datetime) -> None:
+    async def _wait_until(
+        self, condition: Callable[[], bool], until: datetime, phase: str | None = None
+    ) -> None:
+        """Wait until ``condition`` holds or ``until`` passes.
+
+        With a ``phase`` this is a wait point: once the run's history reached its bound
+        (``history_due``) the trade continues as new here, to resume at ``phase``, unless
+        ``condition`` came true meanwhile. A run that never reaches the bound waits
+        exactly as before: the check issues no command.
+        """
         remaining = until - workflow.now()
         if remaining <= timedelta(0) or condition():
             return
         self._publish()
-        with contextlib.suppress(TimeoutError):
-            await workflow.wait_condition(condition, timeout=remaining)
+
+        def due() -> bool:
+            return phase is not None and self._history_due()
+
+        if not due():
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(lambda: condition() or due(), timeout=remaining)
+        if phase is not None and due() and not condition() and workflow.now() < until:
+            await self._continue_as_new(phase, interrupted=condition)
+
+    def _history_due(self) -> bool:
+        return history_due(self._request.settlement)
+
+    async def _continue_as_new(self, phase: str, interrupted: Callable[[], bool] = lambda: False) -> None:
+        """Continue as new, carrying everything the trade knows, to resume at ``phase``.
+
+        First every update and signal handler must have finished; returns (without
+        continuing) if ``interrupted`` comes true meanwhile (the wait it came from is
+        over: the next wait point continues). Never returns otherwise.
+        """
+        await workflow.wait_condition(lambda: workflow.all_handlers_finished() or interrupted())
+        if interrupted():
+            return
+        self._runs += 1
+        length = workflow.info().get_current_history_length()
+        self._event("continued as new", f"run {self._runs + 1} begins; run {self._runs} had {length} events")
+        carried = self._carry(phase)
+        count("dvp_continued_as_new", "Runs of trades that continued as new, by phase", phase=phase)
+        self._continue(self._request.model_copy(update={"carried": carried}))
+
+    def _continue(self, request: SettlementRequest) -> NoReturn:
+        values = dict(self._published)
+        for update in search_attributes(
+            self._instruction,
+            status=self._status,
+            parties=self._searchable_parties(),
+            deadline=self._deadline,
+        ):
+            values[update.key.name] = update.value
+        attributes = TypedSearchAttributes(
+            [SearchAttributePair(_KEYS[name], value) for name, value in values.items() if name in _KEYS]
+        )
+        memo = {MEMO_STARTED: self._started.isoformat()}
+        workflow.continue_as_new(request, search_attributes=attributes, memo=memo)
+
+    def _carry(self, phase: str) -> Carried:
+        """What the next run takes up (``_restore``): the base's, with the saga's own (``_carry_own``)."""
+        head, rest = self._timeline_head, self._timeline
+        if not head:
+            head, rest = rest[:TIMELINE_HEAD], rest[TIMELINE_HEAD:]
+        repeats = dict(self._repeats)
+        for entry in rest[: max(len(rest) - TIMELINE_TAIL, 0)]:
+            seen = repeats.get(entry.event)
+            repeats[entry.event] = Repeat(
+                event=entry.event,
+                count=(seen.count if seen else 0) + 1,
+                last_at=entry.at,
+                last_detail=entry.detail,
+            )
+        abort = self._abort
+        return Carried(
+            phase=phase,
+            runs=self._runs,
+            started=self._started,
+            deadline=self._deadline,
+            trusted=self._trusted,
+            routing=self._routing,
+            submitter=self._submitter,
+            submitter_roles=self._submitter_roles,
+            consent_known=self._consent_known,
+            consent_from=self._consent_from,
+            consented=self._consented,
+            refused_signals=self._refused_signals,
+            status=self._status,
+            reason=self._reason,
+            errors=self._errors,
+            timeline_head=head,
+            repeats=sorted(repeats.values(), key=lambda r: r.last_at),
+            timeline=rest[-TIMELINE_TAIL:],
+            owners=self._owners,
+            operators=self._operators,
+            policy_known=self._policy_known,
+            party_tags=self._party_tags,
+            interval=self._interval,
+            waiting_since=self._waiting_since,
+            abort_status=abort.status if abort else None,
+            abort_reason=abort.reason if abort else "",
+            **self._carry_own(),
+        )
+
+    def _carry_own(self) -> dict[str, Any]:
+        """The saga's own part of what it carries: ``{"escrow": ...}`` or ``{"htlc": ...}``."""
+        return {}
+
+    def _refuse_forged(self) -> None:
+        """A start (not a continued run) whose request carries state: REJECTED, nothing reserved."""
+        if self._forged:
+            message = "only a trade's own continued run carries state; a start may not"
+            self._errors = [FieldError(field="carried", message=message)]
+            raise _Abort(TradeStatus.REJECTED, f"carried: {message}")
+
+    def _recycled(self, detail: str) -> None:
+        """Count one reservation attempt that found a leg short (shown once the timeline is folded)."""
+        seen = self._repeats.get(RECYCLED)
+        self._repeats[RECYCLED] = Repeat(
+            event=RECYCLED, count=(seen.count if seen else 0) + 1, last_at=workflow.now(), last_detail=detail
+        )
+
+    def _timeline_view(self) -> list[TimelineEvent]:
+        """The timeline as shown: in full, or, once folded by a continue-as-new, its first
+        entries, a line per kind of entry folded, and its last entries."""
+        if not self._timeline_head:
+            return self._timeline
+        folded = [
+            TimelineEvent(
+                at=r.last_at,
+                event=f"{r.event}{'' if r.event == RECYCLED else ':'} {r.count:,} times",
+                detail=f"last: {r.last_detail}" if r.last_detail else "",
+            )
+            for r in sorted(self._repeats.values(), key=lambda r: r.last_at)
+        ]
+        return [*self._timeline_head, *folded, *self._timeline]
 
     def _parties(self) -> list[str]:
         parties = dict.fromkeys(self._instruction.parties())
@@ -654,7 +872,7 @@ class TradeSagaBase:
             reason=self._reason,
             deadline=self._deadline,
             legs=leg_views(self._instruction, hold_ids, states, details),
-            timeline=self._timeline,
+            timeline=self._timeline_view(),
             errors=self._errors,
             fingerprint=self._request.fingerprint,
             submitted_by=self._submitter,

@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         ApprovalMessage,
         AuthError,
         CancelMessage,
+        CarriedEscrow,
         CheckAccountsBatch,
         CheckAccountsRequest,
         Decision,
@@ -140,14 +141,53 @@ class TradeSaga(TradeSagaBase):
         # One call per step for all the local ledgers (_step), or, for a trade whose
         # client predates that, one per local ledger (_per_ledger).
         self._batched = request.local_steps
+        if self._resume is not None and self._resume.escrow is not None:
+            self._restore_escrow(self._resume.escrow)
+
+    def _restore_escrow(self, carried: CarriedEscrow) -> None:
+        """Take up what the trade's last run knew (a continued run only)."""
+        self._attempt = carried.attempt
+        self._amounts, self._settled = list(carried.amounts), list(carried.settled)
+        self._fills = list(carried.fills)
+        self._hold_ids = list(carried.hold_ids)
+        self._leg_states, self._leg_details = list(carried.leg_states), list(carried.leg_details)
+        self._approved = list(carried.approved)
+        self._cancel, self._cancelled_by = carried.cancel, carried.cancelled_by
+        self._decided, self._pinned = carried.decided, carried.pinned
+        self._compensations = list(carried.compensations)
+        self._released_held = carried.released_held
+
+    def _carry_own(self) -> dict[str, Any]:
+        return {
+            "escrow": CarriedEscrow(
+                attempt=self._attempt,
+                amounts=self._amounts,
+                settled=self._settled,
+                fills=self._fills,
+                hold_ids=self._hold_ids,
+                leg_states=self._leg_states,
+                leg_details=self._leg_details,
+                approved=self._approved,
+                cancel=self._cancel,
+                cancelled_by=self._cancelled_by,
+                decided=self._decided,
+                pinned=self._pinned,
+                compensations=self._compensations,
+                released_held=self._released_held,
+            )
+        }
 
     # ----------------------------------------------------------------- run
 
     async def run(self) -> TradeView:
         try:
-            if self._trusted:
-                await self._admit()
-            self._event("submitted", f"deadline {self._deadline.isoformat()}")
+            if self._resume is None:
+                self._refuse_forged()
+                if self._trusted:
+                    await self._admit()
+                self._event("submitted", f"deadline {self._deadline.isoformat()}")
+            elif self._abort is not None:  # continued while releasing: release on
+                raise self._abort
             await self._settle()
         except _Abort as abort:
             await self._shielded(self._unwind(abort.status, abort.reason))
@@ -164,28 +204,40 @@ class TradeSaga(TradeSagaBase):
         self._rule = _fill_rule(self._request)
 
     async def _settle(self) -> None:
-        await self._validate()
-        if self._trusted:
-            self._authorize_submission()
-        await self._screen()
-        if self._trusted:
+        # A continued run resumes at the phase its last run continued at (the wait points:
+        # affirmation, approval, reserve, between fills, commit; docs/design.md).
+        phase = self._resume.phase if self._resume is not None else None
+        if phase is None:
+            await self._validate()
+            if self._trusted:
+                self._authorize_submission()
+            await self._screen()
+        if phase in (None, "affirmation") and self._trusted:
             await self._await_consent(lambda: self._cancel is not None)
             self._raise_if_cancelled()
-        await self._await_approvals()
+        if phase in (None, "affirmation", "approval"):
+            await self._await_approvals()
         while True:
-            await self._reserve_all()
-            # Either may find the decision taken by an earlier run (see _resume_decided).
-            if not self._decided:
-                await self._prepare()
-            if not self._decided:
-                self._decide()
+            if phase != "commit":
+                await self._reserve_all(resumed=phase == "reserve")
+                # Either may find the decision taken by an earlier run (see _resume_decided).
+                if not self._decided:
+                    await self._prepare()
+                if not self._decided:
+                    self._decide()
+            phase = None
+            self._stage = "commit"
             await self._shielded(self._commit_all())
+            self._stage = None
             if not self._rest_open():
                 break
+            if self._history_due():  # between two fills
+                await self._continue_as_new("fill")
         self._set_status(TradeStatus.SETTLED)
 
     async def _unwind(self, status: TradeStatus, reason: str) -> None:
         """Release what the trade holds and end it unsettled, unless a hold is found committed."""
+        self._stage, self._abort = "unwind", _Abort(status, reason)
         if self._pinned and workflow.patched(_LOOK_BEFORE_RELEASE):
             # Every hold is pinned, the point where a run takes its decision: an earlier run
             # of this trade (before a reset to here) may have taken it and committed some
@@ -246,19 +298,25 @@ class TradeSaga(TradeSagaBase):
     async def _await_approvals(self) -> None:
         if not self._instruction.approvers:
             return
-        self._set_status(TradeStatus.AWAITING_APPROVAL)
+        if self._status is not TradeStatus.AWAITING_APPROVAL:  # else resumed by a continued run
+            self._set_status(TradeStatus.AWAITING_APPROVAL)
         await self._wait_until(
-            lambda: not self._missing_approvals() or self._cancel is not None, self._deadline
+            lambda: not self._missing_approvals() or self._cancel is not None,
+            self._deadline,
+            phase="approval",
         )
         self._raise_if_cancelled()
         if missing := self._missing_approvals():
             raise _Abort(TradeStatus.EXPIRED, f"no approval from {', '.join(missing)} before the deadline")
 
-    async def _reserve_all(self) -> None:
-        if not self._fills:
-            self._set_status(TradeStatus.RESERVING)
-        interval = self._request.policy().recycle_interval
-        expires_at = self._deadline + self._request.policy().hold_backstop
+    async def _reserve_all(self, resumed: bool = False) -> None:
+        """Reserve every leg of this attempt; a short leg recycles (``resumed``: in a continued run)."""
+        policy = self._request.policy()
+        if not resumed:
+            if not self._fills:
+                self._set_status(TradeStatus.RESERVING)
+            self._interval, self._waiting_since = policy.recycle_interval, workflow.now()
+        expires_at = self._deadline + policy.hold_backstop
         while True:
             self._raise_if_cancelled()
             pending = [i for i, state in enumerate(self._leg_states) if state is not LegState.HELD]
@@ -298,10 +356,13 @@ class TradeSaga(TradeSagaBase):
             if workflow.now() >= self._deadline:
                 raise _Abort(TradeStatus.EXPIRED, f"short at the deadline: {self._shortfall()}")
             count("dvp_recycles", "Reservation attempts that found a leg short and recycle")
+            self._recycled(self._shortfall())
             await self._wait_until(
-                lambda: self._cancel is not None, min(workflow.now() + interval, self._deadline)
+                lambda: self._cancel is not None,
+                min(workflow.now() + self._interval, self._deadline),
+                phase="reserve",
             )
-            interval = min(interval * 2, self._request.policy().max_recycle_interval)
+            self._interval = policy.recycle_after(self._interval, workflow.now() - self._waiting_since)
 
     async def _prepare(self) -> None:
         outcomes = await self._holds_call(list(range(len(self._hold_ids))), LedgerActivities.pin, self._refs)
@@ -433,7 +494,7 @@ class TradeSaga(TradeSagaBase):
             if self._status is not TradeStatus.AWAITING_OPERATOR or self._reason != reason:
                 self._set_status(TradeStatus.AWAITING_OPERATOR, reason)
             self._publish()  # an operator looking for trades that need one finds this one
-            await workflow.sleep(pause)
+            await self._sleep(pause)
             pause = min(pause * 2, _OPERATOR_RETRY_MAX)
 
     def _operator_reason(self, missing: list[int]) -> str:
@@ -783,8 +844,14 @@ class TradeSaga(TradeSagaBase):
         """A call that must succeed has failed for a while: say so, wait, return the next pause."""
         self._event(what, err if isinstance(err, str) else cause(err))
         self._publish()  # an operator looking for stuck trades sees this one's status
-        await workflow.sleep(pause)
+        await self._sleep(pause)
         return min(pause * 2, _STUCK_RETRY_MAX)
+
+    async def _sleep(self, pause: timedelta) -> None:
+        """A retry's pause; a wait point after the decision or while releasing (``_stage``)."""
+        if self._stage is not None and self._history_due():
+            await self._continue_as_new(self._stage)
+        await workflow.sleep(pause)
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None:

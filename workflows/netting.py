@@ -55,6 +55,7 @@ with workflow.unsafe.imports_passed_through():
         BatchRequest,
         BatchStatus,
         BatchView,
+        CarriedBatch,
         Exclusion,
         HoldOutcomes,
         HoldRefs,
@@ -73,7 +74,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
     # deterministic helpers: loaded once, not afresh for every workflow
-    from ._saga import TRUST_PATCH, cause, shielded
+    from ._saga import TRUST_PATCH, cause, continued_run, history_due, shielded
     from .calls import CALL_TIMEOUT, HEARTBEAT_TIMEOUT, RETRY
 
 T = TypeVar("T")
@@ -84,6 +85,10 @@ _STORE_TIMEOUT = timedelta(minutes=5)  # netting 100,000 trades on a loaded mach
 _STORE_HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 _STUCK_RETRY = timedelta(seconds=30)
 _MAX_ROUNDS = 5
+# What a continued run's timeline keeps: its first entries and its last, with a line
+# saying how many were left out between.
+_TIMELINE_HEAD = 12
+_TIMELINE_TAIL = 60
 
 
 def batch_workflow_id(batch_id: str) -> str:
@@ -113,23 +118,111 @@ class NettingBatchWorkflow:
         self._decided = False
         self._holds: dict[str, list[str]] = {}  # ledger -> pay-in hold ids of the current round
         self._compensations: list[tuple[str, list[str]]] = []  # (ledger, hold ids), LIFO
-        self._trusted = workflow.patched(TRUST_PATCH)
+        # Across runs (continue-as-new, docs/decisions/0011-continue-as-new.md): where a
+        # retry's pause may continue as new, and the ending it releases or records for.
+        self._runs = 0
+        self._folded = 0
+        self._stage: str | None = None
+        self._abort: _Abort | None = None
+        carried = request.carried
+        self._resume = carried if carried is not None and continued_run() else None
+        self._forged = carried is not None and self._resume is None
+        if self._resume is not None:
+            self._restore(self._resume)
+        else:
+            self._trusted = workflow.patched(TRUST_PATCH)
+
+    def _restore(self, carried: CarriedBatch) -> None:
+        self._runs, self._deadline, self._trusted = carried.runs, carried.deadline, carried.trusted
+        self._status, self._reason = carried.status, carried.reason
+        self._timeline, self._folded = list(carried.timeline), carried.folded
+        self._plan, self._rounds, self._settled = carried.plan, carried.rounds, carried.settled
+        self._decided = carried.decided
+        self._holds = {ledger: list(ids) for ledger, ids in carried.holds.items()}
+        self._compensations = [(ledger, list(ids)) for ledger, ids in carried.compensations]
+        if carried.abort_status is not None:
+            self._abort = _Abort(carried.abort_status, carried.abort_reason)
 
     # ----------------------------------------------------------------- run
 
     @workflow.run
     async def run(self, request: BatchRequest) -> BatchView:
+        if self._resume is not None:
+            await self._resumed(self._resume.phase)
+            return self._view()
         self._event("submitted", f"{request.trade_count} trades; deadline {self._deadline.isoformat()}")
+        if self._forged:  # nothing read, reserved or recorded: the request is not the batch's
+            self._set_status(BatchStatus.REJECTED, "carried: only a batch's own continued run carries state")
+            return self._view()
         try:
             await self._settle()
         except _Abort as abort:
-            await self._shielded(self._compensate())
-            await self._shielded(self._end(abort.status, abort.reason))
+            await self._release_and_end(abort)
         except asyncio.CancelledError:
             self._event("cancel requested through Temporal")
-            await self._shielded(self._compensate())
-            await self._shielded(self._end(BatchStatus.CANCELLED, "workflow cancelled through Temporal"))
+            await self._release_and_end(_Abort(BatchStatus.CANCELLED, "workflow cancelled through Temporal"))
         return self._view()
+
+    async def _release_and_end(self, abort: _Abort) -> None:
+        self._stage, self._abort = "compensate", abort
+        await self._shielded(self._compensate())
+        self._stage = "end"
+        await self._shielded(self._end(abort.status, abort.reason))
+
+    async def _resumed(self, phase: str) -> None:
+        """A continued run: go on from ``phase`` (the batch is past its decision, or ending)."""
+        if phase == "commit":
+            assert self._plan is not None
+            await self._shielded(self._committed(self._plan))
+            return
+        assert self._abort is not None
+        if phase == "compensate":
+            await self._release_and_end(self._abort)
+            return
+        self._stage = "end"
+        await self._shielded(self._end(self._abort.status, self._abort.reason))
+
+    async def _committed(self, plan: NetPlan) -> None:
+        self._stage = "commit"
+        await self._commit(plan)
+        self._stage, self._abort = "end", _Abort(BatchStatus.SETTLED, "")
+        await self._end(BatchStatus.SETTLED)
+
+    async def _pause(self) -> None:
+        """A retry's pause after the decision or while ending: a wait point (``_stage``)."""
+        if self._stage is not None and history_due(self._request.settlement):
+            await self._continue_as_new(self._stage)
+        await workflow.sleep(_STUCK_RETRY)
+
+    async def _continue_as_new(self, phase: str) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._runs += 1
+        length = workflow.info().get_current_history_length()
+        self._event("continued as new", f"run {self._runs + 1} begins; run {self._runs} had {length} events")
+        timeline, folded = self._timeline, self._folded
+        if len(timeline) > _TIMELINE_HEAD + _TIMELINE_TAIL:
+            folded += len(timeline) - _TIMELINE_HEAD - _TIMELINE_TAIL
+            timeline = [*timeline[:_TIMELINE_HEAD], *timeline[-_TIMELINE_TAIL:]]
+        abort = self._abort
+        carried = CarriedBatch(
+            phase=phase,
+            runs=self._runs,
+            deadline=self._deadline,
+            trusted=self._trusted,
+            status=self._status,
+            reason=self._reason,
+            timeline=timeline,
+            folded=folded,
+            plan=self._plan,
+            rounds=self._rounds,
+            settled=self._settled,
+            decided=self._decided,
+            holds=self._holds,
+            compensations=self._compensations,
+            abort_status=abort.status if abort else None,
+            abort_reason=abort.reason if abort else "",
+        )
+        workflow.continue_as_new(self._request.model_copy(update={"carried": carried}))
 
     async def _admit(self) -> None:
         """The submitter must be an operator (a verified token) and the routing the worker's."""
@@ -200,8 +293,7 @@ class NettingBatchWorkflow:
         self._decided = True
         self._event("commit decision recorded", "every net debit held and pinned")
         self._set_status(BatchStatus.COMMITTING)
-        await self._shielded(self._commit(plan))
-        await self._shielded(self._end(BatchStatus.SETTLED))
+        await self._shielded(self._committed(plan))
 
     # --------------------------------------------------------------- steps
 
@@ -329,7 +421,7 @@ class NettingBatchWorkflow:
                     break
                 except ActivityError as err:
                     self._event(f"settling on {ledger} failed, retrying", cause(err))
-                    await workflow.sleep(_STUCK_RETRY)
+                    await self._pause()
             self._event(
                 f"settled on {ledger}", f"{len(request.pay_ins)} pay-ins, {len(request.pay_outs)} pay-outs"
             )
@@ -348,7 +440,7 @@ class NettingBatchWorkflow:
                     break
                 except ActivityError as err:
                     self._event(f"release on {ledger} failed, retrying", cause(err))
-                    await workflow.sleep(_STUCK_RETRY)
+                    await self._pause()
             self._event(f"holds released on {ledger}", f"{len(ids)} holds")
         self._holds = {}
 
@@ -371,7 +463,7 @@ class NettingBatchWorkflow:
                 break
             except ActivityError as err:
                 self._event("recording the outcome failed, retrying", cause(err))
-                await workflow.sleep(_STUCK_RETRY)
+                await self._pause()
         self._settled = count
 
     # ------------------------------------------------------------ handlers
@@ -445,6 +537,13 @@ class NettingBatchWorkflow:
         self._reason = reason
         self._event(f"status {status.value}", reason)
 
+    def _shown_timeline(self) -> list[TimelineEvent]:
+        if not self._folded:
+            return self._timeline
+        head, tail = self._timeline[:_TIMELINE_HEAD], self._timeline[_TIMELINE_HEAD:]
+        gap = TimelineEvent(at=tail[0].at if tail else head[-1].at, event=f"{self._folded:,} entries folded")
+        return [*head, gap, *tail]
+
     def _view(self) -> BatchView:
         plan = self._plan
         assets: list[AssetTotals] = plan.assets if plan is not None else []
@@ -460,6 +559,6 @@ class NettingBatchWorkflow:
             rounds=self._rounds,
             assets=assets,
             positions=plan.positions if plan is not None else [],
-            timeline=self._timeline,
+            timeline=self._shown_timeline(),
             fingerprint=self._request.fingerprint,
         )
