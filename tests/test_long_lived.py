@@ -191,7 +191,9 @@ async def test_a_partial_trade_settles_forty_fills_across_runs_summing_to_its_le
 async def test_two_thousand_refused_signals_leave_every_run_bounded_and_the_trade_settles(
     engine: Engine,
 ) -> None:
-    await engine.client.submit(dvp("L-flood", bonds="100", cash="9950.00", approvers=["notary"]))
+    # a deadline far enough off for the flood on a loaded machine (the default 60 s is not)
+    trade = dvp("L-flood", bonds="100", cash="9950.00", approvers=["notary"], settle_within="PT10M")
+    await engine.client.submit(trade)
     await wait_for_status(engine, "L-flood", TradeStatus.AWAITING_APPROVAL)
     handle = engine.client.client.get_workflow_handle(workflow_id_for("L-flood"))
 
