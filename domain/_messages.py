@@ -6,24 +6,31 @@ signal, update and query.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import date, datetime
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from ._config import SettlementConfig
 from ._models import (
+    MAX_FINGERPRINT,
+    MAX_HASH,
     MAX_LEGS,
     MAX_NAME,
+    MAX_QUEUE,
     MAX_REASON,
     MAX_TOKEN,
     Amount,
+    Detail,
     FieldError,
     Hold,
     HoldStatus,
     Instruction,
+    Name,
     _Model,
 )
+
+Queue = Annotated[str, Field(min_length=1, max_length=MAX_QUEUE)]
 
 
 class SettlementRequest(_Model):
@@ -36,15 +43,16 @@ class SettlementRequest(_Model):
     """
 
     instruction: Instruction
-    fingerprint: str
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)
     token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's signed token
-    settlement_queue: str | None = None
-    ledger_queues: dict[str, str] | None = None
+    settlement_queue: Queue | None = None
+    ledger_queues: dict[Name, Queue] | None = Field(default=None, max_length=MAX_LEGS)
     # Ledgers called through local activities of the settlement worker (see
     # LedgerConfig.local_activities); the others through their task queues.
-    local_ledgers: list[str] | None = None
+    local_ledgers: list[Name] | None = Field(default=None, max_length=MAX_LEGS)
     settlement: SettlementConfig | None = None
-    precisions: dict[str, int] | None = None  # asset -> decimals, for partial fills
+    # asset -> decimals, for partial fills
+    precisions: dict[Name, int] | None = Field(default=None, max_length=MAX_LEGS)
     # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
     # TradeSaga._step), as the client has asked since that change; false (absent), one
     # call per local ledger, as trades started before it did. In the input, and so in
@@ -55,7 +63,7 @@ class SettlementRequest(_Model):
     # slowest to final first: after the decision their legs commit first, one ledger at a
     # time and each until final, then the others (workflows/_trade.py, _commit_chains).
     # Empty (absent) in trades started before, which commit every leg at once.
-    chain_ledgers: list[str] = Field(default_factory=list)
+    chain_ledgers: list[Name] = Field(default_factory=list, max_length=MAX_LEGS)
     # True: the trade puts its reason in its memo when it ends (workflows/_saga.py,
     # TradeSagaBase._ended), so that `dvp list` reads it from visibility; the client asks
     # for it since that change. A flag in the input rather than workflow.patched for the
@@ -127,7 +135,7 @@ class HoldOutcome(_Model):
     hold_id: str
     ok: bool
     code: str = ""  # a LedgerError code when not ok
-    detail: str = ""
+    detail: Detail = ""
     status: HoldStatus | None = None
     amount: Amount | None = None
     available: Amount | None = None  # of a short hold's account, if the request asked
@@ -208,6 +216,8 @@ class AdmitRequest(_Model):
     now: datetime  # the workflow's time: the token is judged at it
     ledgers: list[str]
     assets: list[str] = Field(default_factory=list)
+    # A trade's settle_on: the answer says when that day starts in the worker's calendar.
+    settle_on: date | None = None
 
 
 class Routing(_Model):
@@ -241,6 +251,9 @@ class Admission(_Model):
     roles: list[str] = Field(default_factory=list)
     refused: str = ""  # why the token was refused
     routing: Routing
+    # The start of the request's settle_on in the worker's settlement calendar (its
+    # time zone), recorded so that a replay needs neither that setting nor the same zone data.
+    settles_from: datetime | None = None
 
 
 # Acting messages. ``token`` is the sender's signed token: the acting party is its
@@ -273,7 +286,7 @@ class ClaimMessage(_Model):
     still open, else the other. Sent by a party of the trade (``token``).
     """
 
-    preimage: str = Field(min_length=1, max_length=130)
+    preimage: str = Field(min_length=1, max_length=MAX_HASH)
     leg: int | None = Field(default=None, ge=0, lt=MAX_LEGS)
     token: str = Field(default="", max_length=MAX_TOKEN)
 
@@ -292,4 +305,4 @@ class Decision(_Model):
 
 
 class SubmitCheck(_Model):
-    fingerprint: str
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)

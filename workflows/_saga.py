@@ -335,6 +335,9 @@ class TradeSagaBase:
         self._request = request
         self._instruction = instruction
         self._started = workflow.now()
+        # The intended settlement time (settle_after, or settle_on's start by the worker's
+        # calendar, known once admitted): nothing is reserved before it (_await_settlement_time).
+        self._settle_from: datetime | None = instruction.settle_after
         # Provisional until the worker's routing is known (_admit), for a trade that
         # gives no time limit of its own.
         self._deadline: datetime = self._deadline_under(request.settlement or SettlementConfig())
@@ -366,7 +369,8 @@ class TradeSagaBase:
         instruction = self._instruction
         if instruction.deadline is not None:
             return instruction.deadline
-        return self._started + (instruction.settle_within or settlement.default_settle_within)
+        start = self._started if self._settle_from is None else max(self._started, self._settle_from)
+        return start + (instruction.settle_within or settlement.default_settle_within)
 
     # ------------------------------------------------------------ authority
 
@@ -385,6 +389,7 @@ class TradeSagaBase:
                 now=workflow.now(),
                 ledgers=sorted({leg.ledger for leg in instruction.legs}),
                 assets=sorted({leg.asset for leg in instruction.legs}),
+                settle_on=instruction.settle_on,
             ),
             start_to_close_timeout=CALL_TIMEOUT,
         )
@@ -394,7 +399,9 @@ class TradeSagaBase:
             self._errors = [FieldError(field="token", message=admission.refused.removeprefix("token: "))]
             raise _Abort(TradeStatus.REJECTED, f"submission refused: {admission.refused}")
         self._submitter, self._submitter_roles = admission.subject, admission.roles
-        self._reject_invalid(routing_problems(self._request, routing))
+        if instruction.settle_on is not None:
+            self._settle_from = admission.settles_from
+        self._reject_invalid(routing_problems(self._request, routing) + self._schedule_problems())
         self._request = self._request.model_copy(
             update={
                 "settlement_queue": routing.settlement_queue,
@@ -407,6 +414,26 @@ class TradeSagaBase:
         )
         self._deadline = self._deadline_under(routing.settlement)
         self._routed()
+
+    def _schedule_problems(self) -> list[FieldError]:
+        """A deadline not after the intended settlement time: refused, as the client refuses it."""
+        instruction = self._instruction
+        if instruction.settle_on is not None and self._settle_from is None:
+            message = "the settlement worker did not say when this day starts in its calendar"
+            return [FieldError(field="settle_on", message=message)]
+        return instruction.schedule_problems(self._settle_from)
+
+    async def _await_settlement_time(self, stop: Callable[[], bool]) -> None:
+        """Wait in SCHEDULED until the intended settlement time, reserving nothing, or until ``stop``.
+
+        No command at all for a trade without ``settle_on``/``settle_after`` (or one whose
+        time has come): it runs as trades did before them.
+        """
+        settle_from = self._settle_from
+        if settle_from is None or workflow.now() >= settle_from or stop():
+            return
+        self._set_status(TradeStatus.SCHEDULED, f"nothing is reserved before {settle_from.isoformat()}")
+        await self._wait_until(stop, settle_from)
 
     def _routed(self) -> None:
         """What a saga derives from its request's routing; again once the worker's replaces it."""

@@ -1,7 +1,7 @@
 """The settlement saga: one durable workflow per trade.
 
-    admit ── validate ── screen ── affirmations ── approvals ── reserve (a short leg recycles)
-          ── pin ── decide ── commit
+    admit ── validate ── screen ── affirmations ── approvals ── (SCHEDULED: until the intended
+          settlement time) ── reserve (a short leg recycles) ── pin ── decide ── commit
 
 Every ending but SETTLED releases what was reserved. The guarantees (why a hold cannot
 expire between the commit decision and the commits, cancellation, compensation,
@@ -44,6 +44,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
+        MAX_FILLS_SHOWN,
         ApprovalMessage,
         AuthError,
         CancelMessage,
@@ -125,7 +126,10 @@ class TradeSaga(TradeSagaBase):
         self._attempt = 1
         self._amounts = [leg.amount for leg in instruction.legs]
         self._settled = [Decimal(0)] * len(instruction.legs)
+        # The most recent fills (MAX_FILLS_SHOWN at most: the state stays bounded however
+        # many a trade makes), and how many settled in all.
         self._fills: list[FillView] = []
+        self._fill_count = 0
         self._hold_ids = [self._hold_id(i) for i in range(len(instruction.legs))]
         self._leg_states = [LegState.PENDING] * len(instruction.legs)
         self._leg_details = [""] * len(instruction.legs)
@@ -171,6 +175,8 @@ class TradeSaga(TradeSagaBase):
             await self._await_consent(lambda: self._cancel is not None)
             self._raise_if_cancelled()
         await self._await_approvals()
+        await self._await_settlement_time(lambda: self._cancel is not None)
+        self._raise_if_cancelled()
         while True:
             await self._reserve_all()
             # Either may find the decision taken by an earlier run (see _resume_decided).
@@ -242,7 +248,7 @@ class TradeSaga(TradeSagaBase):
             raise _Abort(TradeStatus.EXPIRED, f"no approval from {', '.join(missing)} before the deadline")
 
     async def _reserve_all(self) -> None:
-        if not self._fills:
+        if not self._fill_count:
             self._set_status(TradeStatus.RESERVING)
         interval = self._request.policy().recycle_interval
         expires_at = self._deadline + self._request.policy().hold_backstop
@@ -314,7 +320,7 @@ class TradeSaga(TradeSagaBase):
         self._decided = True
         detail = "every leg held and pinned"
         if self._rule is not None:
-            detail = f"fill {len(self._fills) + 1}: {detail}"
+            detail = f"fill {self._fill_count + 1}: {detail}"
         self._event("commit decision recorded", detail)
         self._set_status(TradeStatus.COMMITTING)
         # Not published here: a trade whose commits succeed at once goes from its last
@@ -332,7 +338,7 @@ class TradeSaga(TradeSagaBase):
         if len(committed) < len(self._leg_states):
             detail += "; committing the rest"
         if self._rule is not None:
-            detail = f"fill {len(self._fills) + 1}: {detail}"
+            detail = f"fill {self._fill_count + 1}: {detail}"
         self._event("commit decision found taken by an earlier run", detail)
         self._set_status(TradeStatus.COMMITTING)
 
@@ -582,7 +588,9 @@ class TradeSaga(TradeSagaBase):
         if self._rule is None:
             return False
         self._settled = [s + a for s, a in zip(self._settled, self._amounts, strict=True)]
-        number = len(self._fills) + 1
+        self._fill_count = number = self._fill_count + 1
+        if len(self._fills) >= MAX_FILLS_SHOWN:
+            del self._fills[0]  # the totals stay in self._settled and the reason
         self._fills.append(
             FillView(
                 number=number,
@@ -626,7 +634,7 @@ class TradeSaga(TradeSagaBase):
         if status is TradeStatus.REJECTED and self._released_held:
             # REJECTED says nothing was reserved; this trade's holds were placed, then released.
             status, reason = TradeStatus.RELEASED, f"{reason}; every hold placed was released"
-        if self._fills:
+        if self._fill_count:
             status, reason = TradeStatus.SETTLED_PARTIAL, f"{self._filled()}, the rest released: {reason}"
         self._set_status(status, reason)
 
@@ -953,6 +961,7 @@ class TradeSaga(TradeSagaBase):
             approvers=self._instruction.approvers,
             approved_by=self._approved,
             fills=self._fills,
+            fill_count=self._fill_count,
         )
 
 
