@@ -95,22 +95,28 @@ MAX_TIME_ZONE = 64
 """Characters in a time zone name (IANA, such as ``Europe/Frankfurt``)."""
 
 # What a trade's own state and result may grow to (docs/design.md, "Limits").
-MAX_DETAIL = 1000
+MAX_DETAIL = 500
 """Characters of a detail, reason or error message the engine keeps (a ledger's own message is cut there)."""
+MAX_FIELD = 256
+"""Characters of the field an error names (``legs[63].from``, ``ledger_queues.<ledger>``)."""
 MAX_FILLS_SHOWN = 100
 """Fills of a partial trade its state and view keep in full: the most recent; ``fill_count`` counts all."""
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
 
 
-def _clip(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_DETAIL:
-        return value[: MAX_DETAIL - 1] + "…"
-    return value
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """``text``, cut to ``limit`` characters (the last one then "…")."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-Detail = Annotated[str, BeforeValidator(_clip)]
+def _clipped(limit: int) -> BeforeValidator:
+    return BeforeValidator(lambda value: clip(value, limit) if isinstance(value, str) else value)
+
+
+Detail = Annotated[str, _clipped(MAX_DETAIL)]
 """Text the engine keeps and shows (a detail, a reason, a message): cut at ``MAX_DETAIL`` characters."""
+FieldName = Annotated[str, _clipped(MAX_FIELD)]
 
 
 def start_of_day(day: date, time_zone: str) -> datetime:
@@ -457,7 +463,7 @@ class TimelineEvent(_Model):
 class FieldError(_Model):
     """A problem with one field of an instruction, e.g. ``legs[0].from``."""
 
-    field: Detail
+    field: FieldName
     message: Detail
 
 

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import Field
 
 from ._config import SettlementConfig
 from ._errors import DvpError
-from ._models import MAX_TOKEN, Amount, FieldError, TimelineEvent, _Model
+from ._models import (
+    MAX_FINGERPRINT,
+    MAX_LEGS,
+    MAX_NAME,
+    MAX_QUEUE,
+    MAX_TOKEN,
+    Amount,
+    FieldError,
+    Name,
+    TimelineEvent,
+    _Model,
+)
+
+MAX_BATCH_TRADES = 1_000_000
+"""Trades in one netting batch (they stay in the batch store: no payload carries them)."""
+MAX_BATCH_ACCOUNTS = 1_000
+"""Accounts one netting batch may touch: each ledger's accounts and their net positions travel
+in payloads of the batch's history (docs/design.md, "Limits")."""
 
 
 class DuplicateBatch(DvpError):
@@ -52,14 +70,16 @@ class TradeOutcome(StrEnum):
 class BatchRequest(_Model):
     """The batch workflow's input: a reference to the stored trades, never the trades."""
 
-    batch_id: str
-    trade_count: int
-    fingerprint: str
+    batch_id: str = Field(min_length=1, max_length=MAX_NAME)
+    trade_count: int = Field(ge=1, le=MAX_BATCH_TRADES)
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)
     settle_within: timedelta
     token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's: an operator's
     # The routing is the settlement worker's (see SettlementRequest): absent, or the same.
-    settlement_queue: str | None = None
-    ledger_queues: dict[str, str] | None = None
+    settlement_queue: str | None = Field(default=None, max_length=MAX_QUEUE)
+    ledger_queues: dict[Name, Annotated[str, Field(max_length=MAX_QUEUE)]] | None = Field(
+        default=None, max_length=MAX_LEGS
+    )
     settlement: SettlementConfig | None = None
 
 

@@ -60,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
         TimelineEvent,
         TradeStatus,
         TradeView,
+        clip,
     )
     from identity import Principal, installed_verifier, unverified_claims
 
@@ -612,7 +613,7 @@ class TradeSagaBase:
 
     def _set_status(self, status: TradeStatus, reason: str = "") -> None:
         self._status = status
-        self._reason = reason
+        self._reason = clip(reason)  # bounded, as the view and the memo show it (MAX_DETAIL)
         self._event(f"status {status.value}", reason)
 
     def _publish(self) -> None:
