@@ -22,6 +22,7 @@ from ._models import (
     MAX_QUEUE,
     MAX_TOKEN,
     Amount,
+    Detail,
     FieldError,
     Name,
     TimelineEvent,
@@ -30,7 +31,7 @@ from ._models import (
 
 MAX_BATCH_TRADES = 1_000_000
 """Trades in one netting batch (they stay in the batch store: no payload carries them)."""
-MAX_BATCH_ACCOUNTS = 1_000
+MAX_BATCH_ACCOUNTS = 500
 """Accounts one netting batch may touch: each ledger's accounts and their net positions travel
 in payloads of the batch's history (docs/design.md, "Limits")."""
 
@@ -106,7 +107,7 @@ class AccountPosition(_Model):
     asset: str
     owner: str = ""
     available: Amount | None = None  # None: the account is unknown or holds another asset
-    problem: str = ""
+    problem: Detail = ""
 
 
 class PositionsResult(_Model):
@@ -119,7 +120,7 @@ class Exclusion(_Model):
     ledger: str
     account: str
     asset: str
-    reason: str
+    reason: Detail
 
 
 class NetLeg(_Model):
