@@ -545,7 +545,7 @@ OVERSIZED: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
     "approver": lambda: ("approvers[0]", _plain("TR-approver", approvers=[LONG])),
     "min_quantity": lambda: (
         "partial.min_quantity",
-        _plain("TR-partial", partial={"min_quantity": "0." + "1" * 64}),
+        _plain("TR-partial", partial={"min_quantity": "1" * 65}),
     ),
     "hashlock": lambda: (
         "hashlock",
