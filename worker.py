@@ -196,6 +196,7 @@ async def run_worker(
     workers: list[Worker] = []
     store = BatchStore(config.batches_url()) if workflows else None  # connects on first use
     if store is not None:
+        local_ledgers = LedgerActivities(*(opened[name] for name in local))
         workers.append(
             Worker(
                 client,
@@ -203,9 +204,11 @@ async def run_worker(
                 workflows=[SettlementWorkflow, HtlcWorkflow, NettingBatchWorkflow],
                 workflow_runner=WORKFLOW_RUNNER,
                 activities=[
-                    *SettlementActivities(config, verifier, party_tagger(client)).all(),
+                    *SettlementActivities(
+                        config, verifier, party_tagger(client), local_ledgers.check_accounts_local
+                    ).all(),
                     *BatchActivities(store).all(),
-                    *LedgerActivities(*(opened[name] for name in local)).all(),
+                    *local_ledgers.all(),
                 ],
                 activity_executor=executor,
                 max_concurrent_local_activities=ACTIVITY_THREADS,

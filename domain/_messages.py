@@ -69,6 +69,14 @@ class SettlementRequest(_Model):
     # for it since that change. A flag in the input rather than workflow.patched for the
     # reason local_steps gives: no marker and no TemporalChangeVersion upsert per trade.
     outcome_memo: bool = False
+    # True: the trade acts on verified tokens, consent and the worker's routing
+    # (workflows/_saga.py, TradeSagaBase) without asking ``workflow.patched`` first, as the
+    # client asks since that change: the patch's marker and its TemporalChangeVersion
+    # upsert cost every trade two history events and a visibility write. Fail closed: a
+    # request without it gets the same rules in any new run (the patch answers true
+    # there); only the replay of a trade started before those rules, whose history has
+    # no marker, takes the old path. See docs/decisions/0012-trust-rules-in-the-request.md.
+    token_rules: bool = False
 
     # The routing a saga calls with: the worker's, once the trade is admitted (or, for a
     # trade started before admission existed, the request's own). Absent is a bug.
@@ -218,6 +226,10 @@ class AdmitRequest(_Model):
     assets: list[str] = Field(default_factory=list)
     # A trade's settle_on: the answer says when that day starts in the worker's calendar.
     settle_on: date | None = None
+    # Ledger -> the account checks to run there if the worker calls that ledger locally
+    # and accepts the token (``SettlementActivities.admit_checked``): the admission and
+    # the trade's first step in one local activity. Empty: admission only.
+    checks: dict[str, list[AccountCheck]] = Field(default_factory=dict)
 
 
 class Routing(_Model):
@@ -254,6 +266,11 @@ class Admission(_Model):
     # The start of the request's settle_on in the worker's settlement calendar (its
     # time zone), recorded so that a replay needs neither that setting nor the same zone data.
     settles_from: datetime | None = None
+    # The answers of the local ledgers (``checked_ledgers``) to the request's ``checks``;
+    # None if none was run (none asked, the token refused, or a ledger failed: the trade
+    # then checks those ledgers itself, with its usual retries and deadline).
+    checked: CheckAccountsResult | None = None
+    checked_ledgers: list[str] = Field(default_factory=list)
 
 
 # Acting messages. ``token`` is the sender's signed token: the acting party is its

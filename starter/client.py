@@ -168,6 +168,7 @@ class SettlementClient:
             token=token,
             local_steps=True,
             outcome_memo=True,
+            token_rules=True,
         )
 
     async def submit(

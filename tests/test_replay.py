@@ -7,7 +7,10 @@ non-determinism error. The histories under ``tests/histories/`` are recorded by
 ``python -m tests.record_histories``; re-record them only for an intended,
 versioned change, and keep the old ones: those under ``before-local-steps/`` are
 trades whose request had no ``local_steps`` (one call per local ledger in each step),
-which must still replay on today's code.
+those under ``before-trust/`` trades from before verified tokens, and those under
+``before-token-rules/`` trades that took the trust rules by the ``dvp-trust`` patch
+marker (docs/decisions/0012-trust-rules-in-the-request.md); all must still replay on
+today's code.
 
 The replayer runs with the sandbox's default restrictions, so unlike the worker
 (``worker.WORKFLOW_RUNNER``) it imports ``workflows/_trade.py`` in the sandbox: a
@@ -25,6 +28,7 @@ the plaintext ones.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,7 @@ from connection import HEADER_CODEC, data_converter
 from connection.codec import ENCRYPTED, EncryptionCodec, KeyRing, history_payloads
 from domain import SettlementRequest, TradeStatus, TradeView
 from workflows import HtlcWorkflow, SettlementWorkflow
+from workflows._saga import TRUST_PATCH
 
 from .record_histories import FIXTURE_KEYS
 
@@ -107,7 +112,8 @@ def test_a_history_is_wholly_encrypted_or_wholly_from_before_the_codec() -> None
 
 
 async def test_the_codec_alone_refuses_the_histories_from_before_it() -> None:
-    history = load(HERE / "trade-R-settled.json")
+    history = load(HERE / "before-token-rules" / "trade-R-settled.json")
+    assert recorded_before_the_codec(history)
     replayer = Replayer(
         workflows=[SettlementWorkflow, HtlcWorkflow],
         data_converter=data_converter(EncryptionCodec(RING)),
@@ -143,3 +149,25 @@ def test_trades_from_before_and_after_local_steps_are_both_replayed() -> None:
     assert all(request(load(p)).local_steps for p in after)
     # One of each layout of ledger calls: all local, all queued, mixed.
     assert {"trade-R-settled", "trade-R-settled-queued", "trade-R-settled-mixed"} <= {p.stem for p in after}
+
+
+def patch_markers(history: WorkflowHistory) -> set[str]:
+    """The ``workflow.patched`` ids the history's markers record."""
+    ids = set()
+    for event in history.events:
+        marker = event.marker_recorded_event_attributes
+        if event.HasField("marker_recorded_event_attributes") and marker.marker_name == "core_patch":
+            (data,) = marker.details["patch-data"].payloads  # the SDK's own JSON, not encoded by ours
+            ids.add(json.loads(data.data)["id"])
+    return ids
+
+
+def test_trades_from_before_and_after_token_rules_in_the_request_are_both_replayed() -> None:
+    """Today's trades ask for the trust rules in their request; those before took the patch marker."""
+    before = [p for p in HISTORIES if p.parent.name == "before-token-rules"]
+    after = [p for p in HISTORIES if p.parent == HERE]
+
+    assert before and after
+    assert not any(request(load(p)).token_rules for p in before)
+    assert any(TRUST_PATCH in patch_markers(load(p)) for p in before)
+    assert all(TRUST_PATCH not in patch_markers(load(p)) and request(load(p)).token_rules for p in after)

@@ -668,6 +668,39 @@ async def test_a_workflow_started_directly_with_forged_routing_is_rejected_and_n
     assert settlement.balances() == before and settlement.open_holds() == []
 
 
+@pytest.mark.parametrize("token_rules", [False, True], ids=["without-token-rules", "with-token-rules"])
+async def test_a_workflow_started_directly_without_a_token_is_rejected_whatever_its_request_says(
+    settlement: Engine, token_rules: bool
+) -> None:
+    """``token_rules`` only spares the patch marker: a request without it still gets the trust rules."""
+    before = settlement.balances()
+    trade_id = f"TR-no-token-{token_rules}"
+    instruction = Instruction.model_validate(dvp_instruction(trade_id, "bob", "alice", "100", "9950.00"))
+    request = SettlementRequest(
+        instruction=instruction, fingerprint=instruction.fingerprint(), token_rules=token_rules
+    )
+
+    handle = await settlement.client.client.start_workflow(
+        SettlementWorkflow.run,
+        request,
+        id=workflow_id_for(trade_id),
+        task_queue=settlement.config.settlement_queue(),
+    )
+    final = await asyncio.wait_for(handle.result(), 30)
+
+    assert final.status is TradeStatus.REJECTED
+    assert [e.field for e in final.errors] == ["token"]
+    assert [e.event for e in final.timeline] == ["status REJECTED"]
+    assert settlement.balances() == before and settlement.open_holds() == []
+    markers = [
+        e.marker_recorded_event_attributes.marker_name
+        async for e in handle.fetch_history_events()
+        if e.HasField("marker_recorded_event_attributes")
+    ]
+    # the patch marker is written only where the request did not ask for the rules itself
+    assert ("core_patch" in markers) is not token_rules
+
+
 async def test_a_workflow_started_directly_naming_no_routing_takes_the_workers(settlement: Engine) -> None:
     instruction = Instruction.model_validate(dvp_instruction("TR-plain", "bob", "alice", "100", "9950.00"))
     request = SettlementRequest(

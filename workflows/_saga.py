@@ -286,6 +286,20 @@ def routing_problems(request: SettlementRequest, routing: Routing) -> list[Field
     return problems
 
 
+def names_routing(request: SettlementRequest) -> bool:
+    """Whether ``request`` names any routing of its own (the worker's must then be compared first)."""
+    return any(
+        value is not None
+        for value in (
+            request.settlement_queue,
+            request.ledger_queues,
+            request.local_ledgers,
+            request.settlement,
+            request.precisions,
+        )
+    ) or bool(request.chain_ledgers)
+
+
 def leg_checks(i: int, leg: Leg) -> list[AccountCheck]:
     """Leg ``i``'s accounts must exist and hold its asset: the payer's and the payee's."""
     return [
@@ -343,10 +357,12 @@ class TradeSagaBase:
         # gives no time limit of its own.
         self._deadline: datetime = self._deadline_under(request.settlement or SettlementConfig())
         # True for every trade started since verified tokens, consent and the worker's
-        # routing (its history holds the marker); False only when replaying one started
-        # before, which keeps the rules it ran with: routing from its input, parties by name.
-        self._trusted = workflow.patched(TRUST_PATCH)
+        # routing: by its request (``token_rules``, no marker), or else by the patch,
+        # which is true in any new run. False only when replaying one started before,
+        # which keeps the rules it ran with: routing from its input, parties by name.
+        self._trusted = request.token_rules or workflow.patched(TRUST_PATCH)
         self._routing: Routing | None = None
+        self._checked: Admission | None = None  # the admission, with the account checks it ran
         self._submitter = ""
         self._submitter_roles: list[str] = []
         self._consent_known = False  # whose consent the debits need (after the account checks)
@@ -383,17 +399,20 @@ class TradeSagaBase:
         replay needs neither the keys nor the same configuration.
         """
         instruction = self._instruction
+        checks = self._checks_with_admission() if not names_routing(self._request) else {}
         admission: Admission = await workflow.execute_local_activity_method(
-            SettlementActivities.admit,
+            SettlementActivities.admit_checked if checks else SettlementActivities.admit,
             AdmitRequest(
                 token=self._request.token,
                 now=workflow.now(),
                 ledgers=sorted({leg.ledger for leg in instruction.legs}),
                 assets=sorted({leg.asset for leg in instruction.legs}),
                 settle_on=instruction.settle_on,
+                checks=checks,
             ),
             start_to_close_timeout=CALL_TIMEOUT,
         )
+        self._checked = admission
         routing = admission.routing
         self._routing = routing
         if admission.refused:
@@ -438,6 +457,14 @@ class TradeSagaBase:
 
     def _routed(self) -> None:
         """What a saga derives from its request's routing; again once the worker's replaces it."""
+
+    def _checks_with_admission(self) -> dict[str, list[AccountCheck]]:
+        """The account checks the admission may run on the worker's local ledgers ({}: none).
+
+        Only for a request with ``token_rules``: the trades before it were admitted
+        alone, and replay so.
+        """
+        return {}
 
     def _is_operator(self, subject: str, roles: Iterable[str] = ()) -> bool:
         """An operator by the worker's configuration: in [roles] operators, or holding an operator role."""

@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
         MAX_FILLS_SHOWN,
+        AccountCheck,
         ApprovalMessage,
         AuthError,
         CancelMessage,
@@ -212,12 +213,24 @@ class TradeSaga(TradeSagaBase):
 
     # --------------------------------------------------------------- steps
 
+    def _checks_with_admission(self) -> dict[str, list[AccountCheck]]:
+        if not (self._request.token_rules and self._batched):
+            return {}
+        return account_checks(self._instruction)
+
     async def _validate(self) -> None:
         checks = account_checks(self._instruction)
         requests = {
             ledger: CheckAccountsRequest(checks=items, ledger=ledger) for ledger, items in checks.items()
         }
-        if self._batched:
+        checked = self._checked
+        if checked is not None and checked.checked is not None:
+            # The admission checked the local ledgers (SettlementActivities.admit_checked).
+            rest = {ledger: r for ledger, r in requests.items() if ledger not in checked.checked_ledgers}
+            results = [checked.checked]
+            if rest:
+                results += await self._step(LedgerActivities.check_accounts, rest)
+        elif self._batched:
             results = await self._step(LedgerActivities.check_accounts, requests)
         else:
             results = list(
