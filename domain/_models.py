@@ -380,6 +380,8 @@ def normalise_sha256(value: str, what: str) -> str:
 class TradeStatus(StrEnum):
     """Where a trade stands; the ``DvpStatus`` search attribute carries it.
 
+    ``SCHEDULED``: admitted, validated, screened, consented and approved, waiting for the
+    instruction's ``settle_on``/``settle_after``; nothing is reserved until then.
     ``REJECTED``: refused before anything was reserved (an invalid account, a sanctioned
     party, or a ledger that refused the trade before any hold of it was placed).
     ``RELEASED``: a ledger refused a step after holds were placed (a reservation or a
