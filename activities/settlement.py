@@ -23,6 +23,7 @@ from domain import (
     Routing,
     ScreenRequest,
     ScreenResult,
+    start_of_day,
 )
 from identity import Verifier
 
@@ -53,6 +54,7 @@ class SettlementActivities:
         """Verify the submitter's token at the workflow's time; the routing of the requested ledgers.
 
         ``ledgers`` empty: every configured ledger (a netting batch learns its ledgers later).
+        With ``settle_on``, also when that day starts in the settlement calendar's time zone.
         """
         return self._admission(request)
 
@@ -90,7 +92,16 @@ class SettlementActivities:
                 subject, roles = principal.subject, list(principal.roles)
             except AuthError as exc:
                 refused = str(exc)
-        return Admission(subject=subject, roles=roles, refused=refused, routing=self.routing(request))
+        settles_from = None
+        if request.settle_on is not None:
+            settles_from = start_of_day(request.settle_on, self._config.settlement.time_zone)
+        return Admission(
+            subject=subject,
+            roles=roles,
+            refused=refused,
+            routing=self.routing(request),
+            settles_from=settles_from,
+        )
 
     def routing(self, request: AdmitRequest) -> Routing:
         config = self._config

@@ -13,6 +13,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AwareDatetime,
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from ._errors import ConfigError
+from ._models import MAX_TIME_ZONE
 
 # ISO 4217 minor units for the currencies whose minor unit is not 2; every other
 # three-letter currency code in ISO_4217_TWO_DECIMALS has 2.
@@ -202,6 +204,18 @@ class SettlementConfig(_Section):
     # holds this many events (docs/decisions/0011-continue-as-new.md), far below
     # Temporal's warning at 10,240 events and its limit at 51,200.
     continue_as_new_after: int = Field(default=2000, ge=100, le=MAX_CONTINUE_AS_NEW_AFTER)
+    # The settlement calendar's time zone (IANA): the day an instruction's settle_on names
+    # starts at midnight there.
+    time_zone: str = Field(default="UTC", min_length=1, max_length=MAX_TIME_ZONE)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone (an IANA name such as 'Europe/Berlin')") from None
+        return value
 
     @field_validator(
         "recycle_interval", "max_recycle_interval", "default_settle_within", "longest_recycle_interval"

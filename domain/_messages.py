@@ -6,28 +6,35 @@ signal, update and query.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
 from ._config import SettlementConfig
 from ._models import (
+    MAX_FINGERPRINT,
+    MAX_HASH,
     MAX_LEGS,
     MAX_NAME,
+    MAX_QUEUE,
     MAX_REASON,
     MAX_TOKEN,
     Amount,
+    Detail,
     FieldError,
     FillView,
     Hold,
     HoldStatus,
     Instruction,
     LegState,
+    Name,
     TimelineEvent,
     TradeStatus,
     _Model,
 )
+
+Queue = Annotated[str, Field(min_length=1, max_length=MAX_QUEUE)]
 
 
 class SettlementRequest(_Model):
@@ -40,15 +47,16 @@ class SettlementRequest(_Model):
     """
 
     instruction: Instruction
-    fingerprint: str
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)
     token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's signed token
-    settlement_queue: str | None = None
-    ledger_queues: dict[str, str] | None = None
+    settlement_queue: Queue | None = None
+    ledger_queues: dict[Name, Queue] | None = Field(default=None, max_length=MAX_LEGS)
     # Ledgers called through local activities of the settlement worker (see
     # LedgerConfig.local_activities); the others through their task queues.
-    local_ledgers: list[str] | None = None
+    local_ledgers: list[Name] | None = Field(default=None, max_length=MAX_LEGS)
     settlement: SettlementConfig | None = None
-    precisions: dict[str, int] | None = None  # asset -> decimals, for partial fills
+    # asset -> decimals, for partial fills
+    precisions: dict[Name, int] | None = Field(default=None, max_length=MAX_LEGS)
     # True: every step calls all the local ledgers in one activity (workflows/_trade.py,
     # TradeSaga._step), as the client has asked since that change; false (absent), one
     # call per local ledger, as trades started before it did. In the input, and so in
@@ -59,7 +67,7 @@ class SettlementRequest(_Model):
     # slowest to final first: after the decision their legs commit first, one ledger at a
     # time and each until final, then the others (workflows/_trade.py, _commit_chains).
     # Empty (absent) in trades started before, which commit every leg at once.
-    chain_ledgers: list[str] = Field(default_factory=list)
+    chain_ledgers: list[Name] = Field(default_factory=list, max_length=MAX_LEGS)
     # True: the trade puts its reason in its memo when it ends (workflows/_saga.py,
     # TradeSagaBase._ended), so that `dvp list` reads it from visibility; the client asks
     # for it since that change. A flag in the input rather than workflow.patched for the
@@ -143,7 +151,7 @@ class HoldOutcome(_Model):
     hold_id: str
     ok: bool
     code: str = ""  # a LedgerError code when not ok
-    detail: str = ""
+    detail: Detail = ""
     status: HoldStatus | None = None
     amount: Amount | None = None
     available: Amount | None = None  # of a short hold's account, if the request asked
@@ -224,6 +232,8 @@ class AdmitRequest(_Model):
     now: datetime  # the workflow's time: the token is judged at it
     ledgers: list[str]
     assets: list[str] = Field(default_factory=list)
+    # A trade's settle_on: the answer says when that day starts in the worker's calendar.
+    settle_on: date | None = None
     # Ledger -> the account checks to run there if the worker calls that ledger locally
     # and accepts the token (``SettlementActivities.admit_checked``): the admission and
     # the trade's first step in one local activity. Empty: admission only.
@@ -261,6 +271,9 @@ class Admission(_Model):
     roles: list[str] = Field(default_factory=list)
     refused: str = ""  # why the token was refused
     routing: Routing
+    # The start of the request's settle_on in the worker's settlement calendar (its
+    # time zone), recorded so that a replay needs neither that setting nor the same zone data.
+    settles_from: datetime | None = None
     # The answers of the local ledgers (``checked_ledgers``) to the request's ``checks``;
     # None if none was run (none asked, the token refused, or a ledger failed: the trade
     # then checks those ledgers itself, with its usual retries and deadline).
@@ -298,7 +311,7 @@ class ClaimMessage(_Model):
     still open, else the other. Sent by a party of the trade (``token``).
     """
 
-    preimage: str = Field(min_length=1, max_length=130)
+    preimage: str = Field(min_length=1, max_length=MAX_HASH)
     leg: int | None = Field(default=None, ge=0, lt=MAX_LEGS)
     token: str = Field(default="", max_length=MAX_TOKEN)
 
@@ -317,7 +330,7 @@ class Decision(_Model):
 
 
 class SubmitCheck(_Model):
-    fingerprint: str
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)
 
 
 # --------------------------------------------------- carried across continue-as-new
@@ -338,7 +351,8 @@ class CarriedEscrow(_Model):
     attempt: int
     amounts: list[Amount]
     settled: list[Amount]
-    fills: list[FillView]
+    fills: list[FillView]  # the latest MAX_FILLS_SHOWN
+    fill_count: int = 0  # every fill settled so far
     hold_ids: list[str]
     leg_states: list[LegState]
     leg_details: list[str]
@@ -366,7 +380,8 @@ class Carried(_Model):
     """Everything a trade knew when its run continued as new, and where it resumes (``phase``).
 
     The new run skips admission, validation and screening and resumes at ``phase``:
-    ``affirmation``, ``approval``, ``reserve``, ``commit`` or ``unwind`` (escrow);
+    ``affirmation``, ``approval``, ``scheduled``, ``reserve``, ``fill``, ``commit`` or
+    ``unwind`` (escrow);
     ``affirmation``, ``lock``, ``claim`` or ``unlock`` (HTLC). ``unwind``/``unlock`` carry
     the ending they release for (``abort_status``, ``abort_reason``).
     """
@@ -374,6 +389,7 @@ class Carried(_Model):
     phase: str
     runs: int  # runs before this one
     started: datetime  # the trade's start: its deadline is counted from it
+    settle_from: datetime | None = None  # the intended settlement time, if any
     deadline: datetime
     trusted: bool
     routing: Routing | None = None

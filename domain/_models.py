@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import (
     AwareDatetime,
@@ -33,14 +34,23 @@ def _parse_amount(value: Any) -> Decimal:
     if isinstance(value, Decimal):
         amount = value
     elif isinstance(value, (int, str)):
+        if isinstance(value, int) and abs(value) >= 10**MAX_AMOUNT:
+            raise ValueError(f"has more than {MAX_AMOUNT} digits")
+        text = str(value).strip()
+        if len(text) > MAX_AMOUNT:
+            raise ValueError(f"has more than {MAX_AMOUNT} characters")
         try:
-            amount = Decimal(str(value).strip())
+            amount = Decimal(text)
         except InvalidOperation:
             raise ValueError(f"{value!r} is not a decimal number") from None
     else:
         raise ValueError(f"must be a decimal string, got {type(value).__name__}")
     if not amount.is_finite():
         raise ValueError(f"{value!r} is not a finite number")
+    # "1E+999999" is short, but its plain form (how it is serialised) is not
+    exponent = int(amount.as_tuple().exponent)
+    if abs(exponent) > MAX_AMOUNT or len(format(amount, "f")) > MAX_AMOUNT:
+        raise ValueError(f"has more than {MAX_AMOUNT} characters written out in full")
     return amount
 
 
@@ -62,8 +72,9 @@ Protocol = Literal["escrow", "htlc"]
 """How a trade settles: ``escrow`` (the orchestrated saga) or ``htlc`` (hashed timelocks)."""
 
 
-# What a caller may send, at most (docs/trust.md, "Limits"): beyond it a request is
-# refused naming the field, before anything starts.
+# What a caller may send, at most (docs/design.md, "Limits", with the arithmetic that
+# keeps every trade's input, state and result far under Temporal's 2 MB payload limit):
+# beyond it a request is refused naming the field, before anything starts.
 MAX_NAME = 128
 """Characters in a name a caller sends: a trade id, ledger, asset, account, party or approver."""
 MAX_LEGS = 64
@@ -72,8 +83,48 @@ MAX_REASON = 500
 """Characters in a cancel's reason."""
 MAX_TOKEN = 4096
 """Characters in a signed token."""
+MAX_AMOUNT = 64
+"""Characters in an amount (a decimal string), also when written out in full ("1E+70" is not)."""
+MAX_HASH = 130
+"""Characters in a hashlock or a preimage: 32 bytes in hex, ``0x`` and surrounding blanks allowed."""
+MAX_FINGERPRINT = 64
+"""Characters in an instruction's or a batch's fingerprint (a SHA-256 in hex)."""
+MAX_QUEUE = 512
+"""Characters in a task queue name a request carries (a prefix, ``-ledger-`` and a ledger name)."""
+MAX_TIME_ZONE = 64
+"""Characters in a time zone name (IANA, such as ``Europe/Frankfurt``)."""
+
+# What a trade's own state and result may grow to (docs/design.md, "Limits").
+MAX_DETAIL = 500
+"""Characters of a detail, reason or error message the engine keeps (a ledger's own message is cut there)."""
+MAX_FIELD = 256
+"""Characters of the field an error names (``legs[63].from``, ``ledger_queues.<ledger>``)."""
+MAX_FILLS_SHOWN = 100
+"""Fills of a partial trade its state and view keep in full: the most recent; ``fill_count`` counts all."""
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+
+
+def clip(text: str, limit: int = MAX_DETAIL) -> str:
+    """``text``, cut to ``limit`` characters (the last one then "…")."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clipped(limit: int) -> BeforeValidator:
+    return BeforeValidator(lambda value: clip(value, limit) if isinstance(value, str) else value)
+
+
+Detail = Annotated[str, _clipped(MAX_DETAIL)]
+"""Text the engine keeps and shows (a detail, a reason, a message): cut at ``MAX_DETAIL`` characters."""
+FieldName = Annotated[str, _clipped(MAX_FIELD)]
+
+
+def start_of_day(day: date, time_zone: str) -> datetime:
+    """The first instant of ``day`` in ``time_zone`` (IANA), in UTC.
+
+    Midnight there; on a day whose clocks skip midnight, the instant they skip to.
+    """
+    return datetime.combine(day, time(0), ZoneInfo(time_zone)).astimezone(UTC)
 
 
 class _Model(BaseModel):
@@ -153,6 +204,12 @@ class Instruction(_Model):
     deadline. ``claim_window`` defaults to the time from submission to the
     deadline; ``auto_claim`` (default true) lets the engine claim the other leg
     with the preimage revealed by the first claim. See ``workflows/htlc.py``.
+
+    ``settle_on`` (a date, in the settlement calendar's time zone, ``[settlement]
+    time_zone``) or ``settle_after`` (an instant) is the intended settlement time: the
+    trade is validated, screened, consented and approved at once, then waits in
+    SCHEDULED, reserving nothing, until then (``settles_from``); ``settle_within``
+    then counts from that time. At most one of them; ``deadline`` must be after it.
     """
 
     trade_id: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -163,9 +220,12 @@ class Instruction(_Model):
     partial: Partial | None = None
     # Settlement protocol (see workflows/htlc.py for "htlc"); the HTLC terms apply to it only.
     protocol: Protocol = Field(default="escrow", validate_default=True)
-    hashlock: str | None = Field(default=None, validate_default=True)
+    hashlock: str | None = Field(default=None, max_length=MAX_HASH, validate_default=True)
     claim_window: timedelta | None = None
     auto_claim: bool | None = None
+    # The intended settlement time (see settles_from): nothing is reserved before it.
+    settle_on: date | None = None
+    settle_after: AwareDatetime | None = None
 
     @field_validator("settle_within")
     @classmethod
@@ -238,11 +298,47 @@ class Instruction(_Model):
             raise ValueError("must be a positive ISO 8601 duration such as PT30S")
         return value
 
+    @field_validator("settle_on", "settle_after")
+    @classmethod
+    def _settlement_time_fits(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        if info.data.get("protocol") == "htlc":
+            raise ValueError(
+                "applies only to protocol escrow: an htlc trade locks its legs at once and its "
+                "timelocks count from its deadline"
+            )
+        if info.field_name == "settle_after" and info.data.get("settle_on") is not None:
+            raise ValueError("give 'settle_on' or 'settle_after', not both")
+        return value
+
     @model_validator(mode="after")
     def _one_time_limit(self) -> Instruction:
         if self.settle_within is not None and self.deadline is not None:
             raise ValueError("give 'settle_within' or 'deadline', not both")
         return self
+
+    def settles_from(self, time_zone: str) -> datetime | None:
+        """The intended settlement time: ``settle_after``, or the start of ``settle_on`` in
+        ``time_zone`` (the settlement calendar's); None if the trade settles at once."""
+        if self.settle_after is not None:
+            return self.settle_after
+        if self.settle_on is not None:
+            return start_of_day(self.settle_on, time_zone)
+        return None
+
+    def schedule_problems(self, settles_from: datetime | None) -> list[FieldError]:
+        """Why the deadline cannot be met as scheduled: it is not after ``settles_from``."""
+        if self.deadline is None or settles_from is None or self.deadline > settles_from:
+            return []
+        given = "settle_after" if self.settle_after is not None else "settle_on"
+        when = (
+            settles_from.isoformat()
+            if self.settle_after is not None
+            else f"{self.settle_on} (from {settles_from.isoformat()})"
+        )
+        message = f"{self.deadline.isoformat()} is not after {given} {when}: the trade could never settle"
+        return [FieldError(field="deadline", message=message)]
 
     def fingerprint(self) -> str:
         """A digest of the content, to tell a resubmission from a different trade.
@@ -270,7 +366,7 @@ class Instruction(_Model):
         return list(seen)
 
 
-_LATER_FIELDS = ("partial", "protocol", "hashlock", "claim_window", "auto_claim")
+_LATER_FIELDS = ("partial", "protocol", "hashlock", "claim_window", "auto_claim", "settle_on", "settle_after")
 
 
 def normalise_sha256(value: str, what: str) -> str:
@@ -284,6 +380,8 @@ def normalise_sha256(value: str, what: str) -> str:
 class TradeStatus(StrEnum):
     """Where a trade stands; the ``DvpStatus`` search attribute carries it.
 
+    ``SCHEDULED``: admitted, validated, screened, consented and approved, waiting for the
+    instruction's ``settle_on``/``settle_after``; nothing is reserved until then.
     ``REJECTED``: refused before anything was reserved (an invalid account, a sanctioned
     party, or a ledger that refused the trade before any hold of it was placed).
     ``RELEASED``: a ledger refused a step after holds were placed (a reservation or a
@@ -296,6 +394,7 @@ class TradeStatus(StrEnum):
     """
 
     PENDING = "PENDING"
+    SCHEDULED = "SCHEDULED"  # consented and approved; nothing reserved until the intended settlement time
     AWAITING_AFFIRMATION = "AWAITING_AFFIRMATION"  # a debited account's owner has not consented yet
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     RESERVING = "RESERVING"
@@ -344,7 +443,7 @@ class LegView(_Model):
     amount: Amount
     hold_id: str
     state: LegState
-    detail: str = ""
+    detail: Detail = ""
 
 
 class FillView(_Model):
@@ -359,15 +458,15 @@ class FillView(_Model):
 
 class TimelineEvent(_Model):
     at: datetime
-    event: str
-    detail: str = ""
+    event: Detail
+    detail: Detail = ""
 
 
 class FieldError(_Model):
     """A problem with one field of an instruction, e.g. ``legs[0].from``."""
 
-    field: str
-    message: str
+    field: FieldName
+    message: Detail
 
 
 class TradeView(_Model):
@@ -376,7 +475,7 @@ class TradeView(_Model):
     trade_id: str
     workflow_id: str
     status: TradeStatus
-    reason: str = ""
+    reason: Detail = ""
     deadline: datetime | None = None
     approvers: list[str] = Field(default_factory=list)
     approved_by: list[str] = Field(default_factory=list)
@@ -384,7 +483,9 @@ class TradeView(_Model):
     timeline: list[TimelineEvent] = Field(default_factory=list)
     errors: list[FieldError] = Field(default_factory=list)
     fingerprint: str = ""
-    fills: list[FillView] = Field(default_factory=list)  # partial trades only
+    # Partial trades only: the most recent fills (at most MAX_FILLS_SHOWN), and how many settled in all.
+    fills: list[FillView] = Field(default_factory=list)
+    fill_count: int = 0
     submitted_by: str = ""  # the verified subject of the submission's token
     # Owners of debited accounts whose consent the trade needs, and those who gave it.
     consent_from: list[str] = Field(default_factory=list)
@@ -459,10 +560,10 @@ class AccountBalance(_Model):
 class AccountSpec(_Model):
     """An account to open, with its opening balance (issued from the asset's issuer)."""
 
-    ledger: str = Field(min_length=1)
-    id: str = Field(min_length=1)
-    asset: str = Field(min_length=1)
-    owner: str = Field(min_length=1)
+    ledger: str = Field(min_length=1, max_length=MAX_NAME)
+    id: str = Field(min_length=1, max_length=MAX_NAME)
+    asset: str = Field(min_length=1, max_length=MAX_NAME)
+    owner: str = Field(min_length=1, max_length=MAX_NAME)
     balance: Amount = Decimal(0)
 
     @field_validator("balance")

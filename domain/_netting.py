@@ -9,12 +9,31 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import Field
 
 from ._config import SettlementConfig
 from ._errors import DvpError
-from ._models import MAX_TOKEN, Amount, FieldError, TimelineEvent, _Model
+from ._models import (
+    MAX_FINGERPRINT,
+    MAX_LEGS,
+    MAX_NAME,
+    MAX_QUEUE,
+    MAX_TOKEN,
+    Amount,
+    Detail,
+    FieldError,
+    Name,
+    TimelineEvent,
+    _Model,
+)
+
+MAX_BATCH_TRADES = 1_000_000
+"""Trades in one netting batch (they stay in the batch store: no payload carries them)."""
+MAX_BATCH_ACCOUNTS = 500
+"""Accounts one netting batch may touch: each ledger's accounts and their net positions travel
+in payloads of the batch's history (docs/design.md, "Limits")."""
 
 
 class DuplicateBatch(DvpError):
@@ -52,14 +71,16 @@ class TradeOutcome(StrEnum):
 class BatchRequest(_Model):
     """The batch workflow's input: a reference to the stored trades, never the trades."""
 
-    batch_id: str
-    trade_count: int
-    fingerprint: str
+    batch_id: str = Field(min_length=1, max_length=MAX_NAME)
+    trade_count: int = Field(ge=1, le=MAX_BATCH_TRADES)
+    fingerprint: str = Field(max_length=MAX_FINGERPRINT)
     settle_within: timedelta
     token: str = Field(default="", max_length=MAX_TOKEN)  # the submitter's: an operator's
     # The routing is the settlement worker's (see SettlementRequest): absent, or the same.
-    settlement_queue: str | None = None
-    ledger_queues: dict[str, str] | None = None
+    settlement_queue: str | None = Field(default=None, max_length=MAX_QUEUE)
+    ledger_queues: dict[Name, Annotated[str, Field(max_length=MAX_QUEUE)]] | None = Field(
+        default=None, max_length=MAX_LEGS
+    )
     settlement: SettlementConfig | None = None
     # What the batch knew when its last run continued as new (workflows/netting.py): set
     # only by the workflow itself, accepted only by a continued run; a start carrying it
@@ -90,7 +111,7 @@ class AccountPosition(_Model):
     asset: str
     owner: str = ""
     available: Amount | None = None  # None: the account is unknown or holds another asset
-    problem: str = ""
+    problem: Detail = ""
 
 
 class PositionsResult(_Model):
@@ -103,7 +124,7 @@ class Exclusion(_Model):
     ledger: str
     account: str
     asset: str
-    reason: str
+    reason: Detail
 
 
 class NetLeg(_Model):

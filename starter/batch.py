@@ -37,6 +37,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from connection import connect_client
 from domain import (
+    MAX_AMOUNT,
+    MAX_BATCH_ACCOUNTS,
+    MAX_BATCH_TRADES,
     MAX_NAME,
     AuthError,
     BatchNotFound,
@@ -110,6 +113,10 @@ def parse_batch(data: Sequence[Mapping[str, Any] | Instruction], config: Config)
         )
     if not data:
         raise InvalidInstruction("trades", "the batch is empty")
+    if len(data) > MAX_BATCH_TRADES:
+        raise InvalidInstruction(
+            "trades", f"{len(data):,} trades; a batch holds at most {MAX_BATCH_TRADES:,}"
+        )
     precision: dict[str, int] = {}
     ledgers = frozenset(config.ledgers)
     seen: dict[str, int] = {}
@@ -128,6 +135,12 @@ def parse_batch(data: Sequence[Mapping[str, Any] | Instruction], config: Config)
         for ledger, asset, payer, payee, _amount in legs:
             accounts[(ledger, payer, asset)] = None
             accounts[(ledger, payee, asset)] = None
+        if len(accounts) > MAX_BATCH_ACCOUNTS:
+            raise InvalidInstruction(
+                f"trades[{i}]",
+                f"brings the batch to {len(accounts):,} accounts; a batch touches at most "
+                f"{MAX_BATCH_ACCOUNTS:,} (split it)",
+            )
         trades.append((trade_id, json.dumps(legs, separators=(",", ":"))))
     return ParsedBatch(trades, list(accounts))
 
@@ -159,6 +172,8 @@ def _fast(
             and type(payee) is str
             and type(text) is str
             and ledger in ledgers
+            and len(ledger) <= MAX_NAME
+            and len(text) <= MAX_AMOUNT
             and 0 < len(asset) <= MAX_NAME
             and 0 < len(payer) <= MAX_NAME
             and 0 < len(payee) <= MAX_NAME
@@ -177,9 +192,14 @@ def _fast(
         if places is None:
             places = precision[asset] = config.precision(asset)
         exponent = amount.as_tuple().exponent
+        if abs(int(exponent)) > MAX_AMOUNT:
+            return None  # "1E+70": the full check refuses it written out in full
         if int(exponent) < -places and -int(amount.normalize().as_tuple().exponent) > places:
             return None  # too many decimals: the full check words the refusal
-        legs.append([ledger, asset, payer, payee, format(amount, "f")])
+        written = format(amount, "f")
+        if len(written) > MAX_AMOUNT:
+            return None
+        legs.append([ledger, asset, payer, payee, written])
     return trade_id, legs
 
 

@@ -86,7 +86,8 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
     """Parse and check an instruction against the configuration.
 
     Raises ``InvalidInstruction`` naming the first bad field. Checks everything that
-    needs no ledger: shape, amounts, ledgers, the assets' precision, the deadline.
+    needs no ledger: shape, amounts, ledgers, the assets' precision, the deadline (in the
+    future, and after ``settle_on`` or ``settle_after``).
     """
     if isinstance(data, Instruction):
         instruction = data
@@ -105,6 +106,9 @@ def parse_instruction(data: Mapping[str, Any] | Instruction, config: Config) -> 
         check_precision(config, "partial.min_quantity", delivery.asset, instruction.partial.min_quantity)
     if instruction.deadline is not None and instruction.deadline <= datetime.now(UTC):
         raise InvalidInstruction("deadline", f"{instruction.deadline.isoformat()} is in the past")
+    # the workflow refuses it too, by the worker's calendar: this spares the trade id
+    for problem in instruction.schedule_problems(instruction.settles_from(config.settlement.time_zone)):
+        raise InvalidInstruction(problem.field, problem.message)
     return instruction
 
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,27 @@ def htlc(trade_id: str, **extra: Any) -> dict[str, Any]:
     return dvp(trade_id, protocol="htlc", hashlock=hashlock, **extra)
 
 
+async def scheduled(engine: Engine) -> str:
+    """A DvP with settle_after 3 s ahead: SCHEDULED, holding nothing, then it settles."""
+    when = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
+    await engine.client.submit(dvp("R-scheduled", settle_after=when))
+    return "R-scheduled"
+
+
+async def scheduled_cancelled(engine: Engine) -> str:
+    """Cancelled while SCHEDULED (settle_on a week ahead): no ledger call but the account checks."""
+    day = (datetime.now(UTC) + timedelta(days=7)).date().isoformat()
+    await engine.client.submit(dvp("R-scheduled-cancelled", settle_on=day))
+    for _ in range(200):
+        if (await engine.client.status("R-scheduled-cancelled")).status is TradeStatus.SCHEDULED:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError("R-scheduled-cancelled: never SCHEDULED")
+    await engine.acting("alice").cancel("R-scheduled-cancelled", reason="not this week")
+    return "R-scheduled-cancelled"
+
+
 async def _locked(engine: Engine, trade_id: str) -> None:
     await _until(engine, trade_id, lambda e: len([h for h in e.open_holds() if h.trade_id == trade_id]) == 2)
     for _ in range(200):
@@ -232,6 +254,8 @@ SCENARIOS: dict[str, tuple[Callable[[Engine], Awaitable[str]], TradeStatus]] = {
     "sanctioned": (sanctioned, TradeStatus.REJECTED),
     "released": (released, TradeStatus.RELEASED),
     "settled_partial": (settled_partial, TradeStatus.SETTLED_PARTIAL),
+    "scheduled": (scheduled, TradeStatus.SETTLED),
+    "scheduled_cancelled": (scheduled_cancelled, TradeStatus.CANCELLED),
     "htlc_settled": (htlc_settled, TradeStatus.SETTLED),
     "htlc_expired": (htlc_expired, TradeStatus.EXPIRED),
     "htlc_one_sided": (htlc_one_sided, TradeStatus.ONE_SIDED),

@@ -25,6 +25,7 @@ from activities.netting import net_trades, parse_legs
 from adapters.sql import SqlLedger
 from connection import HEADER_CODEC, data_converter
 from domain import (
+    MAX_BATCH_ACCOUNTS,
     BatchNotFound,
     BatchStatus,
     DuplicateBatch,
@@ -33,7 +34,7 @@ from domain import (
     LedgerUnavailable,
     load_config,
 )
-from starter.batch import BatchClient, parse_batch_text
+from starter.batch import BatchClient, parse_batch, parse_batch_text
 from starter.ledgers import all_open_holds, opened, parse_seed, seed
 from stores import BatchStore
 from workflows import NettingBatchWorkflow
@@ -317,6 +318,8 @@ def test_a_malformed_trade_is_refused_naming_its_index_and_field(tmp_path: Path)
         (lambda t: t[0].update(approvers=["notary"]), "trades[0].approvers", "not accepted in a batch"),
         (lambda t: t[1]["legs"][1].update(amount=10.5), "trades[1].legs[1].amount", "not a float"),
         (lambda t: t[2]["legs"][1].update(to="clearing:EUR"), "trades[2].legs[1].to", "the batch's own"),
+        (lambda t: t[3]["legs"][0].update(amount="1" * 65), "trades[3].legs[0].amount", "more than 64"),
+        (lambda t: t[0]["legs"][0].update(amount="1E+70"), "trades[0].legs[0].amount", "written out in full"),
     ]
     for spoil, field, message in cases:
         trades = json.loads(json.dumps(good))
@@ -328,6 +331,19 @@ def test_a_malformed_trade_is_refused_naming_its_index_and_field(tmp_path: Path)
     with pytest.raises(InvalidInstruction, match="line 6"):
         parse_batch_text(lines, config)
     assert len(parse_batch_text("\n".join(json.dumps(t) for t in good), config).trades) == 5
+
+
+def test_a_batch_past_the_most_accounts_it_may_touch_is_refused_naming_the_trade(tmp_path: Path) -> None:
+    config = make_config(sqlite_urls(tmp_path), "t-unused")
+    # each trade brings four accounts of its own: the 251st makes 1,004
+    trades = [dvp(f"W{i}", f"s{i}", f"b{i}", 1, "10.00") for i in range(MAX_BATCH_ACCOUNTS // 4 + 1)]
+
+    with pytest.raises(InvalidInstruction) as refused:
+        parse_batch(trades, config)
+
+    assert refused.value.field == f"trades[{MAX_BATCH_ACCOUNTS // 4}]"
+    assert f"a batch touches at most {MAX_BATCH_ACCOUNTS:,}" in refused.value.message
+    assert len(parse_batch(trades[:-1], config).accounts) == MAX_BATCH_ACCOUNTS
 
 
 async def _dvp(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

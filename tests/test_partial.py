@@ -139,6 +139,27 @@ async def test_short_seller_settles_sixty_then_the_rest_once_funded(settlement: 
     settlement.assert_invariants()
 
 
+async def test_a_trade_keeps_only_its_latest_fills_in_full_and_counts_them_all(
+    settlement: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state and view stay bounded however many fills a trade makes (``MAX_FILLS_SHOWN``,
+    100; here 1, so that two fills show it)."""
+    import workflows._trade
+
+    monkeypatch.setattr(workflows._trade, "MAX_FILLS_SHOWN", 1)
+    open_frank(settlement, "60")
+    await settlement.client.submit(partial_dvp("P-kept"))
+    await wait_for_status(settlement, "P-kept", TradeStatus.PARTIALLY_SETTLED)
+    await deliver(settlement, "P-kept-fund", "carol", "frank", "40", "1.00")
+
+    final = await settlement.client.wait("P-kept")
+
+    assert final.status is TradeStatus.SETTLED, final.reason
+    assert (final.fill_count, fills(final), final.fills[0].number) == (2, [("40", "3980.00")], 2)
+    assert settlement.balance("securities", "alice-sec") == 100  # both fills settled
+    assert settlement.open_holds() == []
+
+
 async def test_unfilled_rest_is_released_at_the_deadline(
     settlement: Engine, temporal_server: Any, tmp_path: Path
 ) -> None:

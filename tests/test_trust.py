@@ -26,11 +26,13 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import RawValue, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Replayer, Worker
 
 from connection import HEADER_CODEC, data_converter
 from connection.codec_server import CodecServer, CodecServerThread
 from domain import (
+    MAX_NAME,
     AuthError,
     BatchStatus,
     CheckAccountsResult,
@@ -508,26 +510,76 @@ async def test_only_an_operator_submits_a_netting_batch(settlement: Engine, temp
 # ------------------------------------------------------------- bounded inputs
 
 
-async def test_every_string_a_caller_sends_is_bounded_and_refused_naming_the_field(
+LONG = "x" * (MAX_NAME + 1)
+
+
+def _with(trade: dict[str, Any], change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    change(trade)
+    return trade
+
+
+def _plain(trade_id: str, **extra: Any) -> dict[str, Any]:
+    return dvp_instruction(trade_id, "bob", "alice", "1", "99.50", **extra)
+
+
+# Past each maximum of docs/design.md, "Limits": the field the refusal names -> the instruction.
+OVERSIZED: dict[str, Callable[[], tuple[str, dict[str, Any]]]] = {
+    "trade_id": lambda: ("trade_id", _plain("T" + LONG)),
+    "legs": lambda: ("legs", {"trade_id": "TR-legs", "legs": _plain("TR-legs")["legs"] * 33}),
+    "ledger": lambda: (
+        "legs[0].ledger",
+        _with(_plain("TR-ledger"), lambda t: t["legs"][0].update(ledger=LONG)),
+    ),
+    "asset": lambda: ("legs[1].asset", _with(_plain("TR-asset"), lambda t: t["legs"][1].update(asset=LONG))),
+    "from": lambda: ("legs[0].from", _with(_plain("TR-from"), lambda t: t["legs"][0].update({"from": LONG}))),
+    "to": lambda: ("legs[1].to", _with(_plain("TR-to"), lambda t: t["legs"][1].update(to=LONG))),
+    "amount": lambda: (
+        "legs[1].amount",
+        _with(_plain("TR-amt"), lambda t: t["legs"][1].update(amount="9" * 65)),
+    ),
+    "amount in full": lambda: (
+        "legs[0].amount",
+        _with(_plain("TR-amt-e"), lambda t: t["legs"][0].update(amount="1E+70")),
+    ),
+    "approvers": lambda: ("approvers", _plain("TR-many", approvers=[f"a{i}" for i in range(17)])),
+    "approver": lambda: ("approvers[0]", _plain("TR-approver", approvers=[LONG])),
+    "min_quantity": lambda: (
+        "partial.min_quantity",
+        _plain("TR-partial", partial={"min_quantity": "1" * 65}),
+    ),
+    "hashlock": lambda: (
+        "hashlock",
+        _plain("TR-hashlock", protocol="htlc", hashlock=" " * 70 + "ab" * 32),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", OVERSIZED)
+async def test_an_instruction_past_a_maximum_is_refused_naming_the_field_and_nothing_starts(
+    settlement: Engine, temporal_server: DevServer, tmp_path: Path, case: str
+) -> None:
+    field, instruction = OVERSIZED[case]()
+    file = tmp_path / "trade.json"
+    file.write_text(json.dumps(instruction))
+
+    refused = await dvp(config_file(settlement, temporal_server.address, tmp_path), "submit", str(file))
+    with pytest.raises(InvalidInstruction) as raised:
+        await settlement.client.submit(instruction)
+
+    assert refused.returncode == 2, refused.stderr
+    assert f"refused: {field}: " in refused.stderr
+    assert raised.value.field == field, raised.value
+    with pytest.raises(RPCError) as missing:
+        await settlement.client.client.get_workflow_handle(
+            workflow_id_for(instruction["trade_id"])
+        ).describe()
+    assert missing.value.status == RPCStatusCode.NOT_FOUND  # nothing started
+    assert settlement.open_holds() == []
+
+
+async def test_every_message_a_caller_sends_is_bounded_and_refused_naming_the_field(
     settlement: Engine,
 ) -> None:
-    long = "x" * 129
-    trades = {
-        "trade_id": dvp_instruction("T" + long, "bob", "alice", "1", "99.50"),
-        "approvers": dvp_instruction(
-            "TR-many", "bob", "alice", "1", "99.50", approvers=[f"a{i}" for i in range(17)]
-        ),
-        "legs[0].from": dvp_instruction("TR-long", "bob", "alice", "1", "99.50"),
-        "legs": {
-            "trade_id": "TR-legs",
-            "legs": dvp_instruction("TR-legs", "bob", "alice", "1", "99.50")["legs"] * 33,
-        },
-    }
-    trades["legs[0].from"]["legs"][0]["from"] = long
-    for field, trade in trades.items():
-        with pytest.raises(InvalidInstruction) as refused:
-            await settlement.client.submit(trade)
-        assert refused.value.field == field, refused.value
     await settlement.client.submit(approval_trade("TR-bounded"))
     await wait_for_status(settlement, "TR-bounded", TradeStatus.AWAITING_APPROVAL)
     with pytest.raises(InvalidInstruction, match="reason: String should have at most 500 characters"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -62,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         TimelineEvent,
         TradeStatus,
         TradeView,
+        clip,
     )
     from identity import Principal, installed_verifier, unverified_claims
 
@@ -84,10 +86,17 @@ MEMO_REASON = "reason"
 # gives a run's own start only).
 MEMO_STARTED = "started"
 
-# What a continued run's timeline keeps in full: its first entries (the trade's start)
-# and its last; the entries between are folded into one line per kind (``Repeat``).
+# What a long timeline keeps in full: its first entries (the trade's start) and its
+# last; the entries between are folded into one line per kind (``Repeat``: the entry
+# with its numbers as "N", at most TIMELINE_KINDS lines, the oldest kinds merged). Folded
+# when a run continues as new, and within a run once more than TIMELINE_FOLD_AT entries
+# follow the first ones; so a view never shows more than 12 + 24 + 64 = 100 entries
+# (docs/design.md, "Limits").
 TIMELINE_HEAD = 12
-TIMELINE_TAIL = 60
+TIMELINE_TAIL = 40
+TIMELINE_FOLD_AT = 64
+TIMELINE_KINDS = 24
+OTHER_ENTRIES = "other entries"
 HISTORY_HEADROOM = 500
 """How far past ``continue_as_new_after`` a run grows at most: the steps between two wait
 points (a reservation attempt, a fill) add under 100 events, and the signals the server
@@ -394,6 +403,9 @@ class TradeSagaBase:
         self._request = request
         self._instruction = instruction
         self._started = workflow.now()
+        # The intended settlement time (settle_after, or settle_on's start by the worker's
+        # calendar, known once admitted): nothing is reserved before it (_await_settlement_time).
+        self._settle_from: datetime | None = instruction.settle_after
         # Provisional until the worker's routing is known (_admit), for a trade that
         # gives no time limit of its own.
         self._deadline: datetime = self._deadline_under(request.settlement or SettlementConfig())
@@ -448,6 +460,7 @@ class TradeSagaBase:
         """Take up what the last run knew (a continued run only)."""
         self._runs = carried.runs
         self._started, self._deadline = carried.started, carried.deadline
+        self._settle_from = carried.settle_from
         self._routing = carried.routing
         self._submitter, self._submitter_roles = carried.submitter, list(carried.submitter_roles)
         self._consent_known = carried.consent_known
@@ -468,7 +481,8 @@ class TradeSagaBase:
         instruction = self._instruction
         if instruction.deadline is not None:
             return instruction.deadline
-        return self._started + (instruction.settle_within or settlement.default_settle_within)
+        start = self._started if self._settle_from is None else max(self._started, self._settle_from)
+        return start + (instruction.settle_within or settlement.default_settle_within)
 
     # ------------------------------------------------------------ authority
 
@@ -488,6 +502,7 @@ class TradeSagaBase:
                 now=workflow.now(),
                 ledgers=sorted({leg.ledger for leg in instruction.legs}),
                 assets=sorted({leg.asset for leg in instruction.legs}),
+                settle_on=instruction.settle_on,
                 checks=checks,
             ),
             start_to_close_timeout=CALL_TIMEOUT,
@@ -499,7 +514,9 @@ class TradeSagaBase:
             self._errors = [FieldError(field="token", message=admission.refused.removeprefix("token: "))]
             raise _Abort(TradeStatus.REJECTED, f"submission refused: {admission.refused}")
         self._submitter, self._submitter_roles = admission.subject, admission.roles
-        self._reject_invalid(routing_problems(self._request, routing))
+        if instruction.settle_on is not None:
+            self._settle_from = admission.settles_from
+        self._reject_invalid(routing_problems(self._request, routing) + self._schedule_problems())
         self._request = self._request.model_copy(
             update={
                 "settlement_queue": routing.settlement_queue,
@@ -512,6 +529,27 @@ class TradeSagaBase:
         )
         self._deadline = self._deadline_under(routing.settlement)
         self._routed()
+
+    def _schedule_problems(self) -> list[FieldError]:
+        """A deadline not after the intended settlement time: refused, as the client refuses it."""
+        instruction = self._instruction
+        if instruction.settle_on is not None and self._settle_from is None:
+            message = "the settlement worker did not say when this day starts in its calendar"
+            return [FieldError(field="settle_on", message=message)]
+        return instruction.schedule_problems(self._settle_from)
+
+    async def _await_settlement_time(self, stop: Callable[[], bool]) -> None:
+        """Wait in SCHEDULED until the intended settlement time, reserving nothing, or until ``stop``.
+
+        No command at all for a trade without ``settle_on``/``settle_after`` (or one whose
+        time has come): it runs as trades did before them.
+        """
+        settle_from = self._settle_from
+        if settle_from is None or workflow.now() >= settle_from or stop():
+            return
+        if self._status is not TradeStatus.SCHEDULED:  # (a continued run resumes the wait)
+            self._set_status(TradeStatus.SCHEDULED, f"nothing is reserved before {settle_from.isoformat()}")
+        await self._wait_until(stop, settle_from, phase="scheduled")
 
     def _routed(self) -> None:
         """What a saga derives from its request's routing; again once the worker's replaces it."""
@@ -744,23 +782,13 @@ class TradeSagaBase:
 
     def _carry(self, phase: str) -> Carried:
         """What the next run takes up (``_restore``): the base's, with the saga's own (``_carry_own``)."""
-        head, rest = self._timeline_head, self._timeline
-        if not head:
-            head, rest = rest[:TIMELINE_HEAD], rest[TIMELINE_HEAD:]
-        repeats = dict(self._repeats)
-        for entry in rest[: max(len(rest) - TIMELINE_TAIL, 0)]:
-            seen = repeats.get(entry.event)
-            repeats[entry.event] = Repeat(
-                event=entry.event,
-                count=(seen.count if seen else 0) + 1,
-                last_at=entry.at,
-                last_detail=entry.detail,
-            )
+        self._fold_timeline()
         abort = self._abort
         return Carried(
             phase=phase,
             runs=self._runs,
             started=self._started,
+            settle_from=self._settle_from,
             deadline=self._deadline,
             trusted=self._trusted,
             routing=self._routing,
@@ -773,9 +801,9 @@ class TradeSagaBase:
             status=self._status,
             reason=self._reason,
             errors=self._errors,
-            timeline_head=head,
-            repeats=sorted(repeats.values(), key=lambda r: r.last_at),
-            timeline=rest[-TIMELINE_TAIL:],
+            timeline_head=self._timeline_head,
+            repeats=sorted(self._repeats.values(), key=lambda r: r.last_at),
+            timeline=self._timeline,
             owners=self._owners,
             operators=self._operators,
             policy_known=self._policy_known,
@@ -800,10 +828,7 @@ class TradeSagaBase:
 
     def _recycled(self, detail: str) -> None:
         """Count one reservation attempt that found a leg short (shown once the timeline is folded)."""
-        seen = self._repeats.get(RECYCLED)
-        self._repeats[RECYCLED] = Repeat(
-            event=RECYCLED, count=(seen.count if seen else 0) + 1, last_at=workflow.now(), last_detail=detail
-        )
+        self._repeat(RECYCLED, workflow.now(), detail)
 
     def _timeline_view(self) -> list[TimelineEvent]:
         """The timeline as shown: in full, or, once folded by a continue-as-new, its first
@@ -827,10 +852,42 @@ class TradeSagaBase:
 
     def _event(self, event: str, detail: str = "") -> None:
         self._timeline.append(TimelineEvent(at=workflow.now(), event=event, detail=detail))
+        if len(self._timeline) > TIMELINE_FOLD_AT + (0 if self._timeline_head else TIMELINE_HEAD):
+            self._fold_timeline()
+
+    def _fold_timeline(self) -> None:
+        """Fold all but the first and the last entries into one line per kind (no command: state only)."""
+        if not self._timeline_head:
+            self._timeline_head = self._timeline[:TIMELINE_HEAD]
+            self._timeline = self._timeline[TIMELINE_HEAD:]
+        folded = self._timeline[: max(len(self._timeline) - TIMELINE_TAIL, 0)]
+        self._timeline = self._timeline[len(folded) :]
+        for entry in folded:
+            kind = re.sub(r"\d+", "N", entry.event)
+            detail = entry.detail if kind == entry.event else f"{entry.event}: {entry.detail}".rstrip(": ")
+            self._repeat(kind, entry.at, detail)
+        if len(self._repeats) > TIMELINE_KINDS:  # the kinds least recently seen become one line
+            oldest = sorted(self._repeats.values(), key=lambda r: r.last_at)
+            merged = oldest[: len(oldest) - TIMELINE_KINDS + 1]
+            for repeat in merged:
+                del self._repeats[repeat.event]
+            last = merged[-1]
+            self._repeats[OTHER_ENTRIES] = Repeat(
+                event=OTHER_ENTRIES,
+                count=sum(r.count for r in merged),
+                last_at=last.last_at,
+                last_detail=last.last_detail,
+            )
+
+    def _repeat(self, kind: str, at: datetime, detail: str) -> None:
+        seen = self._repeats.get(kind)
+        self._repeats[kind] = Repeat(
+            event=kind, count=(seen.count if seen else 0) + 1, last_at=at, last_detail=clip(detail)
+        )
 
     def _set_status(self, status: TradeStatus, reason: str = "") -> None:
         self._status = status
-        self._reason = reason
+        self._reason = clip(reason)  # bounded, as the view and the memo show it (MAX_DETAIL)
         self._event(f"status {status.value}", reason)
 
     def _publish(self) -> None:

@@ -1,7 +1,7 @@
 """The settlement saga: one durable workflow per trade.
 
-    admit ── validate ── screen ── affirmations ── approvals ── reserve (a short leg recycles)
-          ── pin ── decide ── commit
+    admit ── validate ── screen ── affirmations ── approvals ── (SCHEDULED: until the intended
+          settlement time) ── reserve (a short leg recycles) ── pin ── decide ── commit
 
 Every ending but SETTLED releases what was reserved. The guarantees (why a hold cannot
 expire between the commit decision and the commits, cancellation, compensation,
@@ -44,6 +44,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, FailureError
 with workflow.unsafe.imports_passed_through():
     from activities.ledger import LedgerActivities
     from domain import (
+        MAX_FILLS_SHOWN,
         AccountCheck,
         ApprovalMessage,
         AuthError,
@@ -127,7 +128,10 @@ class TradeSaga(TradeSagaBase):
         self._attempt = 1
         self._amounts = [leg.amount for leg in instruction.legs]
         self._settled = [Decimal(0)] * len(instruction.legs)
+        # The most recent fills (MAX_FILLS_SHOWN at most: the state stays bounded however
+        # many a trade makes), and how many settled in all.
         self._fills: list[FillView] = []
+        self._fill_count = 0
         self._hold_ids = [self._hold_id(i) for i in range(len(instruction.legs))]
         self._leg_states = [LegState.PENDING] * len(instruction.legs)
         self._leg_details = [""] * len(instruction.legs)
@@ -148,7 +152,7 @@ class TradeSaga(TradeSagaBase):
         """Take up what the trade's last run knew (a continued run only)."""
         self._attempt = carried.attempt
         self._amounts, self._settled = list(carried.amounts), list(carried.settled)
-        self._fills = list(carried.fills)
+        self._fills, self._fill_count = list(carried.fills), carried.fill_count
         self._hold_ids = list(carried.hold_ids)
         self._leg_states, self._leg_details = list(carried.leg_states), list(carried.leg_details)
         self._approved = list(carried.approved)
@@ -164,6 +168,7 @@ class TradeSaga(TradeSagaBase):
                 amounts=self._amounts,
                 settled=self._settled,
                 fills=self._fills,
+                fill_count=self._fill_count,
                 hold_ids=self._hold_ids,
                 leg_states=self._leg_states,
                 leg_details=self._leg_details,
@@ -217,6 +222,9 @@ class TradeSaga(TradeSagaBase):
             self._raise_if_cancelled()
         if phase in (None, "affirmation", "approval"):
             await self._await_approvals()
+        if phase in (None, "affirmation", "approval", "scheduled"):
+            await self._await_settlement_time(lambda: self._cancel is not None)
+            self._raise_if_cancelled()
         while True:
             if phase != "commit":
                 await self._reserve_all(resumed=phase == "reserve")
@@ -313,7 +321,7 @@ class TradeSaga(TradeSagaBase):
         """Reserve every leg of this attempt; a short leg recycles (``resumed``: in a continued run)."""
         policy = self._request.policy()
         if not resumed:
-            if not self._fills:
+            if not self._fill_count:
                 self._set_status(TradeStatus.RESERVING)
             self._interval, self._waiting_since = policy.recycle_interval, workflow.now()
         expires_at = self._deadline + policy.hold_backstop
@@ -388,7 +396,7 @@ class TradeSaga(TradeSagaBase):
         self._decided = True
         detail = "every leg held and pinned"
         if self._rule is not None:
-            detail = f"fill {len(self._fills) + 1}: {detail}"
+            detail = f"fill {self._fill_count + 1}: {detail}"
         self._event("commit decision recorded", detail)
         self._set_status(TradeStatus.COMMITTING)
         # Not published here: a trade whose commits succeed at once goes from its last
@@ -406,7 +414,7 @@ class TradeSaga(TradeSagaBase):
         if len(committed) < len(self._leg_states):
             detail += "; committing the rest"
         if self._rule is not None:
-            detail = f"fill {len(self._fills) + 1}: {detail}"
+            detail = f"fill {self._fill_count + 1}: {detail}"
         self._event("commit decision found taken by an earlier run", detail)
         self._set_status(TradeStatus.COMMITTING)
 
@@ -656,7 +664,9 @@ class TradeSaga(TradeSagaBase):
         if self._rule is None:
             return False
         self._settled = [s + a for s, a in zip(self._settled, self._amounts, strict=True)]
-        number = len(self._fills) + 1
+        self._fill_count = number = self._fill_count + 1
+        if len(self._fills) >= MAX_FILLS_SHOWN:
+            del self._fills[0]  # the totals stay in self._settled and the reason
         self._fills.append(
             FillView(
                 number=number,
@@ -700,7 +710,7 @@ class TradeSaga(TradeSagaBase):
         if status is TradeStatus.REJECTED and self._released_held:
             # REJECTED says nothing was reserved; this trade's holds were placed, then released.
             status, reason = TradeStatus.RELEASED, f"{reason}; every hold placed was released"
-        if self._fills:
+        if self._fill_count:
             status, reason = TradeStatus.SETTLED_PARTIAL, f"{self._filled()}, the rest released: {reason}"
         self._set_status(status, reason)
 
@@ -1033,6 +1043,7 @@ class TradeSaga(TradeSagaBase):
             approvers=self._instruction.approvers,
             approved_by=self._approved,
             fills=self._fills,
+            fill_count=self._fill_count,
         )
 
 

@@ -153,7 +153,11 @@ def fills_text(view: TradeView) -> list[str]:
         (f.number, f.quantity, f.amount, f.settled_at.strftime("%H:%M:%S.%f")[:-3], ", ".join(f.hold_ids))
         for f in view.fills
     ]
-    return [table(rows, ["fill", delivery.asset, payment.asset, "settled", "holds"], right=(1, 2))]
+    shown = table(rows, ["fill", delivery.asset, payment.asset, "settled", "holds"], right=(1, 2))
+    if view.fill_count > len(view.fills):
+        earlier = view.fill_count - len(view.fills)
+        shown = f"({earlier} earlier fill(s) not listed: a trade keeps its latest {len(view.fills)})\n{shown}"
+    return [shown]
 
 
 def emit_json(data: Any) -> None:
