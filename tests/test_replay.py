@@ -179,6 +179,20 @@ def test_trades_from_before_and_after_token_rules_in_the_request_are_both_replay
     assert all(TRUST_PATCH not in patch_markers(load(p)) and request(load(p)).token_rules for p in after)
 
 
+def test_a_trade_that_ends_without_a_reason_writes_no_memo_and_the_others_do() -> None:
+    """The memo holds a trade's reason for `dvp list`; a settled escrow trade has none to put."""
+
+    def memos(path: Path) -> int:
+        modified = EventType.EVENT_TYPE_WORKFLOW_PROPERTIES_MODIFIED
+        return sum(e.event_type == modified for e in load(path).events)
+
+    assert (
+        memos(HERE / "trade-R-settled.json") == 0
+        and final_view(load(HERE / "trade-R-settled.json")).reason == ""
+    )
+    assert memos(HERE / "trade-R-expired.json") == 1
+
+
 def test_a_trade_that_continued_as_new_is_replayed_run_by_run() -> None:
     """Its first run started afresh and continued as new; each later run took up the carried
     state (the server gave it its predecessor's run id) and the last one settled."""

@@ -709,9 +709,13 @@ class TradeSagaBase:
         whose client asked for it (``outcome_memo``), so that trades started before replay
         as they ran. The memo is a payload (the data converter's, encrypted where payloads
         are), so a reason naming an account or an amount is no plainer there than in the
-        trade's result.
+        trade's result. A trade ending with no reason (a settled escrow trade) has nothing
+        to put there, and a request with ``token_rules`` writes nothing then: one history
+        event and one visibility write less for the common ending (`dvp list` shows an
+        absent reason as an empty one). Trades before that flag wrote it empty, and
+        replay so.
         """
-        if self._request.outcome_memo:
+        if self._request.outcome_memo and (self._reason or not self._request.token_rules):
             workflow.upsert_memo({MEMO_REASON: self._reason})
         meter = workflow.metric_meter()
         labels = {"status": self._status.value}
