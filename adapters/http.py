@@ -20,7 +20,8 @@ retried with exponential backoff, then raised as ``LedgerUnavailable``, which th
 ledger activities retry further. Retrying is safe because every call is idempotent
 on its key: a commit whose answer was lost is committed once and answered twice.
 One call never takes longer than ``deadline``, retries included, so it stays within
-the ledger activities' heartbeat timeout (they heartbeat once per hold).
+the ledger activities' heartbeat timeout (they heartbeat between holds, at most every
+0.5 s).
 
 Every request is a span of the caller's trace (OpenTelemetry's httpx instrumentation),
 and carries that trace's context to the bank (``traceparent``), whose own spans join it.

@@ -33,8 +33,9 @@ __all__ = [
 # after it, commits and releases are called again and again (STUCK_AFTER, below).
 CALL_TIMEOUT = timedelta(seconds=60)  # one attempt of one ledger call
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10))
-# Ledger activities heartbeat once per hold, so a worker that died mid-call is noticed
-# after this, not after the whole start-to-close timeout.
+# Ledger activities heartbeat between holds (at most every 0.5 s: activities/ledger.py,
+# _Heartbeat), so a worker that died mid-call is noticed after this, not after the whole
+# start-to-close timeout.
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 # After the decision a commit (or, after an abort, a release) is retried without end:
 # each call retries for STUCK_AFTER, then the workflow records the failure, makes its
