@@ -31,7 +31,6 @@ from domain import (
     FillView,
     Instruction,
     LegState,
-    LegView,
     NetLeg,
     NetRequest,
     PositionsResult,
@@ -40,6 +39,7 @@ from domain import (
     TradeStatus,
     TradeView,
 )
+from workflows._saga import TIMELINE_FOLD_AT, TIMELINE_HEAD, TIMELINE_KINDS, leg_views
 
 from .record_histories import FIXTURE_KEYS
 
@@ -48,9 +48,9 @@ TEMPORAL_PAYLOAD_LIMIT = 2 * 1024 * 1024
 REQUEST_BOUND = 160 * 1024
 VIEW_BOUND = 560 * 1024
 BATCH_PAYLOAD_BOUND = 560 * 1024
-# Entries a trade's timeline keeps at most (it is bounded where the trade continues as new);
-# the arithmetic in docs/design.md counts this many.
-TIMELINE_ENTRIES = 100
+# Entries a trade's view shows at most (its first ones, a line per kind folded, its
+# latest; workflows/_saga.py); the arithmetic in docs/design.md counts 100.
+TIMELINE_ENTRIES = TIMELINE_HEAD + TIMELINE_KINDS + TIMELINE_FOLD_AT
 # Errors a view can name at most: two account checks per leg, an unknown ledger and a
 # precision per leg, and the few routing, partial and schedule fields.
 MAX_ERRORS = 4 * MAX_LEGS + 8
@@ -127,20 +127,7 @@ async def test_the_largest_view_a_trade_can_show_encodes_under_its_documented_bo
         deadline=now,
         approvers=instruction.approvers,
         approved_by=instruction.approvers,
-        legs=[
-            LegView(
-                index=i,
-                ledger=leg.ledger,
-                asset=leg.asset,
-                from_=leg.from_,
-                to=leg.to,
-                amount=leg.amount,
-                hold_id=hold_id,
-                state=LegState.RELEASED,
-                detail=HUGE,
-            )
-            for i, leg in enumerate(instruction.legs)
-        ],
+        legs=leg_views(instruction, [hold_id] * MAX_LEGS, [LegState.RELEASED] * MAX_LEGS, [HUGE] * MAX_LEGS),
         timeline=[TimelineEvent(at=now, event=HUGE, detail=HUGE) for _ in range(TIMELINE_ENTRIES)],
         errors=[FieldError(field=HUGE, message=HUGE) for _ in range(MAX_ERRORS)],
         fingerprint=instruction.fingerprint(),
